@@ -1,0 +1,1 @@
+"""fedcore's benchmark suite: `python -m bench <name> [--quick] [--json PATH]`."""
