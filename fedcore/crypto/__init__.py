@@ -1,0 +1,32 @@
+"""Packed-Paillier cryptography: keys, fast encryption, CRT decryption, sums, codecs.
+
+Interoperable with phe (python-paillier) for the same key: ``g = n + 1``, ciphertexts
+in Z*_{n²}. Big-integer work is done with gmpy2. Knows nothing of packing, models or
+the wire protocol.
+"""
+
+from __future__ import annotations
+
+from fedcore.crypto.encrypt import EncryptionPool, short_exponent_bits
+from fedcore.crypto.keys import PrivateKey, PublicKey, generate_keypair
+from fedcore.crypto.serialize import (
+    deserialize_ciphertexts,
+    deserialize_plaintexts,
+    serialize_ciphertexts,
+    serialize_plaintexts,
+)
+from fedcore.crypto.vector import fold_update, validate_ciphertexts
+
+__all__ = [
+    "EncryptionPool",
+    "PrivateKey",
+    "PublicKey",
+    "deserialize_ciphertexts",
+    "deserialize_plaintexts",
+    "fold_update",
+    "generate_keypair",
+    "serialize_ciphertexts",
+    "serialize_plaintexts",
+    "short_exponent_bits",
+    "validate_ciphertexts",
+]
