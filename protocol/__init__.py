@@ -10,5 +10,7 @@ from .framing import *  # noqa: F403
 from .framing import __all__ as _framing_all
 from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
+from .session import *  # noqa: F403
+from .session import __all__ as _session_all
 
-__all__ = [*_errors_all, *_framing_all, *_messages_all]
+__all__ = [*_errors_all, *_framing_all, *_messages_all, *_session_all]
