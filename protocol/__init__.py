@@ -12,5 +12,7 @@ from .messages import *  # noqa: F403
 from .messages import __all__ as _messages_all
 from .session import *  # noqa: F403
 from .session import __all__ as _session_all
+from .tls import *  # noqa: F403
+from .tls import __all__ as _tls_all
 
-__all__ = [*_errors_all, *_framing_all, *_messages_all, *_session_all]
+__all__ = [*_errors_all, *_framing_all, *_messages_all, *_session_all, *_tls_all]
