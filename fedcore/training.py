@@ -162,7 +162,9 @@ def make_train_fn(
     """Build ``train_fn(model, round_config) -> num_samples`` over a client's local data.
 
     ``round_config`` may override any `TrainConfig` field, typically ``"epochs"`` and
-    ``"lr"``; other keys are ignored, invalid values raise ValueError.
+    ``"lr"``; a ``"seed"`` there (per round, from the aggregator) is mixed with
+    ``config.seed`` so rounds and clients shuffle differently yet reproducibly. Other
+    keys are ignored; invalid values raise ValueError.
     """
     _as_tensors(x, y, torch.device("cpu"))  # fail now, not in the first round
 
@@ -170,6 +172,13 @@ def make_train_fn(
         """Train ``model`` on this client's data for one round; returns the sample count."""
         overrides = _round_overrides(round_config or {})
         effective = dataclasses.replace(config, **overrides) if overrides else config
+        if "seed" in overrides:
+            # Mix, don't replace: the aggregator sends one seed per round to everyone, but
+            # clients should still shuffle differently from each other.
+            mixed = np.random.SeedSequence([config.seed, effective.seed]).generate_state(2)
+            effective = dataclasses.replace(
+                effective, seed=int(mixed[0]) << 32 | int(mixed[1]) >> 1
+            )
         return train_local(model, x, y, effective)
 
     return train_fn

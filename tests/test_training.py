@@ -138,3 +138,18 @@ def test_make_evaluate_fn_matches_evaluate(digits: Dataset) -> None:
     assert evaluate_fn(model) == evaluate(model, digits.x_test, digits.y_test)
     with pytest.raises(ValueError):
         make_evaluate_fn(digits.x_test, digits.y_test[:-1])
+
+
+def test_round_seed_is_mixed_with_the_client_seed(digits: Dataset) -> None:
+    x, y = digits.x_train[:200], digits.y_train[:200]
+
+    def trained(client_seed: int, round_config: dict[str, Any]) -> np.ndarray:
+        model = _fresh_model()
+        make_train_fn(x, y, TrainConfig(seed=client_seed))(model, round_config)
+        return flatten_state_dict(model.state_dict())
+
+    round_1 = trained(1, {"seed": 1001})
+    assert np.array_equal(round_1, trained(1, {"seed": 1001}))
+    assert not np.array_equal(round_1, trained(1, {"seed": 1002}))
+    assert not np.array_equal(round_1, trained(2, {"seed": 1001}))
+    assert not np.array_equal(round_1, trained(1, {}))
