@@ -1,0 +1,14 @@
+"""The aggregator: round engine, client registry, quorum, committee decryption, checkpoints."""
+
+from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
+from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.service import Aggregator, RoundReport, build_model
+
+__all__ = [
+    "Aggregator",
+    "AggregatorConfig",
+    "Checkpoint",
+    "CheckpointError",
+    "RoundReport",
+    "build_model",
+]

@@ -1,0 +1,157 @@
+"""Aggregator configuration: one validated dataclass, loadable from TOML, shared by the CLI.
+
+Knows nothing about sockets or the round engine; it only says what a sane setting is.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import ConfigError
+
+__all__ = ["AggregatorConfig"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AggregatorConfig:
+    """Everything the aggregator daemon needs; defaults suit a small federation on one host."""
+
+    public_key: Path
+    cert: Path
+    key: Path
+    ca: Path
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8765
+    metrics_port: int | None = 9100
+    metrics_host: str = "127.0.0.1"
+    model: str = "fedcore.model:mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    min_clients: int = 2
+    clients_per_round: int | None = None
+    clients_fraction: float | None = None
+    rounds: int = 10
+    round_timeout: float = 300.0
+    wait_for_clients_timeout: float = 600.0
+    max_failed_rounds: int = 5
+    max_inflight_uploads: int = 8
+    max_connections: int = 2048
+    value_bits: int = 16
+    headroom_bits: int = 10
+    clip: float = 0.05
+    chunk_ciphertexts: int = 256
+    committee_size: int = 3
+    decrypt_shard_timeout: float = 120.0
+    resume_grace: float = 30.0
+    handshake_timeout: float = 30.0
+    idle_timeout: float = 120.0
+    heartbeat_interval: float = 15.0
+    seed: int = 0
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.port <= 65535 or self.port == 0, "port", "0..65535", self.port)
+        if self.metrics_port is not None:
+            _require(0 <= self.metrics_port <= 65535, "metrics_port", "0..65535", self.metrics_port)
+        _require(self.min_clients >= 1, "min_clients", ">= 1", self.min_clients)
+        if self.clients_per_round is not None and self.clients_fraction is not None:
+            raise ConfigError("set clients_per_round or clients_fraction, not both")
+        if self.clients_per_round is not None:
+            _require(
+                self.clients_per_round >= self.min_clients,
+                "clients_per_round",
+                f">= min_clients ({self.min_clients})",
+                self.clients_per_round,
+            )
+        if self.clients_fraction is not None:
+            _require(
+                0.0 < self.clients_fraction <= 1.0, "clients_fraction", "(0, 1]",
+                self.clients_fraction,
+            )
+        _require(self.rounds >= 1, "rounds", ">= 1", self.rounds)
+        for name in (
+            "round_timeout",
+            "wait_for_clients_timeout",
+            "decrypt_shard_timeout",
+            "handshake_timeout",
+            "idle_timeout",
+        ):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0, name, "> 0 seconds", value)
+        _require(self.resume_grace >= 0, "resume_grace", ">= 0 seconds", self.resume_grace)
+        _require(self.heartbeat_interval >= 0, "heartbeat_interval", ">= 0", self.heartbeat_interval)
+        _require(self.max_failed_rounds >= 1, "max_failed_rounds", ">= 1", self.max_failed_rounds)
+        _require(
+            self.max_inflight_uploads >= 1, "max_inflight_uploads", ">= 1",
+            self.max_inflight_uploads,
+        )
+        _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
+        _require(2 <= self.value_bits <= 32, "value_bits", "2..32", self.value_bits)
+        _require(1 <= self.headroom_bits <= 32, "headroom_bits", "1..32", self.headroom_bits)
+        largest = self.clients_per_round or self.min_clients
+        _require(
+            2**self.headroom_bits >= 2 * largest,
+            "headroom_bits",
+            f">= log2(2 x clients per round) = {math.ceil(math.log2(2 * largest))}",
+            self.headroom_bits,
+        )
+        _require(math.isfinite(self.clip) and self.clip > 0, "clip", "> 0", self.clip)
+        _require(
+            1 <= self.chunk_ciphertexts <= 4096, "chunk_ciphertexts", "1..4096",
+            self.chunk_ciphertexts,
+        )
+        _require(self.committee_size >= 1, "committee_size", ">= 1", self.committee_size)
+        _require(self.local_epochs >= 1, "local_epochs", ">= 1", self.local_epochs)
+        _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
+        if ":" not in self.model:
+            raise ConfigError(f"model must be 'module:factory', got {self.model!r}")
+
+    def target_clients(self, connected: int) -> int:
+        """How many clients to select this round, given how many are connected."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.clients_fraction is not None:
+            return max(self.min_clients, math.ceil(self.clients_fraction * connected))
+        return max(self.min_clients, connected)
+
+    @classmethod
+    def from_toml(cls, path: Path, **overrides: Any) -> AggregatorConfig:
+        """Load a TOML file (keys = field names; an `[aggregator]` table is accepted too)."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        data = data.get("aggregator", data)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_mapping(data)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> AggregatorConfig:
+        """Build from plain values (paths as strings); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown aggregator setting(s): {', '.join(unknown)}")
+        values = dict(data)
+        for name in ("public_key", "cert", "key", "ca", "state_dir"):
+            if name not in values:
+                raise ConfigError(f"aggregator setting {name!r} is required")
+            values[name] = Path(values[name])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def with_changes(self, **changes: Any) -> AggregatorConfig:
+        """A copy with some fields replaced (validated again)."""
+        return replace(self, **changes)
+
+
+def _require(ok: bool, name: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}; got {value!r}")

@@ -1,0 +1,777 @@
+"""The aggregator daemon: connections, the round loop, committee decryption, checkpoints.
+
+It holds the Paillier public key only and never decrypts: sums go to a committee of
+key-holding clients in shards, and only when at least ``min_clients`` complete updates
+were folded. Memory is bounded by ``max_inflight_uploads`` buffered updates plus one
+running sum, whatever the number of connected clients. All socket work goes through
+``protocol.transport``; all arithmetic through `fedcore.codec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedcore.aggregator.checkpoint import Checkpoint
+from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.rounds import (
+    RejectedUpdate,
+    RoundPhase,
+    RoundState,
+    Upload,
+    assign_weights,
+    select_clients,
+)
+from fedcore.client import FEDERATION_COMPLETE
+from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
+from fedcore.crypto import PublicKey
+from fedcore.errors import ConfigError, InvalidCiphertextError, PackingError, RoundError
+from fedcore.metrics import AggregatorMetrics, MetricsServer
+from fedcore.model import ModelLayout, flatten_state_dict
+from fedcore.packing import PackingSpec
+from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
+from protocol.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    DecryptRequest,
+    DecryptResult,
+    Error,
+    Hello,
+    RoundEnd,
+    RoundStart,
+    UpdateChunk,
+    UpdateDone,
+    Welcome,
+)
+from protocol.tls import server_context
+from protocol.transport import Connection, Server, TransportConfig
+
+__all__ = ["Aggregator", "RoundReport", "build_model"]
+
+log = logging.getLogger(__name__)
+
+_REASON_CODES = {
+    "stale_round": ErrorCode.STALE_ROUND,
+    "replay": ErrorCode.REPLAY,
+    "not_selected": ErrorCode.NOT_SELECTED,
+    "unknown_client": ErrorCode.UNKNOWN_CLIENT,
+    "wrong_chunk_count": ErrorCode.WRONG_CHUNK_COUNT,
+    "invalid_ciphertext": ErrorCode.INVALID_CIPHERTEXT,
+    "digest_mismatch": ErrorCode.DIGEST_MISMATCH,
+}
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, *, seed: int = 0) -> torch.nn.Module:
+    """Import ``module:factory`` and call it (seeded, so every party builds the same init)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}")
+    torch.manual_seed(seed)
+    model = factory(**(kwargs or {}))
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
+    return model
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundReport:
+    """What one finished round did, handed to ``on_round_complete`` and written to history."""
+
+    round_id: int
+    rounds_completed: int
+    contributors: dict[str, int]
+    total_weight: int
+    phase_seconds: dict[str, float]
+    client_metrics: dict[str, float]
+    client_timings: dict[str, float]
+    bytes_received: int
+
+
+@dataclass(slots=True, eq=False)
+class _ClientHandle:
+    client_id: str
+    conn: Connection
+    sample_count: int
+    can_decrypt: bool
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    decrypt_waiter: asyncio.Future[DecryptResult] | None = None
+    counted_in: int = 0
+    counted_out: int = 0
+
+    async def send(self, message: Any) -> None:
+        async with self.send_lock:
+            await self.conn.send(message)
+
+
+class Aggregator:
+    """Runs a federation: `await Aggregator(config).run()`; `request_stop()` ends it cleanly."""
+
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        *,
+        encrypted: bool = True,
+        metrics: AggregatorMetrics | None = None,
+        on_round_complete: Callable[[RoundReport, np.ndarray], Awaitable[None] | None]
+        | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or AggregatorMetrics()
+        self._on_round_complete = on_round_complete
+        model = build_model(config.model, config.model_kwargs, seed=config.seed)
+        state = model.state_dict()
+        self.layout = ModelLayout.of(state)
+        n_values = self.layout.numel
+        self.public_key: PublicKey | None = None
+        self.codec: UpdateCodec
+        if encrypted:
+            # Only ever the public key: the aggregator must not be able to decrypt.
+            self.public_key = PublicKey.load(config.public_key)
+            try:
+                spec = PackingSpec(
+                    key_bits=self.public_key.bits,
+                    value_bits=config.value_bits,
+                    headroom_bits=config.headroom_bits,
+                    clip=config.clip,
+                )
+            except PackingError as exc:
+                raise ConfigError(f"packing settings do not fit the key: {exc}") from exc
+            self.codec = EncryptedCodec(
+                public_key=self.public_key,
+                spec=spec,
+                n_values=n_values,
+                chunk_items=config.chunk_ciphertexts,
+            )
+            self.max_total_weight = spec.max_total_weight
+        else:
+            self.codec = PlaintextCodec(n_values=n_values)
+            self.max_total_weight = 2**config.headroom_bits
+        self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
+        checkpoint = Checkpoint.load(config.state_dir)
+        if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
+            raise ConfigError(
+                f"state dir {config.state_dir} holds a checkpoint of another model or mode; "
+                "use a fresh --state-dir"
+            )
+        if checkpoint is None:
+            checkpoint = Checkpoint(
+                global_weights=flatten_state_dict(state), model_fingerprint=self.fingerprint
+            )
+            log.info("no checkpoint in %s: starting from the seeded model", config.state_dir)
+        else:
+            log.info(
+                "resuming from checkpoint: %d rounds completed, next round id %d",
+                checkpoint.rounds_completed,
+                checkpoint.next_round_id,
+            )
+            self.metrics.restore(checkpoint.metrics)
+        self.checkpoint = checkpoint
+        self.clients: dict[str, _ClientHandle] = {}
+        self.round: RoundState | None = None
+        self._uploads: dict[str, Upload] = {}
+        self._upload_slots = asyncio.Semaphore(config.max_inflight_uploads)
+        self._holding_slot: set[str] = set()
+        self._client_reports: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+        self._round_bytes = 0
+        self._clients_changed = asyncio.Event()
+        self._round_full = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._server: Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def port(self) -> int:
+        """The bound TCP port (after `run` has started listening)."""
+        if self._server is None:
+            raise RuntimeError("the aggregator is not listening yet")
+        return self._server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics HTTP port, or None when metrics are off."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    async def wait_started(self) -> None:
+        """Return once the server is accepting connections."""
+        await self._started.wait()
+
+    def request_stop(self) -> None:
+        """Stop after the current step: the open round is abandoned, never half-counted."""
+        self._stop.set()
+        self._round_full.set()
+        self._clients_changed.set()
+
+    def _transport_config(self) -> TransportConfig:
+        c = self.config
+        return TransportConfig(
+            handshake_timeout=c.handshake_timeout,
+            idle_timeout=c.idle_timeout,
+            heartbeat_interval=c.heartbeat_interval,
+            max_connections=c.max_connections,
+            write_timeout=max(60.0, c.round_timeout),
+        )
+
+    async def run(self) -> Checkpoint:
+        """Serve until every round is done (or `request_stop`); return the final checkpoint."""
+        c = self.config
+        ssl_ctx = server_context(c.cert, c.key, c.ca)
+        self._server = Server(self._handle_connection, ssl_ctx, self._transport_config())
+        await self._server.start(c.host, c.port)
+        if c.metrics_port is not None:
+            self._metrics_server = MetricsServer(
+                self.metrics, host=c.metrics_host, port=c.metrics_port, health=self._health
+            )
+            self._metrics_server.start()
+        log.info(
+            "aggregator listening on %s:%d (%s, %d values, metrics port %s)",
+            c.host,
+            self.port,
+            "encrypted" if self.codec.encrypted else "PLAINTEXT",
+            self.codec.n_values,
+            self.metrics_port,
+        )
+        self._started.set()
+        try:
+            await self._round_loop()
+        finally:
+            await self._shutdown()
+        return self.checkpoint
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        return (
+            not self._stop.is_set(),
+            {
+                "rounds_completed": self.checkpoint.rounds_completed,
+                "connected_clients": len(self.clients),
+                "round": None if self.round is None else self.round.round_id,
+            },
+        )
+
+    async def _shutdown(self) -> None:
+        done = self.checkpoint.rounds_completed >= self.config.rounds
+        reason = FEDERATION_COMPLETE if done else "aggregator stopping; reconnect later"
+        for handle in list(self.clients.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(handle.conn.close(reason=reason), 5)
+        if self._server is not None:
+            await self._server.shutdown(5.0)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        log.info("aggregator stopped after %d rounds", self.checkpoint.rounds_completed)
+
+    # ------------------------------------------------------------------ round loop
+    async def _round_loop(self) -> None:
+        c = self.config
+        failures = 0
+        while self.checkpoint.rounds_completed < c.rounds and not self._stop.is_set():
+            if not await self._wait_for_clients():
+                if self._stop.is_set():
+                    return
+                raise RoundError(
+                    f"fewer than {c.min_clients} clients connected within "
+                    f"{c.wait_for_clients_timeout:.0f} s"
+                )
+            completed = await self._run_one_round()
+            if self._stop.is_set():
+                return
+            if completed:
+                failures = 0
+            else:
+                failures += 1
+                if failures >= c.max_failed_rounds:
+                    raise RoundError(f"{failures} rounds in a row failed; giving up")
+
+    async def _wait_for_clients(self) -> bool:
+        c = self.config
+        deadline = time.monotonic() + c.wait_for_clients_timeout
+        while not self._stop.is_set():
+            connected = len(self.clients)
+            if connected >= c.target_clients(connected) and connected >= c.min_clients:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._clients_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._clients_changed.wait(), remaining)
+        return False
+
+    async def _run_one_round(self) -> bool:
+        c = self.config
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        round_id = self.checkpoint.next_round_id
+        # Persist the id first: after a crash this round reruns under a new id, so no
+        # chunk of the interrupted attempt can ever be folded into its rerun.
+        self.checkpoint.next_round_id += 1
+        self.checkpoint.metrics = self.metrics.snapshot()
+        self.checkpoint.save(c.state_dir)
+        candidates = list(self.clients)
+        selected = select_clients(
+            candidates, c.target_clients(len(candidates)), seed=c.seed, round_id=round_id
+        )
+        weights = assign_weights(
+            {cid: self.clients[cid].sample_count for cid in selected}, self.max_total_weight
+        )
+        state = RoundState(round_id=round_id, weights=weights, deadline=t0 + c.round_timeout)
+        self.round = state
+        self._round_full.clear()
+        self._client_reports = {}
+        self._round_bytes = 0
+        self.metrics.current_round.set(round_id)
+        phases["select"] = time.monotonic() - t0
+        log.info("round %d: selected %d of %d clients", round_id, len(selected), len(candidates))
+
+        t_collect = time.monotonic()
+        await asyncio.gather(*(self._send_round_start(cid) for cid in selected))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._round_full.wait(), c.round_timeout)
+        state.phase = RoundPhase.DECRYPTING
+        phases["collect"] = time.monotonic() - t_collect
+        for cid in list(self._uploads):
+            self._drop_upload(cid)
+        for cid in state.pending:
+            handle = self.clients.get(cid)
+            if handle is not None:
+                await self._send_quietly(
+                    handle, RoundEnd(round_id=round_id, status="closed", reason="round closed")
+                )
+        if self._stop.is_set():
+            log.info("round %d abandoned: stopping (nothing of it is counted)", round_id)
+            self.round = None
+            return False
+        log.info(
+            "round %d: collected %d/%d updates in %.2f s",
+            round_id,
+            len(state.folded),
+            len(selected),
+            phases["collect"],
+        )
+        if len(state.folded) < c.min_clients:
+            return self._fail_round(state, f"{len(state.folded)} updates < min_clients")
+
+        t_decrypt = time.monotonic()
+        try:
+            mean_update = await self._finish_sum(state)
+        except RoundError as exc:
+            return self._fail_round(state, str(exc))
+        phases["decrypt"] = time.monotonic() - t_decrypt
+
+        t_update = time.monotonic()
+        self.checkpoint.global_weights = (self.checkpoint.global_weights + mean_update).astype(
+            np.float32
+        )
+        phases["update"] = time.monotonic() - t_update
+        state.phase = RoundPhase.COMPLETED
+        self.checkpoint.rounds_completed += 1
+        report = self._round_report(state, phases)
+        t_ckpt = time.monotonic()
+        self.checkpoint.history.append({**state.summary(), "phase_seconds": phases})
+        self.metrics.rounds_completed_total.inc()
+        self.checkpoint.metrics = self.metrics.snapshot()
+        self.checkpoint.save(c.state_dir)
+        phases["checkpoint"] = time.monotonic() - t_ckpt
+        for phase, seconds in phases.items():
+            self.metrics.round_phase_seconds.labels(phase=phase).observe(seconds)
+        log.info(
+            "round %d complete (%d/%d): %d updates, weight %d, %s",
+            round_id,
+            self.checkpoint.rounds_completed,
+            c.rounds,
+            len(state.folded),
+            state.total_weight,
+            " ".join(f"{k}={v:.2f}s" for k, v in phases.items()),
+        )
+        self.round = None
+        if self._on_round_complete is not None:
+            result = self._on_round_complete(report, self.checkpoint.global_weights)
+            if asyncio.iscoroutine(result):
+                await result
+        return True
+
+    def _round_report(self, state: RoundState, phases: dict[str, float]) -> RoundReport:
+        metrics: dict[str, list[float]] = {}
+        timings: dict[str, list[float]] = {}
+        for cid in state.folded:
+            t, m = self._client_reports.get(cid, ({}, {}))
+            for k, v in m.items():
+                metrics.setdefault(k, []).append(v)
+            for k, v in t.items():
+                timings.setdefault(k, []).append(v)
+        return RoundReport(
+            round_id=state.round_id,
+            rounds_completed=self.checkpoint.rounds_completed,
+            contributors=dict(state.folded),
+            total_weight=state.total_weight,
+            phase_seconds=dict(phases),
+            client_metrics={k: float(np.mean(v)) for k, v in metrics.items()},
+            client_timings={k: float(np.mean(v)) for k, v in timings.items()},
+            bytes_received=self._round_bytes,
+        )
+
+    def _fail_round(self, state: RoundState, reason: str) -> bool:
+        state.phase = RoundPhase.FAILED
+        self.round = None
+        log.warning("round %d failed: %s; nothing was decrypted", state.round_id, reason)
+        self.metrics.rounds_failed_total.labels(reason=reason.split(" ")[-1]).inc()
+        self.checkpoint.history.append({**state.summary(), "failure": reason})
+        self.checkpoint.metrics = self.metrics.snapshot()
+        self.checkpoint.save(self.config.state_dir)
+        return False
+
+    async def _send_round_start(self, client_id: str) -> None:
+        state = self.round
+        handle = self.clients.get(client_id)
+        if state is None or handle is None:
+            return
+        upload = self._uploads.get(client_id)
+        held = len(upload.chunks) if upload is not None and upload.round_id == state.round_id else 0
+        message = RoundStart(
+            round_id=state.round_id,
+            weights=self.checkpoint.global_weights.astype(np.float32).tobytes(),
+            clip=self.config.clip,
+            value_bits=self.config.value_bits,
+            deadline_s=max(0.0, state.deadline - time.monotonic()),
+            chunks_received=held,
+            config={
+                "weight": state.weights[client_id],
+                "epochs": self.config.local_epochs,
+                "lr": self.config.learning_rate,
+                "seed": self.config.seed * 1_000_003 + state.round_id,
+            },
+        )
+        await self._send_quietly(handle, message)
+
+    async def _send_quietly(self, handle: _ClientHandle, message: Any) -> None:
+        """Send; a client that has gone away is simply gone (its handler cleans up)."""
+        try:
+            await handle.send(message)
+        except (ProtocolError, OSError, ConnectionError) as exc:
+            log.info("could not send %s to %s: %s", type(message).__name__, handle.client_id, exc)
+
+    # ------------------------------------------------------------------ decryption
+    async def _finish_sum(self, state: RoundState) -> np.ndarray:
+        if len(state.folded) < self.config.min_clients:  # the privacy promise, checked twice
+            raise RoundError("refusing to decrypt a sum of fewer than min_clients updates")
+        if isinstance(self.codec, PlaintextCodec):
+            return self.codec.mean_update(state.running_sum, state.total_weight)
+        plaintexts = await self._committee_decrypt(state)
+        return self.codec.mean_update(plaintexts, state.total_weight)
+
+    async def _committee_decrypt(self, state: RoundState) -> list[int]:
+        assert isinstance(self.codec, EncryptedCodec)
+        c = self.config
+        members = [h for h in self.clients.values() if h.can_decrypt]
+        if not members:
+            raise RoundError("no key-holding client is connected to decrypt the sum")
+        rng = random.Random(f"{c.seed}:committee:{state.round_id}")
+        rng.shuffle(members)
+        members = members[: c.committee_size]
+        max_items = max(1, (self.codec_max_frame() // 2) // self.codec.public_key.ciphertext_bytes)
+        shard_count = max(len(members), -(-len(state.running_sum) // max_items))
+        shards = self.codec.sum_to_payloads(state.running_sum, shard_count)
+        free: asyncio.Queue[_ClientHandle] = asyncio.Queue()
+        for member in members:
+            free.put_nowait(member)
+        results: dict[int, list[int]] = {}
+
+        async def decrypt_shard(shard_id: int, start: int, payload: bytes, count: int) -> None:
+            for _attempt in range(3 * len(members) + 3):
+                try:
+                    member = await asyncio.wait_for(free.get(), c.decrypt_shard_timeout)
+                except TimeoutError:
+                    break
+                if self.clients.get(member.client_id) is not member:
+                    continue  # disconnected while queued; it never comes back to the queue
+                ok = await self._request_shard(member, state.round_id, shard_id, payload, count)
+                if ok is not None:
+                    results[start] = ok
+                    free.put_nowait(member)
+                    return
+                if self.clients.get(member.client_id) is member:
+                    free.put_nowait(member)
+            raise RoundError(f"no committee member decrypted shard {shard_id}")
+
+        t0 = time.monotonic()
+        await asyncio.gather(
+            *(decrypt_shard(i, start, payload, count) for i, (start, payload, count) in
+              enumerate(shards))
+        )
+        log.info(
+            "round %d: %d shards decrypted by %d committee members in %.2f s",
+            state.round_id,
+            len(shards),
+            len(members),
+            time.monotonic() - t0,
+        )
+        out: list[int] = []
+        for start in sorted(results):
+            out.extend(results[start])
+        return out
+
+    def codec_max_frame(self) -> int:
+        """Largest frame a client accepts for a decrypt request (half is used per shard)."""
+        from protocol.framing import DEFAULT_MAX_FRAME_SIZE
+
+        return DEFAULT_MAX_FRAME_SIZE
+
+    async def _request_shard(
+        self, member: _ClientHandle, round_id: int, shard_id: int, payload: bytes, count: int
+    ) -> list[int] | None:
+        assert isinstance(self.codec, EncryptedCodec)
+        loop = asyncio.get_running_loop()
+        member.decrypt_waiter = loop.create_future()
+        try:
+            await member.send(
+                DecryptRequest(round_id=round_id, shard_id=shard_id, item_count=count,
+                               payload=payload)
+            )
+            result = await asyncio.wait_for(member.decrypt_waiter, self.config.decrypt_shard_timeout)
+        except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
+            log.warning("committee member %s failed shard %d: %r", member.client_id, shard_id, exc)
+            if isinstance(exc, TimeoutError):
+                await self._close_client(member, ErrorCode.TIMEOUT, "decrypt shard timed out")
+            return None
+        finally:
+            member.decrypt_waiter = None
+        if result.shard_id != shard_id or result.round_id != round_id:
+            return None
+        try:
+            values = self.codec.parse_plaintexts(result.payload, count)
+        except (InvalidCiphertextError, ValueError) as exc:
+            self.metrics.updates_rejected_total.labels(reason="bad_decrypt_result").inc()
+            await self._close_client(member, ErrorCode.BAD_DECRYPT_RESULT, str(exc))
+            return None
+        self.metrics.decryption_time_seconds.observe(result.seconds)
+        return values
+
+    # ------------------------------------------------------------------ connections
+    async def _handle_connection(self, conn: Connection) -> None:
+        client_id = conn.peer_identity
+        try:
+            hello = await conn.receive()
+        except ProtocolError:
+            return
+        if not isinstance(hello, Hello):  # the session allows nothing else first
+            return
+        if hello.version != PROTOCOL_VERSION:
+            await conn.close(
+                error=Error(code=int(ErrorCode.UNSUPPORTED_VERSION),
+                            reason=f"aggregator speaks version {PROTOCOL_VERSION}")
+            )
+            return
+        previous = self.clients.get(client_id)
+        if previous is not None:
+            log.info("%s reconnected; closing its previous connection", client_id)
+            await self._close_client(previous, None, "replaced by a newer connection")
+        handle = _ClientHandle(
+            client_id=client_id,
+            conn=conn,
+            sample_count=hello.sample_count,
+            can_decrypt=hello.can_decrypt,
+        )
+        try:
+            await handle.send(self._welcome(client_id))
+        except (ProtocolError, OSError, ConnectionError):
+            return
+        self.clients[client_id] = handle
+        self.metrics.connected_clients.set(len(self.clients))
+        self._clients_changed.set()
+        log.info("%s joined (%d samples, decrypts=%s)", client_id, hello.sample_count,
+                 hello.can_decrypt)
+        state = self.round
+        if (
+            state is not None
+            and state.phase is RoundPhase.COLLECTING
+            and client_id in state.pending
+        ):
+            await self._send_round_start(client_id)
+        try:
+            while True:
+                message = await conn.receive()
+                self._count_bytes(handle)
+                if isinstance(message, Bye):
+                    break
+                await self._dispatch(handle, message)
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            log.info("%s: protocol error: %s", client_id, exc)
+            self.metrics.updates_rejected_total.labels(reason="protocol_error").inc()
+        finally:
+            self._count_bytes(handle)
+            if self.clients.get(client_id) is handle:
+                del self.clients[client_id]
+                self._keep_or_drop_partial(client_id)
+            if handle.decrypt_waiter is not None and not handle.decrypt_waiter.done():
+                handle.decrypt_waiter.set_exception(ConnectionError(f"{client_id} disconnected"))
+            self.metrics.connected_clients.set(len(self.clients))
+            self._clients_changed.set()
+            log.info("%s left", client_id)
+
+    def _welcome(self, client_id: str) -> Welcome:
+        codec = self.codec
+        session: dict[str, int | float | str | bool] = {
+            "encrypted": codec.encrypted,
+            "num_values": codec.n_values,
+            "chunk_items": codec.chunk_items,
+            "model_layout": self.layout.to_json(),
+            "rounds": self.config.rounds,
+        }
+        public_key = b""
+        if isinstance(codec, EncryptedCodec):
+            public_key = codec.public_key.to_bytes()
+            session.update(
+                key_bits=codec.spec.key_bits,
+                value_bits=codec.spec.value_bits,
+                headroom_bits=codec.spec.headroom_bits,
+                clip=codec.spec.clip,
+                public_key_fingerprint=codec.public_key.fingerprint(),
+            )
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            client_id=client_id,
+            public_key=public_key,
+            session_config=session,
+        )
+
+    def _count_bytes(self, handle: _ClientHandle) -> None:
+        received = handle.conn.bytes_received
+        sent = handle.conn.bytes_sent
+        self.metrics.bytes_received_total.inc(max(0, received - handle.counted_in))
+        self.metrics.bytes_sent_total.inc(max(0, sent - handle.counted_out))
+        handle.counted_in, handle.counted_out = received, sent
+
+    async def _dispatch(self, handle: _ClientHandle, message: Any) -> None:
+        try:
+            if isinstance(message, UpdateChunk):
+                await self._on_chunk(handle, message)
+            elif isinstance(message, UpdateDone):
+                await self._on_done(handle, message)
+            elif isinstance(message, DecryptResult):
+                waiter = handle.decrypt_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+            else:
+                log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
+        except RejectedUpdate as exc:
+            await self._reject(handle, exc.reason, str(exc))
+        except InvalidCiphertextError as exc:
+            await self._reject(handle, "invalid_ciphertext", str(exc))
+
+    async def _on_chunk(self, handle: _ClientHandle, chunk: UpdateChunk) -> None:
+        cid = handle.client_id
+        state = self._round_for(chunk.round_id)
+        state.check_can_upload(cid)
+        upload = self._uploads.get(cid)
+        if upload is not None and upload.round_id != chunk.round_id:
+            self._drop_upload(cid)
+            upload = None
+        if upload is None:
+            # Waiting here stops reading this connection: TCP backpressure, not memory.
+            await self._upload_slots.acquire()
+            self._holding_slot.add(cid)
+            state = self._round_for(chunk.round_id)  # it may have closed while we waited
+            upload = Upload(
+                client_id=cid,
+                round_id=chunk.round_id,
+                expected_items=self.codec.item_count,
+                chunk_items=self.codec.chunk_items,
+            )
+            self._uploads[cid] = upload
+            self.metrics.inflight_uploads.set(len(self._holding_slot))
+        items, count = self.codec.parse_chunk(chunk.payload, index_offset=upload.items)
+        upload.add_chunk(chunk.seq, chunk.payload, items, count)
+
+    async def _on_done(self, handle: _ClientHandle, done: UpdateDone) -> None:
+        cid = handle.client_id
+        state = self._round_for(done.round_id)
+        upload = self._uploads.get(cid)
+        if upload is None or upload.round_id != done.round_id:
+            raise RejectedUpdate(
+                "wrong_chunk_count", f"UpdateDone for round {done.round_id} without its chunks"
+            )
+        chunks = upload.finish(
+            chunk_count=done.chunk_count, item_count=done.item_count, digest=done.digest
+        )
+        update = self.codec.join(chunks, state.weights[cid])
+        t0 = time.monotonic()
+        state.fold(cid, update, self.codec.fold)
+        self.metrics.fold_seconds.observe(time.monotonic() - t0)
+        self._round_bytes += upload.bytes_received
+        self._drop_upload(cid)
+        self.metrics.updates_accepted_total.inc()
+        self.metrics.observe_client_report(dict(done.timings), dict(done.metrics))
+        self._client_reports[cid] = (dict(done.timings), dict(done.metrics))
+        await self._send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
+        if not state.pending:
+            self._round_full.set()
+
+    def _round_for(self, round_id: int) -> RoundState:
+        state = self.round
+        if state is None or round_id != state.round_id:
+            current = "none" if state is None else str(state.round_id)
+            raise RejectedUpdate(
+                "stale_round", f"round {round_id} is not open (current round: {current})"
+            )
+        if state.phase is not RoundPhase.COLLECTING:
+            raise RejectedUpdate("stale_round", f"round {round_id} is closed")
+        return state
+
+    def _drop_upload(self, client_id: str) -> None:
+        self._uploads.pop(client_id, None)
+        if client_id in self._holding_slot:
+            self._holding_slot.discard(client_id)
+            self._upload_slots.release()
+        self.metrics.inflight_uploads.set(len(self._holding_slot))
+
+    def _keep_or_drop_partial(self, client_id: str) -> None:
+        """A client gone mid-upload: keep its chunks briefly so it can resume, else drop."""
+        upload = self._uploads.get(client_id)
+        if upload is None:
+            return
+        if self.config.resume_grace <= 0:
+            self._drop_upload(client_id)
+            return
+
+        async def expire() -> None:
+            await asyncio.sleep(self.config.resume_grace)
+            if client_id not in self.clients and self._uploads.get(client_id) is upload:
+                log.info("%s did not come back: its partial upload is discarded", client_id)
+                self._drop_upload(client_id)
+
+        task = asyncio.create_task(expire())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reject(self, handle: _ClientHandle, reason: str, message: str) -> None:
+        log.warning("%s: update refused (%s): %s", handle.client_id, reason, message)
+        self.metrics.updates_rejected_total.labels(reason=reason).inc()
+        self._drop_upload(handle.client_id)
+        await self._close_client(handle, _REASON_CODES.get(reason, ErrorCode.INTERNAL), message)
+
+    async def _close_client(
+        self, handle: _ClientHandle, code: ErrorCode | None, reason: str
+    ) -> None:
+        error = None if code is None else Error(code=int(code), reason=reason[:1000])
+        with contextlib.suppress(Exception):
+            async with handle.send_lock:
+                await asyncio.wait_for(handle.conn.close(reason=reason[:1000], error=error), 5)

@@ -1,0 +1,283 @@
+"""`fedcore` command line: keygen, certs, aggregator, client, demo.
+
+A thin layer: every command parses flags into the same dataclasses the library uses
+(`AggregatorConfig`, `ClientConfig`) and calls the library. Prints go here, nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedcore.errors import FedcoreError
+
+__all__ = ["main"]
+
+log = logging.getLogger("fedcore")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+# ---------------------------------------------------------------------------- keygen
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from fedcore.crypto import generate_keypair
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    public_path, private_path = out / "public_key.json", out / "private_key.json"
+    if not args.force and (public_path.exists() or private_path.exists()):
+        print(f"error: {out} already holds a keypair (use --force to replace it)", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    public_key, private_key = generate_keypair(args.bits)
+    public_key.save(public_path)
+    private_key.save(private_path)
+    print(f"{args.bits}-bit Paillier keypair in {time.perf_counter() - t0:.1f} s")
+    print(f"  public key  {public_path}  (aggregator and clients)")
+    print(f"  private key {private_path}  (0600; key-holding clients only, never the aggregator)")
+    print(f"  fingerprint {public_key.fingerprint()}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- certs
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from protocol.tls import write_federation_pki
+
+    sans = args.san or ["localhost", "127.0.0.1"]
+    write_federation_pki(Path(args.out), clients=args.clients, sans=sans, days=args.days)
+    print(f"federation PKI in {args.out}: ca.pem, ca.key (keep offline), aggregator.pem/.key "
+          f"(SAN {', '.join(sans)}), client-0..{args.clients - 1}.pem/.key")
+    return 0
+
+
+# ---------------------------------------------------------------------------- aggregator
+_AGG_FLAGS: dict[str, tuple[type, str]] = {
+    "host": (str, "address to listen on"),
+    "port": (int, "TCP port for clients"),
+    "metrics_port": (int, "HTTP port for /metrics and /healthz"),
+    "public_key": (str, "Paillier public key file (from `fedcore keygen`)"),
+    "cert": (str, "aggregator certificate (PEM)"),
+    "key": (str, "aggregator private TLS key (PEM)"),
+    "ca": (str, "federation CA certificate (PEM)"),
+    "min_clients": (int, "fewest complete updates that may be decrypted (quorum)"),
+    "clients_per_round": (int, "clients selected per round"),
+    "clients_fraction": (float, "fraction of connected clients selected per round"),
+    "rounds": (int, "rounds to complete"),
+    "round_timeout": (float, "seconds a round collects updates before it closes"),
+    "max_inflight_uploads": (int, "updates buffered at once (bounds memory)"),
+    "state_dir": (str, "directory for checkpoints (resume after restart)"),
+    "model": (str, "module:factory that builds the torch model"),
+    "committee_size": (int, "key-holding clients that decrypt each round's sum"),
+    "value_bits": (int, "quantization bits per value"),
+    "clip": (float, "clip bound for each update value"),
+    "seed": (int, "seed for model init and client selection"),
+}
+
+
+def _add_aggregator_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with the same settings")
+    for name, (kind, help_text) in _AGG_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="keyword argument for the model factory (repeatable)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="float32 updates, NO encryption (comparison runs only)")
+
+
+def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise FedcoreError(f"--model-arg must be KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedcore.aggregator import Aggregator, AggregatorConfig
+    from protocol.transport import install_uvloop
+
+    flags = {name: getattr(args, name) for name in _AGG_FLAGS if getattr(args, name) is not None}
+    if args.model_arg:
+        flags["model_kwargs"] = _model_kwargs(args.model_arg)
+    if args.config is not None:
+        config = AggregatorConfig.from_toml(args.config, **flags)
+    else:
+        config = AggregatorConfig.from_mapping(flags)
+    aggregator = Aggregator(config, encrypted=not args.plaintext)
+    uvloop = install_uvloop()
+    log.info("event loop: %s", "uvloop" if uvloop else "asyncio")
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, aggregator.request_stop)
+        await aggregator.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+# ---------------------------------------------------------------------------- client
+def _cmd_client(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedcore.client import Client, ClientConfig
+    from fedcore.data import client_shard, load_dataset, parse_partition
+    from fedcore.model import mlp
+    from fedcore.training import TrainConfig, make_evaluate_fn, make_train_fn
+
+    index, count = parse_partition(args.partition)
+    dataset = load_dataset(args.dataset)
+    x, y = client_shard(dataset, index, count, scheme=args.scheme, alpha=args.alpha,
+                        seed=args.seed)
+    torch.set_num_threads(args.threads)
+    model = mlp(dataset.num_features, classes=dataset.num_classes)
+    config = ClientConfig(
+        cert=Path(args.cert),
+        key=Path(args.key),
+        ca=Path(args.ca),
+        private_key=Path(args.private_key) if args.private_key else None,
+        server_hostname=args.server_hostname,
+        sample_count=len(x),
+        seed=args.seed * 7919 + index,
+    )
+    client = Client(
+        model,
+        make_train_fn(x, y, TrainConfig(batch_size=args.batch_size, seed=args.seed + index)),
+        make_evaluate_fn(dataset.x_test, dataset.y_test),
+        config,
+    )
+    result = client.run_forever(args.server)
+    print(f"client {index}/{count} done: {result.rounds_contributed} rounds contributed, "
+          f"{result.shards_decrypted} shards decrypted, last metrics {result.last_metrics}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedcore.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        clients=args.clients,
+        rounds=args.rounds,
+        dataset=args.dataset,
+        key_bits=args.key_bits,
+        encrypted=not args.plaintext,
+        json_path=args.json,
+        partition=args.partition_scheme,
+        seed=args.seed,
+        workdir=args.workdir,
+        value_bits=args.value_bits,
+    )
+    summary = run_demo(options)
+    return 0 if summary["rounds_completed"] == args.rounds else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `fedcore` argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="fedcore",
+        description="Privacy-preserving federated learning: packed Paillier over mutual TLS.",
+    )
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json = one structured record per line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("keygen", help="make a Paillier keypair (run by the key authority)")
+    p.add_argument("--bits", type=int, default=2048, help="modulus size (default 2048)")
+    p.add_argument("--out", required=True, help="directory for public_key.json/private_key.json")
+    p.add_argument("--force", action="store_true", help="overwrite an existing keypair")
+    p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser("certs", help="make the federation's CA and TLS certificates")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--clients", type=int, default=4, help="client certificates to issue")
+    p.add_argument("--san", action="append", help="aggregator DNS name or IP (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days")
+    p.set_defaults(func=_cmd_certs)
+
+    p = sub.add_parser("aggregator", help="run the aggregator daemon (public key only)")
+    _add_aggregator_flags(p)
+    p.set_defaults(func=_cmd_aggregator)
+
+    p = sub.add_parser("client", help="run a ready-made client on a built-in dataset")
+    p.add_argument("--server", required=True, help="aggregator HOST:PORT")
+    p.add_argument("--cert", required=True, help="client certificate (PEM)")
+    p.add_argument("--key", required=True, help="client TLS key (PEM)")
+    p.add_argument("--ca", required=True, help="federation CA certificate (PEM)")
+    p.add_argument("--private-key", help="Paillier private key: join the decryption committee")
+    p.add_argument("--server-hostname", help="name to check in the aggregator's certificate")
+    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument("--partition", default="0/1", help="this client's shard, I/N")
+    p.add_argument("--scheme", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("demo", help="a whole federation over TLS on 127.0.0.1")
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--dataset", choices=["digits", "fashion-mnist"],
+                   help="default: fashion-mnist when installed, else digits")
+    p.add_argument("--key-bits", type=int, default=2048)
+    p.add_argument("--value-bits", type=int, default=16)
+    p.add_argument("--plaintext", action="store_true", help="float32 updates, no encryption")
+    p.add_argument("--partition-scheme", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, help="keep keys, certs and state here")
+    p.add_argument("--json", type=Path, help="write the summary as JSON")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fedcore` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except FedcoreError as exc:
+        print(f"fedcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
