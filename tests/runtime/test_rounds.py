@@ -1,0 +1,181 @@
+"""Round bookkeeping: weights, selection, upload checks, fold-once, checkpoints, config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
+from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.rounds import (
+    RejectedUpdate,
+    RoundPhase,
+    RoundState,
+    Upload,
+    assign_weights,
+    select_clients,
+)
+from fedcore.errors import ConfigError
+
+
+def test_weights_fit_headroom_and_follow_sample_counts() -> None:
+    counts = {"a": 100, "b": 300, "c": 600}
+    weights = assign_weights(counts, 1024)
+    assert sum(weights.values()) <= 1024
+    assert weights["a"] < weights["b"] < weights["c"]
+    assert weights["c"] / weights["a"] == pytest.approx(6, rel=0.02)
+
+
+def test_weights_equal_counts_are_equal_and_many_clients_still_fit() -> None:
+    assert len(set(assign_weights({f"c{i}": 50 for i in range(10)}, 1024).values())) == 1
+    many = assign_weights({f"c{i}": 1 + i for i in range(1000)}, 1024)
+    assert sum(many.values()) <= 1024 and min(many.values()) >= 1
+    with pytest.raises(ValueError, match="headroom"):
+        assign_weights({f"c{i}": 1 for i in range(2000)}, 1024)
+
+
+def test_selection_is_reproducible_and_bounded() -> None:
+    pool = [f"client-{i}" for i in range(20)]
+    first = select_clients(pool, 5, seed=1, round_id=3)
+    assert first == select_clients(reversed(pool), 5, seed=1, round_id=3)
+    assert len(first) == 5 and set(first) <= set(pool)
+    assert select_clients(pool, 50, seed=1, round_id=3) == sorted(pool)
+
+
+def _upload(items: int = 10, chunk: int = 4) -> Upload:
+    return Upload(client_id="c", round_id=1, expected_items=items, chunk_items=chunk)
+
+
+def test_upload_accepts_consecutive_chunks_and_checks_done() -> None:
+    upload = _upload()
+    payloads = [b"a" * 4, b"b" * 4, b"c" * 2]
+    for seq, payload in enumerate(payloads):
+        upload.add_chunk(seq, payload, list(payload), len(payload))
+    digest = hashlib.sha256(b"".join(payloads)).digest()
+    assert upload.finish(chunk_count=3, item_count=10, digest=digest) == [
+        list(p) for p in payloads
+    ]
+
+
+@pytest.mark.parametrize(
+    ("seq", "count", "reason"),
+    [(1, 4, "wrong_chunk_count"), (0, 5, "wrong_chunk_count")],
+)
+def test_upload_refuses_gaps_and_oversized_chunks(seq: int, count: int, reason: str) -> None:
+    with pytest.raises(RejectedUpdate) as info:
+        _upload().add_chunk(seq, b"x" * count, [0] * count, count)
+    assert info.value.reason == reason
+
+
+def test_upload_refuses_wrong_counts_and_digest() -> None:
+    upload = _upload(items=4)
+    upload.add_chunk(0, b"abcd", [1, 2, 3, 4], 4)
+    with pytest.raises(RejectedUpdate) as info:
+        upload.finish(chunk_count=2, item_count=4, digest=hashlib.sha256(b"abcd").digest())
+    assert info.value.reason == "wrong_chunk_count"
+    with pytest.raises(RejectedUpdate) as info:
+        upload.finish(chunk_count=1, item_count=4, digest=hashlib.sha256(b"abce").digest())
+    assert info.value.reason == "digest_mismatch"
+    short = _upload(items=8)
+    short.add_chunk(0, b"abcd", [1, 2, 3, 4], 4)
+    with pytest.raises(RejectedUpdate):
+        short.finish(chunk_count=1, item_count=4, digest=hashlib.sha256(b"abcd").digest())
+
+
+def test_round_folds_each_client_once() -> None:
+    state = RoundState(round_id=7, weights={"a": 2, "b": 3, "c": 1}, deadline=0.0)
+
+    def add(running: list[int], update: list[int]) -> None:
+        for i, value in enumerate(update):
+            running[i] += value
+
+    state.fold("a", [1, 1], add)
+    state.fold("b", [2, 2], add)
+    assert state.running_sum == [3, 3] and state.total_weight == 5
+    with pytest.raises(RejectedUpdate) as info:
+        state.fold("a", [1, 1], add)
+    assert info.value.reason == "replay"
+    with pytest.raises(RejectedUpdate) as info:
+        state.fold("zed", [1, 1], add)
+    assert info.value.reason == "not_selected"
+    assert state.pending == {"c"}
+    state.phase = RoundPhase.DECRYPTING
+    with pytest.raises(RejectedUpdate) as info:
+        state.fold("c", [1, 1], add)
+    assert info.value.reason == "stale_round"
+    assert state.running_sum == [3, 3] and state.total_weight == 5
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
+    weights = np.arange(10, dtype=np.float32)
+    ckpt = Checkpoint(global_weights=weights, rounds_completed=2, next_round_id=5,
+                      history=[{"round_id": 4}], metrics={"x": 1.0}, model_fingerprint="m")
+    ckpt.save(tmp_path)
+    ckpt.global_weights = weights * 2
+    ckpt.rounds_completed = 3
+    ckpt.save(tmp_path)
+    loaded = Checkpoint.load(tmp_path)
+    assert loaded is not None
+    assert loaded.rounds_completed == 3 and loaded.next_round_id == 5
+    np.testing.assert_array_equal(loaded.global_weights, weights * 2)
+    assert len(list(tmp_path.glob("global-*.npy"))) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+    assert Checkpoint.load(tmp_path / "empty") is None
+
+
+def test_checkpoint_corrupt_record_is_a_clear_error(tmp_path: Path) -> None:
+    Checkpoint(global_weights=np.zeros(3, dtype=np.float32)).save(tmp_path)
+    record = tmp_path / "checkpoint.json"
+    data = json.loads(record.read_text())
+    data["model_file"] = "missing.npy"
+    record.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        Checkpoint.load(tmp_path)
+
+
+def _config(tmp_path: Path, **kw: object) -> AggregatorConfig:
+    base = {
+        "public_key": tmp_path / "pk.json",
+        "cert": tmp_path / "a.pem",
+        "key": tmp_path / "a.key",
+        "ca": tmp_path / "ca.pem",
+        "state_dir": tmp_path / "state",
+    }
+    return AggregatorConfig.from_mapping({**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"min_clients": 0}, "min_clients"),
+        ({"min_clients": 4, "clients_per_round": 3}, "clients_per_round"),
+        ({"clients_per_round": 3, "clients_fraction": 0.5}, "not both"),
+        ({"clients_fraction": 1.5}, "clients_fraction"),
+        ({"round_timeout": 0}, "round_timeout"),
+        ({"headroom_bits": 3, "clients_per_round": 10}, "headroom_bits"),
+        ({"model": "no_colon"}, "module:factory"),
+        ({"bogus": 1}, "unknown aggregator setting"),
+    ],
+)
+def test_config_refuses_bad_values(tmp_path: Path, changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _config(tmp_path, **changes)
+
+
+def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "fed.toml"
+    path.write_text(
+        "[aggregator]\n"
+        f'public_key = "{tmp_path}/pk.json"\ncert = "c.pem"\nkey = "k.pem"\nca = "ca.pem"\n'
+        'state_dir = "state"\nmin_clients = 3\nrounds = 4\n'
+    )
+    config = AggregatorConfig.from_toml(path, rounds=7, port=None)
+    assert config.min_clients == 3 and config.rounds == 7 and config.port == 8765
+    assert config.target_clients(10) == 10
+    assert _config(tmp_path, clients_fraction=0.25, min_clients=2).target_clients(20) == 5
+    with pytest.raises(ConfigError, match="required"):
+        AggregatorConfig.from_mapping({"cert": "x"})
