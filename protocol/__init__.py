@@ -14,5 +14,7 @@ from .session import *  # noqa: F403
 from .session import __all__ as _session_all
 from .tls import *  # noqa: F403
 from .tls import __all__ as _tls_all
+from .transport import *  # noqa: F403
+from .transport import __all__ as _transport_all
 
-__all__ = [*_errors_all, *_framing_all, *_messages_all, *_session_all, *_tls_all]
+__all__ = [*_errors_all, *_framing_all, *_messages_all, *_session_all, *_tls_all, *_transport_all]

@@ -160,6 +160,11 @@ class Session:
     # ------------------------------------------------------------------ receiving
 
     @property
+    def buffered(self) -> int:
+        """Bytes received but not yet decoded."""
+        return self._decoder.buffered
+
+    @property
     def bytes_needed(self) -> int:
         """Bytes still missing for the frame in progress (0 when one is complete)."""
         return self._decoder.bytes_needed
