@@ -1,0 +1,167 @@
+"""Key generation, phe conversion, bytes and key files (fedcore.crypto.keys)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedcore.crypto import PrivateKey, PublicKey, generate_keypair
+from fedcore.errors import KeyFileError
+
+
+def test_generate_keypair_sizes_and_widths() -> None:
+    pk, sk = generate_keypair(512)
+    assert pk.bits == 512
+    assert pk.plaintext_bytes == 64
+    assert pk.ciphertext_bytes == 128
+    assert pk.nsquare == pk.n * pk.n
+    assert sk.p * sk.q == pk.n
+    assert sk.p < sk.q
+    assert sk.public_key == pk
+
+
+@pytest.mark.parametrize("bits", [0, 256, 504, 513, 1020, 100000])
+def test_generate_keypair_refuses_bad_bits(bits: int) -> None:
+    with pytest.raises(ValueError, match="bits"):
+        generate_keypair(bits)
+
+
+def test_generate_keypair_refuses_non_int_bits() -> None:
+    with pytest.raises(TypeError, match="bits"):
+        generate_keypair(2048.0)  # type: ignore[arg-type]
+
+
+def test_phe_conversion_round_trip(private_key: PrivateKey) -> None:
+    phe_sk = private_key.to_phe()
+    assert phe_sk.public_key.n == int(private_key.public_key.n)
+    assert PrivateKey.from_phe(phe_sk) == private_key
+    assert PublicKey.from_phe(private_key.public_key.to_phe()) == private_key.public_key
+
+
+def test_public_key_bytes_round_trip(public_key: PublicKey) -> None:
+    data = public_key.to_bytes()
+    assert b'"n":"' in data  # integers travel as decimal strings
+    again = PublicKey.from_bytes(data)
+    assert again == public_key
+    assert again.fingerprint() == public_key.fingerprint()
+    assert again.to_bytes() == data
+
+
+def test_fingerprint_is_short_hex_and_key_specific(public_key: PublicKey) -> None:
+    other, _ = generate_keypair(512)
+    fp = public_key.fingerprint()
+    assert len(fp) == 16
+    int(fp, 16)
+    assert fp != other.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"type":"fedcore-paillier-public-key","version":1,"n":12}',
+        b'{"type":"fedcore-paillier-public-key","version":1,"n":"12"}',
+        b'{"type":"fedcore-paillier-public-key","version":2,"n":"12"}',
+        b'{"type":"fedcore-paillier-private-key","version":1,"n":"12"}',
+        b'{"type":"fedcore-paillier-public-key","version":1,"n":"-5"}',
+    ],
+)
+def test_public_key_from_bytes_refuses_garbage(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        PublicKey.from_bytes(data)
+
+
+def test_public_key_refuses_even_modulus() -> None:
+    with pytest.raises(ValueError, match="odd"):
+        PublicKey(2**600)
+
+
+def test_private_key_refuses_wrong_factors(private_key: PrivateKey) -> None:
+    with pytest.raises(ValueError):
+        PrivateKey(private_key.public_key, private_key.p, private_key.p)
+    with pytest.raises(ValueError):
+        PrivateKey(private_key.public_key, private_key.p + 2, private_key.q)
+
+
+def test_key_equality_with_foreign_types(private_key: PrivateKey) -> None:
+    assert private_key.public_key.__eq__(object()) is NotImplemented
+    assert private_key.__eq__("key") is NotImplemented
+    assert str(private_key.p) not in repr(private_key)
+
+
+def test_save_load_round_trip(tmp_path: Path, private_key: PrivateKey) -> None:
+    pk_path, sk_path = tmp_path / "key.pub", tmp_path / "key.priv"
+    private_key.public_key.save(pk_path)
+    private_key.save(sk_path)
+    assert PublicKey.load(pk_path) == private_key.public_key
+    assert PrivateKey.load(sk_path) == private_key
+
+
+def test_private_key_file_is_0600_even_over_existing_file(
+    tmp_path: Path, private_key: PrivateKey
+) -> None:
+    path = tmp_path / "key.priv"
+    path.write_text("old")
+    path.chmod(0o644)
+    private_key.save(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["key.priv"]  # no temp file left
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o610])
+def test_private_key_load_refuses_group_or_world_access(
+    tmp_path: Path, private_key: PrivateKey, mode: int
+) -> None:
+    path = tmp_path / "key.priv"
+    private_key.save(path)
+    path.chmod(mode)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        PrivateKey.load(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"{garbage",
+        b'{"type":"fedcore-paillier-private-key","version":1}',
+        b'{"type":"fedcore-paillier-private-key","version":1,"n":"15","p":"3","q":"5"}',
+        b"\xff\xfe",
+    ],
+)
+def test_private_key_load_refuses_malformed_file(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "key.priv"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError, match="malformed"):
+        PrivateKey.load(path)
+
+
+def test_private_key_with_mismatched_n_refused(tmp_path: Path, private_key: PrivateKey) -> None:
+    other_pk, _ = generate_keypair(512)
+    data = private_key.to_bytes().replace(
+        str(private_key.public_key.n).encode(), str(other_pk.n).encode()
+    )
+    path = tmp_path / "key.priv"
+    path.write_bytes(data)
+    path.chmod(0o600)
+    with pytest.raises(KeyFileError):
+        PrivateKey.load(path)
+
+
+def test_missing_key_files_raise_key_file_error(tmp_path: Path) -> None:
+    with pytest.raises(KeyFileError):
+        PublicKey.load(tmp_path / "nope.pub")
+    with pytest.raises(KeyFileError):
+        PrivateKey.load(tmp_path / "nope.priv")
+
+
+def test_public_key_load_refuses_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "key.pub"
+    path.write_text('{"n": 5}')
+    with pytest.raises(KeyFileError, match="malformed"):
+        PublicKey.load(path)
