@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 OUT = Path(__file__).with_name("packing_slots.json")
-CASES = [
+CASES: list[dict[str, Any]] = [
     {"key_bits": 512, "value_bits": 16, "headroom_bits": 10, "clip": 1.0, "n_values": 45},
     {"key_bits": 2048, "value_bits": 16, "headroom_bits": 10, "clip": 1.0, "n_values": 80},
     {"key_bits": 1024, "value_bits": 32, "headroom_bits": 32, "clip": 0.5, "n_values": 17},
