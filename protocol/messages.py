@@ -537,7 +537,8 @@ class Error:
     reason: str
 
     def __post_init__(self) -> None:
-        _int("code", self.code, 0, 0xFFFF)
+        if not isinstance(self.code, ErrorCode):
+            _int("code", self.code, 0, 0xFFFF)
         try:
             object.__setattr__(self, "code", ErrorCode(self.code))
         except ValueError:
