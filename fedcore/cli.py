@@ -73,8 +73,10 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
     sans = args.san or ["localhost", "127.0.0.1"]
     write_federation_pki(Path(args.out), clients=args.clients, sans=sans, days=args.days)
-    print(f"federation PKI in {args.out}: ca.pem, ca.key (keep offline), aggregator.pem/.key "
-          f"(SAN {', '.join(sans)}), client-0..{args.clients - 1}.pem/.key")
+    print(
+        f"federation PKI in {args.out}: ca.pem, ca.key (keep offline), aggregator.pem/.key "
+        f"(SAN {', '.join(sans)}), client-0..{args.clients - 1}.pem/.key"
+    )
     return 0
 
 
@@ -106,10 +108,18 @@ def _add_aggregator_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with the same settings")
     for name, (kind, help_text) in _AGG_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
-    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="keyword argument for the model factory (repeatable)")
-    parser.add_argument("--plaintext", action="store_true",
-                        help="float32 updates, NO encryption (comparison runs only)")
+    parser.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the model factory (repeatable)",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="float32 updates, NO encryption (comparison runs only)",
+    )
 
 
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
@@ -161,8 +171,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
     index, count = parse_partition(args.partition)
     dataset = load_dataset(args.dataset)
-    x, y = client_shard(dataset, index, count, scheme=args.scheme, alpha=args.alpha,
-                        seed=args.seed)
+    x, y = client_shard(dataset, index, count, scheme=args.scheme, alpha=args.alpha, seed=args.seed)
     torch.set_num_threads(args.threads)
     model = mlp(dataset.num_features, classes=dataset.num_classes)
     config = ClientConfig(
@@ -181,8 +190,10 @@ def _cmd_client(args: argparse.Namespace) -> int:
         config,
     )
     result = client.run_forever(args.server)
-    print(f"client {index}/{count} done: {result.rounds_contributed} rounds contributed, "
-          f"{result.shards_decrypted} shards decrypted, last metrics {result.last_metrics}")
+    print(
+        f"client {index}/{count} done: {result.rounds_contributed} rounds contributed, "
+        f"{result.shards_decrypted} shards decrypted, last metrics {result.last_metrics}"
+    )
     return 0
 
 
@@ -211,10 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedcore",
         description="Privacy-preserving federated learning: packed Paillier over mutual TLS.",
     )
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"],
-                        help="json = one structured record per line")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json = one structured record per line",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("keygen", help="make a Paillier keypair (run by the key authority)")
@@ -253,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a whole federation over TLS on 127.0.0.1")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--dataset", choices=["digits", "fashion-mnist"],
-                   help="default: fashion-mnist when installed, else digits")
+    p.add_argument(
+        "--dataset",
+        choices=["digits", "fashion-mnist"],
+        help="default: fashion-mnist when installed, else digits",
+    )
     p.add_argument("--key-bits", type=int, default=2048)
     p.add_argument("--value-bits", type=int, default=16)
     p.add_argument("--plaintext", action="store_true", help="float32 updates, no encryption")

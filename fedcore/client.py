@@ -92,8 +92,9 @@ class ClientConfig:
         if self.sample_count < 1:
             raise ConfigError(f"sample_count must be >= 1; got {self.sample_count}")
         if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
-            raise ConfigError(f"reconnect_attempts must be >= 0 or None; got "
-                              f"{self.reconnect_attempts}")
+            raise ConfigError(
+                f"reconnect_attempts must be >= 0 or None; got {self.reconnect_attempts}"
+            )
         if not 0 < self.backoff_base <= self.backoff_max:
             raise ConfigError("backoff_base must be > 0 and <= backoff_max")
         if self.decrypt_workers < 1:
@@ -161,7 +162,7 @@ class Client:
     async def run(self, server: str) -> ClientResult:
         """Take part until the aggregator says the federation is complete."""
         host, port = parse_server(server)
-        backoff = Backoff(base=self.config.backoff_base, maximum=self.config.backoff_max)
+        backoff = Backoff(self.config.backoff_base, self.config.backoff_max)
         failures = 0
         while True:
             try:
@@ -172,7 +173,7 @@ class Client:
                     server_hostname=self.config.server_hostname or host,
                     config=self._transport_config(),
                 )
-            except (OSError, ProtocolError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, ProtocolError) as exc:
                 failures += 1
                 if self.config.reconnect_attempts is not None and (
                     failures > self.config.reconnect_attempts
@@ -185,14 +186,18 @@ class Client:
             failures = 0
             backoff.reset()
             try:
-                if await self._session(conn):
-                    return self.result
+                await self._session(conn)
             except ErrorReceived as exc:
-                code = _error_code(exc)
                 log.warning("aggregator refused us: %s", exc)
-                if code in _FATAL_CODES:
+                if exc.code in _FATAL_CODES:
                     raise FedcoreError(f"aggregator refused this client: {exc}") from exc
-            except (ConnectionClosed, ProtocolError, OSError, ConnectionError) as exc:
+            except ConnectionClosed as exc:
+                bye = exc.peer_message
+                if isinstance(bye, Bye) and bye.reason == FEDERATION_COMPLETE:
+                    log.info("the aggregator says the federation is complete")
+                    return self.result
+                log.info("connection closed: %s", exc)
+            except (ProtocolError, OSError, ConnectionError) as exc:
                 log.info("connection lost: %s", exc)
             finally:
                 with contextlib.suppress(Exception):
@@ -211,8 +216,8 @@ class Client:
         )
 
     # ------------------------------------------------------------------ one connection
-    async def _session(self, conn: Connection) -> bool:
-        """Serve one connection; True when the federation finished."""
+    async def _session(self, conn: Connection) -> None:
+        """Serve one connection until it closes (`run` reads the goodbye)."""
         await conn.send(
             Hello(
                 version=PROTOCOL_VERSION,
@@ -224,8 +229,11 @@ class Client:
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected Welcome, got {type(welcome).__name__}")
         codec = self._codec_for(welcome)
-        log.info("joined the federation as %s (%s)", welcome.client_id,
-                 "encrypted" if codec.encrypted else "plaintext")
+        log.info(
+            "joined the federation as %s (%s)",
+            welcome.client_id,
+            "encrypted" if codec.encrypted else "plaintext",
+        )
         send_lock = asyncio.Lock()
         round_task: asyncio.Task[None] | None = None
         side_tasks: set[asyncio.Task[None]] = set()
@@ -240,8 +248,11 @@ class Client:
                     )
                 elif isinstance(message, RoundEnd):
                     if round_task is not None and not round_task.done():
-                        log.info("round %d ended before our update: %s", message.round_id,
-                                 message.reason or message.status)
+                        log.info(
+                            "round %d ended before our update: %s",
+                            message.round_id,
+                            message.reason or message.status,
+                        )
                         round_task.cancel()
                 elif isinstance(message, Ack):
                     if message.accepted:
@@ -251,12 +262,11 @@ class Client:
                     task = asyncio.create_task(self._decrypt(conn, send_lock, codec, message))
                     side_tasks.add(task)
                     task.add_done_callback(side_tasks.discard)
-                elif isinstance(message, Bye):
-                    return message.reason == FEDERATION_COMPLETE
         finally:
-            for task in [round_task, *side_tasks]:
-                if task is not None:
-                    task.cancel()
+            if round_task is not None:
+                round_task.cancel()
+            for task in side_tasks:
+                task.cancel()
 
     def _codec_for(self, welcome: Welcome) -> UpdateCodec:
         config = dict(welcome.session_config)
@@ -285,15 +295,17 @@ class Client:
                 prepared = await asyncio.to_thread(self._prepare_update, codec, start)
                 self._prepared = prepared
             else:
-                log.info("round %d: resuming upload at chunk %d", start.round_id,
-                         start.chunks_received)
+                log.info(
+                    "round %d: resuming upload at chunk %d", start.round_id, start.chunks_received
+                )
             if start.chunks_received > len(prepared.payloads):
                 raise ProtocolError("aggregator claims more chunks than the update has")
             for seq in range(start.chunks_received, len(prepared.payloads)):
                 async with send_lock:
                     await conn.send(
-                        UpdateChunk(round_id=start.round_id, seq=seq,
-                                    payload=prepared.payloads[seq])
+                        UpdateChunk(
+                            round_id=start.round_id, seq=seq, payload=prepared.payloads[seq]
+                        )
                     )
                 self.result.bytes_uploaded += len(prepared.payloads[seq])
             async with send_lock:
@@ -344,7 +356,7 @@ class Client:
         t0 = time.perf_counter()
         encoded = codec.encode(update, weight=weight, rng=rng)
         if isinstance(codec, EncryptedCodec):
-            items: Any = codec.public_key.encrypt_vector(encoded)
+            items: Any = codec.public_key.encrypt_vector(list(encoded))
         else:
             items = encoded
         payloads = list(codec.chunk_payloads(items))
@@ -364,7 +376,10 @@ class Client:
 
     # ------------------------------------------------------------------ committee work
     async def _decrypt(
-        self, conn: Connection, send_lock: asyncio.Lock, codec: UpdateCodec,
+        self,
+        conn: Connection,
+        send_lock: asyncio.Lock,
+        codec: UpdateCodec,
         request: DecryptRequest,
     ) -> None:
         if self.private_key is None or not isinstance(codec, EncryptedCodec):
@@ -372,22 +387,20 @@ class Client:
         private_key = self.private_key
         t0 = time.perf_counter()
         payload, count = await asyncio.to_thread(
-            codec.decrypt_payload, request.payload, private_key,
+            codec.decrypt_payload,
+            request.payload,
+            private_key,
             workers=self.config.decrypt_workers,
         )
         seconds = time.perf_counter() - t0
         async with send_lock:
             await conn.send(
-                DecryptResult(round_id=request.round_id, shard_id=request.shard_id,
-                              item_count=count, payload=payload, seconds=seconds)
+                DecryptResult(
+                    round_id=request.round_id,
+                    shard_id=request.shard_id,
+                    item_count=count,
+                    payload=payload,
+                    seconds=seconds,
+                )
             )
         self.result.shards_decrypted += 1
-
-
-def _error_code(exc: ErrorReceived) -> ErrorCode | None:
-    message = getattr(exc, "message", None)
-    code = getattr(message, "code", None)
-    try:
-        return ErrorCode(code) if code is not None else None
-    except ValueError:
-        return None

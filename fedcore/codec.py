@@ -95,8 +95,11 @@ class EncryptedCodec:
         """Split the summed ciphertexts into ``shards`` (start index, bytes, count) pieces."""
         size = max(1, math.ceil(len(running) / max(1, shards)))
         return [
-            (first, serialize_ciphertexts(running[first : first + size], self.public_key),
-             len(running[first : first + size]))
+            (
+                first,
+                serialize_ciphertexts(running[first : first + size], self.public_key),
+                len(running[first : first + size]),
+            )
             for first in range(0, len(running), size)
         ]
 
@@ -182,9 +185,7 @@ class PlaintextCodec:
 UpdateCodec = EncryptedCodec | PlaintextCodec
 
 
-def codec_from_session_config(
-    config: dict[str, Any], public_key: PublicKey | None
-) -> UpdateCodec:
+def codec_from_session_config(config: dict[str, Any], public_key: PublicKey | None) -> UpdateCodec:
     """Rebuild the aggregator's codec from a Welcome's session_config (client side)."""
     n_values = int(config["num_values"])
     if not config.get("encrypted", True):

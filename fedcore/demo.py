@@ -78,8 +78,9 @@ def _client_process(
     logging.basicConfig(level=logging.WARNING, format=f"client-{index} %(levelname)s %(message)s")
     torch.set_num_threads(1)
     dataset = load_dataset(dataset_name)
-    x, y = client_shard(dataset, index, options.clients, scheme=options.partition,
-                        seed=options.seed)
+    x, y = client_shard(
+        dataset, index, options.clients, scheme=options.partition, seed=options.seed
+    )
     model = mlp(dataset.num_features, classes=dataset.num_classes)
     pki_dir = Path(pki)
     config = ClientConfig(
@@ -106,10 +107,15 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     out = print if not options.quiet else (lambda *a, **k: None)
     dataset = load_dataset(dataset_name)
     mode = "ENCRYPTED (packed Paillier)" if options.encrypted else "PLAINTEXT (no encryption)"
+    if options.dataset is not None:
+        why = "chosen"
+    elif dataset_name == "fashion-mnist":
+        why = "default: Fashion-MNIST is installed"
+    else:
+        why = "default: Fashion-MNIST is not installed, so digits"
     out(
         f"fedcore demo: {options.clients} clients x {options.rounds} rounds on {dataset_name} "
-        f"({'default: Fashion-MNIST is installed' if options.dataset is None and dataset_name == 'fashion-mnist' else 'default: Fashion-MNIST not installed, using digits' if options.dataset is None else 'chosen'}), "
-        f"{mode}, {options.key_bits}-bit key, mutual TLS on 127.0.0.1"
+        f"({why}), {mode}, {options.key_bits}-bit key, mutual TLS on 127.0.0.1"
     )
     tmp = None
     if options.workdir is None:
@@ -125,7 +131,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(options: DemoOptions, dataset_name: str, dataset: Any, workdir: Path, out: Any) -> dict[str, Any]:
+def _run(
+    options: DemoOptions, dataset_name: str, dataset: Any, workdir: Path, out: Any
+) -> dict[str, Any]:
     keys, pki = workdir / "keys", workdir / "pki"
     t0 = time.perf_counter()
     public_key, private_key = generate_keypair(options.key_bits)
@@ -192,8 +200,10 @@ def _run(options: DemoOptions, dataset_name: str, dataset: Any, workdir: Path, o
     async def main() -> None:
         task = asyncio.create_task(aggregator.run())
         await aggregator.wait_started()
-        out(f"  aggregator on 127.0.0.1:{aggregator.port}, metrics on "
-            f"http://127.0.0.1:{aggregator.metrics_port}/metrics; starting clients")
+        out(
+            f"  aggregator on 127.0.0.1:{aggregator.port}, metrics on "
+            f"http://127.0.0.1:{aggregator.metrics_port}/metrics; starting clients"
+        )
         for index in range(options.clients):
             holder = str(keys / "private_key.json") if index < config.committee_size else None
             process = ctx.Process(
@@ -233,7 +243,7 @@ def _run(options: DemoOptions, dataset_name: str, dataset: Any, workdir: Path, o
         "bytes_uploaded": bytes_uploaded,
         "total_seconds": total,
     }
-    final = summary["final_accuracy"]
+    final = accuracies[-1] if accuracies else None
     out(
         f"done: {summary['rounds_completed']}/{options.rounds} rounds in {total:.1f} s, "
         f"final test accuracy "

@@ -59,9 +59,7 @@ class ModelLayout:
                     f"state_dict[{name!r}] has dtype {tensor.dtype}; only floating-point "
                     "tensors can be federated"
                 )
-            specs.append(
-                TensorSpec(name=name, shape=tuple(tensor.shape), dtype=str(tensor.dtype))
-            )
+            specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=str(tensor.dtype)))
         return cls(tensors=tuple(specs))
 
     @property
@@ -83,7 +81,9 @@ class ModelLayout:
                 for name, shape, dt in rows
             )
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"model layout is not valid JSON of [name, shape, dtype]: {exc}")
+            raise ValueError(
+                f"model layout is not valid JSON of [name, shape, dtype]: {exc}"
+            ) from exc
         return cls(tensors=tensors)
 
 

@@ -42,7 +42,7 @@ class AggregatorConfig:
     max_connections: int = 2048
     value_bits: int = 16
     headroom_bits: int = 10
-    clip: float = 0.05
+    clip: float = 0.5
     chunk_ciphertexts: int = 256
     committee_size: int = 3
     decrypt_shard_timeout: float = 120.0
@@ -70,7 +70,9 @@ class AggregatorConfig:
             )
         if self.clients_fraction is not None:
             _require(
-                0.0 < self.clients_fraction <= 1.0, "clients_fraction", "(0, 1]",
+                0.0 < self.clients_fraction <= 1.0,
+                "clients_fraction",
+                "(0, 1]",
                 self.clients_fraction,
             )
         _require(self.rounds >= 1, "rounds", ">= 1", self.rounds)
@@ -84,10 +86,14 @@ class AggregatorConfig:
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, name, "> 0 seconds", value)
         _require(self.resume_grace >= 0, "resume_grace", ">= 0 seconds", self.resume_grace)
-        _require(self.heartbeat_interval >= 0, "heartbeat_interval", ">= 0", self.heartbeat_interval)
+        _require(
+            self.heartbeat_interval >= 0, "heartbeat_interval", ">= 0", self.heartbeat_interval
+        )
         _require(self.max_failed_rounds >= 1, "max_failed_rounds", ">= 1", self.max_failed_rounds)
         _require(
-            self.max_inflight_uploads >= 1, "max_inflight_uploads", ">= 1",
+            self.max_inflight_uploads >= 1,
+            "max_inflight_uploads",
+            ">= 1",
             self.max_inflight_uploads,
         )
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
@@ -102,7 +108,9 @@ class AggregatorConfig:
         )
         _require(math.isfinite(self.clip) and self.clip > 0, "clip", "> 0", self.clip)
         _require(
-            1 <= self.chunk_ciphertexts <= 4096, "chunk_ciphertexts", "1..4096",
+            1 <= self.chunk_ciphertexts <= 4096,
+            "chunk_ciphertexts",
+            "1..4096",
             self.chunk_ciphertexts,
         )
         _require(self.committee_size >= 1, "committee_size", ">= 1", self.committee_size)

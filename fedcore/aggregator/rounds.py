@@ -29,7 +29,7 @@ __all__ = [
 
 
 class RejectedUpdate(FedcoreError):
-    """An update (or part of one) was refused; ``reason`` is the metrics label and wire code name."""
+    """An update (or part of one) was refused; ``reason`` is its metrics label and wire code."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -153,11 +153,13 @@ class RoundState:
         if self.phase is not RoundPhase.COLLECTING:
             raise RejectedUpdate("stale_round", f"round {self.round_id} is no longer collecting")
         if client_id not in self.weights:
-            raise RejectedUpdate("not_selected", f"{client_id} was not selected for round "
-                                 f"{self.round_id}")
+            raise RejectedUpdate(
+                "not_selected", f"{client_id} was not selected for round {self.round_id}"
+            )
         if client_id in self.folded:
-            raise RejectedUpdate("replay", f"{client_id} already contributed to round "
-                                 f"{self.round_id}")
+            raise RejectedUpdate(
+                "replay", f"{client_id} already contributed to round {self.round_id}"
+            )
 
     def fold(self, client_id: str, update: Any, fold_fn: Any) -> None:
         """Fold a complete, checked update into the running sum, once per client."""

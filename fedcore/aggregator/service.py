@@ -43,7 +43,6 @@ from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    Bye,
     DecryptRequest,
     DecryptResult,
     Error,
@@ -72,13 +71,17 @@ _REASON_CODES = {
 }
 
 
-def build_model(spec: str, kwargs: dict[str, Any] | None = None, *, seed: int = 0) -> torch.nn.Module:
+def build_model(
+    spec: str, kwargs: dict[str, Any] | None = None, *, seed: int = 0
+) -> torch.nn.Module:
     """Import ``module:factory`` and call it (seeded, so every party builds the same init)."""
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}")
+        raise ConfigError(
+            f"model {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}"
+        ) from exc
     torch.manual_seed(seed)
     model = factory(**(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
@@ -366,13 +369,15 @@ class Aggregator:
             phases["collect"],
         )
         if len(state.folded) < c.min_clients:
-            return self._fail_round(state, f"{len(state.folded)} updates < min_clients")
+            return self._fail_round(
+                state, "below_quorum", f"{len(state.folded)} updates < min_clients"
+            )
 
         t_decrypt = time.monotonic()
         try:
             mean_update = await self._finish_sum(state)
         except RoundError as exc:
-            return self._fail_round(state, str(exc))
+            return self._fail_round(state, "decrypt_failed", str(exc))
         phases["decrypt"] = time.monotonic() - t_decrypt
 
         t_update = time.monotonic()
@@ -427,11 +432,11 @@ class Aggregator:
             bytes_received=self._round_bytes,
         )
 
-    def _fail_round(self, state: RoundState, reason: str) -> bool:
+    def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:
         state.phase = RoundPhase.FAILED
         self.round = None
         log.warning("round %d failed: %s; nothing was decrypted", state.round_id, reason)
-        self.metrics.rounds_failed_total.labels(reason=reason.split(" ")[-1]).inc()
+        self.metrics.rounds_failed_total.labels(reason=label).inc()
         self.checkpoint.history.append({**state.summary(), "failure": reason})
         self.checkpoint.metrics = self.metrics.snapshot()
         self.checkpoint.save(self.config.state_dir)
@@ -512,8 +517,10 @@ class Aggregator:
 
         t0 = time.monotonic()
         await asyncio.gather(
-            *(decrypt_shard(i, start, payload, count) for i, (start, payload, count) in
-              enumerate(shards))
+            *(
+                decrypt_shard(i, start, payload, count)
+                for i, (start, payload, count) in enumerate(shards)
+            )
         )
         log.info(
             "round %d: %d shards decrypted by %d committee members in %.2f s",
@@ -541,10 +548,13 @@ class Aggregator:
         member.decrypt_waiter = loop.create_future()
         try:
             await member.send(
-                DecryptRequest(round_id=round_id, shard_id=shard_id, item_count=count,
-                               payload=payload)
+                DecryptRequest(
+                    round_id=round_id, shard_id=shard_id, item_count=count, payload=payload
+                )
             )
-            result = await asyncio.wait_for(member.decrypt_waiter, self.config.decrypt_shard_timeout)
+            result = await asyncio.wait_for(
+                member.decrypt_waiter, self.config.decrypt_shard_timeout
+            )
         except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
             log.warning("committee member %s failed shard %d: %r", member.client_id, shard_id, exc)
             if isinstance(exc, TimeoutError):
@@ -574,8 +584,10 @@ class Aggregator:
             return
         if hello.version != PROTOCOL_VERSION:
             await conn.close(
-                error=Error(code=int(ErrorCode.UNSUPPORTED_VERSION),
-                            reason=f"aggregator speaks version {PROTOCOL_VERSION}")
+                error=Error(
+                    code=int(ErrorCode.UNSUPPORTED_VERSION),
+                    reason=f"aggregator speaks version {PROTOCOL_VERSION}",
+                )
             )
             return
         previous = self.clients.get(client_id)
@@ -595,8 +607,9 @@ class Aggregator:
         self.clients[client_id] = handle
         self.metrics.connected_clients.set(len(self.clients))
         self._clients_changed.set()
-        log.info("%s joined (%d samples, decrypts=%s)", client_id, hello.sample_count,
-                 hello.can_decrypt)
+        log.info(
+            "%s joined (%d samples, decrypts=%s)", client_id, hello.sample_count, hello.can_decrypt
+        )
         state = self.round
         if (
             state is not None
@@ -608,8 +621,6 @@ class Aggregator:
             while True:
                 message = await conn.receive()
                 self._count_bytes(handle)
-                if isinstance(message, Bye):
-                    break
                 await self._dispatch(handle, message)
         except ConnectionClosed:
             pass

@@ -303,12 +303,16 @@ class PrivateKey:
 
     # --- decryption -------------------------------------------------------------
 
-    def decrypt_vector(self, ciphertexts: Sequence[int], workers: int = 1) -> list[int]:
+    def decrypt_vector(
+        self, ciphertexts: Sequence[int], workers: int = 1, *, constant_time: bool = True
+    ) -> list[int]:
         """Decrypt with the CRT (see :func:`fedcore.crypto.decrypt.crt_decrypt`).
 
         ``workers > 1`` splits the vector into contiguous ranges over that many
-        processes (this one included). Raises InvalidCiphertextError for a value
-        outside ``0 < c < n²`` (gcd is not checked here: see ``validate_ciphertexts``).
+        processes (this one included). ``constant_time=False`` trades GMP's
+        side-channel-silent exponentiation for a ≈ 30 % faster variable-time one.
+        Raises InvalidCiphertextError for a value outside ``0 < c < n²`` (gcd is not
+        checked here: see ``validate_ciphertexts``).
         """
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
@@ -319,7 +323,7 @@ class PrivateKey:
                 raise InvalidCiphertextError(
                     f"ciphertext at index {index} is outside 0 < c < n²", index=index
                 )
-        return parallel_crt_decrypt(values, self._crt, workers)
+        return parallel_crt_decrypt(values, self._crt, workers, constant_time=constant_time)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PrivateKey):

@@ -116,9 +116,7 @@ async def run_federation(
     client_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{aggregator.port}")) for c in clients]
     try:
         checkpoint = await asyncio.wait_for(task, timeout)
-        results = await asyncio.wait_for(
-            asyncio.gather(*client_tasks, return_exceptions=True), 30
-        )
+        results = await asyncio.wait_for(asyncio.gather(*client_tasks, return_exceptions=True), 30)
     finally:
         for t in client_tasks:
             t.cancel()

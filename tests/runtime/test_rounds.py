@@ -56,9 +56,7 @@ def test_upload_accepts_consecutive_chunks_and_checks_done() -> None:
     for seq, payload in enumerate(payloads):
         upload.add_chunk(seq, payload, list(payload), len(payload))
     digest = hashlib.sha256(b"".join(payloads)).digest()
-    assert upload.finish(chunk_count=3, item_count=10, digest=digest) == [
-        list(p) for p in payloads
-    ]
+    assert upload.finish(chunk_count=3, item_count=10, digest=digest) == [list(p) for p in payloads]
 
 
 @pytest.mark.parametrize(
@@ -112,8 +110,14 @@ def test_round_folds_each_client_once() -> None:
 
 def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
     weights = np.arange(10, dtype=np.float32)
-    ckpt = Checkpoint(global_weights=weights, rounds_completed=2, next_round_id=5,
-                      history=[{"round_id": 4}], metrics={"x": 1.0}, model_fingerprint="m")
+    ckpt = Checkpoint(
+        global_weights=weights,
+        rounds_completed=2,
+        next_round_id=5,
+        history=[{"round_id": 4}],
+        metrics={"x": 1.0},
+        model_fingerprint="m",
+    )
     ckpt.save(tmp_path)
     ckpt.global_weights = weights * 2
     ckpt.rounds_completed = 3
