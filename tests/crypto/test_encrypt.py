@@ -82,6 +82,14 @@ def test_decrypt_workers_2_equals_workers_1(private_key: PrivateKey) -> None:
     assert private_key.decrypt_vector(ciphertexts, workers=1) == plaintexts
 
 
+def test_variable_time_decryption_agrees(private_key: PrivateKey) -> None:
+    pk = private_key.public_key
+    plaintexts = _random_plaintexts(pk, 20)
+    ciphertexts = pk.encrypt_vector(plaintexts)
+    assert private_key.decrypt_vector(ciphertexts, constant_time=False) == plaintexts
+    assert private_key.decrypt_vector(ciphertexts * 10, 2, constant_time=False) == plaintexts * 10
+
+
 def test_decrypt_refuses_bad_workers(private_key: PrivateKey) -> None:
     with pytest.raises(ValueError, match="workers"):
         private_key.decrypt_vector([], workers=0)

@@ -1,0 +1,235 @@
+"""Micro benchmark of packed Paillier: encrypt, pool, fold, validate, decrypt vs phe.
+
+Workload: one seed-MLP update (535,818 float32 values, normal × 0.01) per client,
+packed ``slots_per_ciphertext`` values per 2048-bit ciphertext. Every figure is seconds
+per value unless its name says otherwise; ratios compare phases of the same run on the
+same machine (absolute figures on a shared machine are noisy, so cheap phases take the
+best of ``--repeats`` runs). Measures; never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gmpy2
+import numpy as np
+
+from fedcore.crypto import (
+    EncryptionPool,
+    deserialize_ciphertexts,
+    fold_update,
+    generate_keypair,
+    serialize_ciphertexts,
+    validate_ciphertexts,
+)
+from fedcore.packing import PackingSpec, decode_sum, encode_update
+
+SEED_MLP_VALUES = 535_818
+QUICK_VALUES = 50_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark-specific flags (the runner adds --quick and --json)."""
+    parser.add_argument("--key-bits", type=int, default=2048, help="Paillier modulus size")
+    parser.add_argument(
+        "--values", type=int, default=None, help=f"update size (default {SEED_MLP_VALUES:,})"
+    )
+    parser.add_argument("--value-bits", type=int, default=16, help="quantization bits")
+    parser.add_argument("--headroom-bits", type=int, default=10, help="slot headroom bits")
+    parser.add_argument(
+        "--phe-sample", type=int, default=None, help="values encrypted with phe (default 100)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="best-of for cheap phases")
+    parser.add_argument(
+        "--decrypt-workers", type=int, default=2, help="also time decryption over N processes"
+    )
+
+
+def _progress(message: str) -> None:
+    print(f"[micro] {message}", file=sys.stderr, flush=True)
+
+
+def _best_of(repeats: int, action: Callable[[], object]) -> float:
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        started = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _phe_figures(public_key: Any, private_key: Any, sample: np.ndarray) -> tuple[float, float]:
+    """phe, one float per ciphertext: the unpacked baseline (encrypt, decrypt per value)."""
+    phe_pk, phe_sk = public_key.to_phe(), private_key.to_phe()
+    values = [float(v) for v in sample]
+    started = time.perf_counter()
+    encrypted = [phe_pk.encrypt(v) for v in values]
+    encrypt_s = (time.perf_counter() - started) / len(values)
+    started = time.perf_counter()
+    decrypted = [phe_sk.decrypt(e) for e in encrypted]
+    decrypt_s = (time.perf_counter() - started) / len(values)
+    assert np.allclose(decrypted, values)
+    return encrypt_s, decrypt_s
+
+
+def _tenseal_figures(update: np.ndarray) -> dict[str, Any]:
+    """TenSEAL CKKS encryption per value, when TenSEAL is installed (optional)."""
+    try:
+        import tenseal as ts  # type: ignore[import-not-found]
+    except ImportError:
+        return {"tenseal": "not installed"}
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60]
+    )
+    context.global_scale = 2**40
+    slots = 4096
+    sample = update[: slots * 16]
+    started = time.perf_counter()
+    vectors = [
+        ts.ckks_vector(context, sample[i : i + slots].tolist())
+        for i in range(0, sample.size, slots)
+    ]
+    encrypt_s = (time.perf_counter() - started) / sample.size
+    size = sum(len(v.serialize()) for v in vectors)
+    return {"tenseal_encrypt_s_per_value": encrypt_s, "tenseal_bytes_per_value": size / sample.size}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every phase once on one key and return the figures."""
+    n_values = args.values or (QUICK_VALUES if args.quick else SEED_MLP_VALUES)
+    phe_sample = args.phe_sample or (50 if args.quick else 100)
+    repeats = args.repeats
+    rng = np.random.default_rng(2026)
+    updates = [(rng.standard_normal(n_values) * 0.01).astype(np.float32) for _ in range(2)]
+
+    _progress(f"generating a {args.key_bits}-bit key with phe")
+    started = time.perf_counter()
+    pk, sk = generate_keypair(args.key_bits)
+    keygen_s = time.perf_counter() - started
+    spec = PackingSpec(
+        key_bits=pk.bits, value_bits=args.value_bits, headroom_bits=args.headroom_bits, clip=0.05
+    )
+    slots = spec.slots_per_ciphertext
+    n_ct = spec.ciphertexts_for(n_values)
+    _progress(f"{n_values:,} values -> {n_ct:,} ciphertexts of {slots} slots")
+
+    _progress(f"phe baseline on {phe_sample} values")
+    phe_encrypt_s, phe_decrypt_s = _phe_figures(pk, sk, updates[0][:phe_sample])
+
+    started = time.perf_counter()
+    pk.encrypt_vector([0])  # builds the per-key fixed-base table (once per key instance)
+    table_build_s = time.perf_counter() - started
+    _progress(f"fixed-base table built in {table_build_s:.2f} s")
+
+    n2 = pk.nsquare
+    a, b = (gmpy2.mpz(secrets.randbelow(int(n2))) for _ in range(2))
+    mulmods = 2000
+    mulmod_s = _best_of(repeats, lambda: [a * b % n2 for _ in range(mulmods)]) / mulmods
+    _progress(f"raw mulmod mod n^2: {mulmod_s * 1e6:.2f} us")
+
+    def packed_encrypt(update: np.ndarray, seed: int) -> list[Any]:
+        plaintexts = encode_update(update, spec, weight=1, rng=np.random.default_rng(seed))
+        return pk.encrypt_vector(plaintexts)
+
+    started = time.perf_counter()
+    encode_update(updates[0], spec, rng=np.random.default_rng(0))
+    encode_s = (time.perf_counter() - started) / n_values
+    started = time.perf_counter()
+    first = packed_encrypt(updates[0], 1)
+    packed_encrypt_s = (time.perf_counter() - started) / n_values
+    _progress(f"packed encrypt (quantize+pack+encrypt): {packed_encrypt_s * 1e6:.3f} us/value")
+
+    pool = EncryptionPool(pk, n_ct, background=False)
+    started = time.perf_counter()
+    pool.fill()
+    pool_fill_s = time.perf_counter() - started
+    started = time.perf_counter()
+    second = pool.encrypt_vector(encode_update(updates[1], spec, rng=np.random.default_rng(2)))
+    pool_encrypt_s = (time.perf_counter() - started) / n_values
+    pool.close()
+    _progress(f"warm pool encrypt: {pool_encrypt_s * 1e6:.3f} us/value (fill {pool_fill_s:.2f} s)")
+
+    wire = serialize_ciphertexts(first, pk)
+    serialize_s = _best_of(repeats, lambda: serialize_ciphertexts(first, pk)) / n_values
+    deserialize_s = (
+        _best_of(repeats, lambda: deserialize_ciphertexts(wire, pk, validate=False)) / n_values
+    )
+    validate_s = _best_of(repeats, lambda: validate_ciphertexts(first, pk)) / n_values
+    _progress(f"validate: {validate_s * 1e9:.1f} ns/value; {len(wire) / n_values:.3f} bytes/value")
+
+    fold_best = float("inf")
+    for _ in range(max(1, repeats)):
+        running = list(first)
+        started = time.perf_counter()
+        fold_update(running, second, pk)
+        fold_best = min(fold_best, time.perf_counter() - started)
+    fold_s = fold_best / n_values
+    _progress(f"fold: {fold_s * 1e9:.1f} ns/value (floor {mulmod_s / slots * 1e9:.1f})")
+
+    _progress(f"decrypting {n_ct:,} ciphertexts on one core")
+    started = time.perf_counter()
+    mean = decode_sum(sk.decrypt_vector(running), spec, n_values=n_values, total_weight=2)
+    decrypt_s = (time.perf_counter() - started) / n_values
+    _progress(f"decrypt+unpack: {decrypt_s * 1e6:.3f} us/value")
+    _progress("decrypting again, variable-time powmod (constant_time=False)")
+    started = time.perf_counter()
+    decode_sum(
+        sk.decrypt_vector(running, constant_time=False), spec, n_values=n_values, total_weight=2
+    )
+    decrypt_fast_s = (time.perf_counter() - started) / n_values
+    reference = (np.clip(updates[0], -0.05, 0.05) + np.clip(updates[1], -0.05, 0.05)) / 2
+    max_abs_error = float(np.max(np.abs(mean - reference)))
+
+    result: dict[str, Any] = {
+        "key_bits": pk.bits,
+        "values": n_values,
+        "value_bits": spec.value_bits,
+        "headroom_bits": spec.headroom_bits,
+        "slots_per_ciphertext": slots,
+        "ciphertexts": n_ct,
+        "keygen_s": keygen_s,
+        "table_build_s": table_build_s,
+        "phe_sample": phe_sample,
+        "phe_encrypt_s_per_value": phe_encrypt_s,
+        "phe_decrypt_s_per_value": phe_decrypt_s,
+        "encode_s_per_value": encode_s,
+        "packed_encrypt_s_per_value": packed_encrypt_s,
+        "pool_fill_s": pool_fill_s,
+        "pool_encrypt_s_per_value": pool_encrypt_s,
+        "serialize_s_per_value": serialize_s,
+        "deserialize_s_per_value": deserialize_s,
+        "validate_s_per_value": validate_s,
+        "mulmod_s": mulmod_s,
+        "fold_s_per_value": fold_s,
+        "decrypt_s_per_value": decrypt_s,
+        "decrypt_variable_time_s_per_value": decrypt_fast_s,
+        "bytes_per_value": len(wire) / n_values,
+        "max_abs_error": max_abs_error,
+        "quantization_step": spec.step,
+    }
+    if args.decrypt_workers > 1:
+        _progress(f"decrypting again over {args.decrypt_workers} processes")
+        started = time.perf_counter()
+        decode_sum(
+            sk.decrypt_vector(running, workers=args.decrypt_workers),
+            spec,
+            n_values=n_values,
+            total_weight=2,
+        )
+        result["decrypt_workers"] = args.decrypt_workers
+        result["decrypt_parallel_s_per_value"] = (time.perf_counter() - started) / n_values
+
+    result["encrypt_speedup_vs_phe"] = phe_encrypt_s / packed_encrypt_s
+    result["pool_encrypt_speedup_vs_phe"] = phe_encrypt_s / pool_encrypt_s
+    result["decrypt_speedup_vs_phe"] = phe_decrypt_s / decrypt_s
+    result["decrypt_variable_time_speedup_vs_phe"] = phe_decrypt_s / decrypt_fast_s
+    result["fold_vs_floor"] = fold_s / (mulmod_s / slots)
+    result["mulmod_floor_s_per_value"] = mulmod_s / slots
+    result.update(_tenseal_figures(updates[0]))
+    result["gmpy2"] = gmpy2.version()
+    return result
