@@ -152,6 +152,7 @@ class Session:
         self.decrypt_ids: tuple[int, int] | None = None
         """(round_id, shard_id) of the DecryptRequest being answered."""
         self._ended_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
+        self._acked_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
         self._error_sent = False
         self._bye_sent = False
         self.error: ProtocolError | None = None
@@ -230,6 +231,7 @@ class Session:
         key = (self.role, self.state, type(msg), direction)
         nxt = TRANSITIONS.get(key)
         if nxt is None:
+            self._check_update_round(msg, direction)
             self._violate(
                 direction,
                 f"{self.role.value} cannot {direction.value[:-2]} {type(msg).__name__} "
@@ -237,6 +239,8 @@ class Session:
                 ErrorCode.PROTOCOL_VIOLATION,
             )
         self._check_content(msg, direction)
+        if isinstance(msg, Ack):
+            self._acked_rounds.append(msg.round_id)
         if isinstance(msg, RoundEnd) and self.state in (
             State.ROUND,
             State.UPLOADING,
@@ -288,7 +292,30 @@ class Session:
 
     def _check_round(self, round_id: int, direction: Direction) -> None:
         if round_id != self.round_id:
-            self._violate(direction, f"round_id {round_id}, current round is {self.round_id}")
+            code = ErrorCode.BAD_SEQUENCE
+            if self.round_id is not None and round_id < self.round_id:
+                code = ErrorCode.STALE_ROUND
+            self._violate(
+                direction, f"round_id {round_id}, current round is {self.round_id}", code
+            )
+
+    def _check_update_round(self, msg: Message, direction: Direction) -> None:
+        """Name the two common out-of-place updates precisely: a replay and a stale round."""
+        if not isinstance(msg, UpdateChunk | UpdateDone):
+            return
+        if msg.round_id in self._acked_rounds:
+            self._violate(
+                direction,
+                f"{type(msg).__name__} for round {msg.round_id}, whose update was already "
+                "acknowledged",
+                ErrorCode.REPLAY,
+            )
+        if self.round_id is not None and msg.round_id < self.round_id:
+            self._violate(
+                direction,
+                f"{type(msg).__name__} for round {msg.round_id}; round {self.round_id} is current",
+                ErrorCode.STALE_ROUND,
+            )
 
     def _violate(
         self, direction: Direction, reason: str, code: ErrorCode = ErrorCode.BAD_SEQUENCE
