@@ -217,6 +217,10 @@ class PublicKey:
     def __hash__(self) -> int:
         return hash(("PublicKey", int(self._n)))
 
+    def __reduce__(self) -> tuple[type[PublicKey], tuple[int]]:
+        # Pickle n only (for worker processes): the random-factor table is per instance.
+        return (PublicKey, (int(self._n),))
+
     def __repr__(self) -> str:
         return f"PublicKey(bits={self.bits}, fingerprint={self.fingerprint()})"
 
@@ -332,6 +336,9 @@ class PrivateKey:
 
     def __hash__(self) -> int:
         return hash(("PrivateKey", int(self.p), int(self.q)))
+
+    def __reduce__(self) -> tuple[type[PrivateKey], tuple[PublicKey, int, int]]:
+        return (PrivateKey, (self.public_key, int(self.p), int(self.q)))
 
     def __repr__(self) -> str:
         return f"PrivateKey(public_key={self.public_key!r})"

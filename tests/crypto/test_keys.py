@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import stat
 from pathlib import Path
 
@@ -165,3 +166,14 @@ def test_public_key_load_refuses_garbage(tmp_path: Path) -> None:
     path.write_text('{"n": 5}')
     with pytest.raises(KeyFileError, match="malformed"):
         PublicKey.load(path)
+
+
+def test_keys_pickle_for_worker_processes(private_key: PrivateKey) -> None:
+    pk = private_key.public_key
+    pk.encrypt_vector([1])  # builds the per-instance table, which must not travel
+    pk_copy = pickle.loads(pickle.dumps(pk))
+    assert pk_copy == pk
+    assert pk_copy._randomizer_cache is None
+    sk_copy = pickle.loads(pickle.dumps(private_key))
+    assert sk_copy == private_key
+    assert sk_copy.decrypt_vector(pk_copy.encrypt_vector([99])) == [99]
