@@ -70,6 +70,9 @@ _REASON_CODES = {
     "digest_mismatch": ErrorCode.DIGEST_MISMATCH,
 }
 
+# The session refuses some updates before the runtime sees them; count them by name too.
+_CODE_REASONS = {code: reason for reason, code in _REASON_CODES.items()}
+
 
 def build_model(
     spec: str, kwargs: dict[str, Any] | None = None, *, seed: int = 0
@@ -626,7 +629,8 @@ class Aggregator:
             pass
         except ProtocolError as exc:
             log.info("%s: protocol error: %s", client_id, exc)
-            self.metrics.updates_rejected_total.labels(reason="protocol_error").inc()
+            reason = _CODE_REASONS.get(exc.code, "protocol_error")
+            self.metrics.updates_rejected_total.labels(reason=reason).inc()
         finally:
             self._count_bytes(handle)
             if self.clients.get(client_id) is handle:

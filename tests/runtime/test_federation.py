@@ -17,7 +17,9 @@ async def test_encrypted_fedavg_matches_plaintext_on_digits(
 ) -> None:
     accuracy = {}
     for encrypted in (True, False):
-        config = aggregator_config(tmp_path / str(encrypted), pki, keys, rounds=8, local_epochs=4, learning_rate=0.1)
+        config = aggregator_config(
+            tmp_path / str(encrypted), pki, keys, rounds=8, local_epochs=4, learning_rate=0.1
+        )
         aggregator = Aggregator(config, encrypted=encrypted)
         clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
         checkpoint, results = await run_federation(aggregator, clients)

@@ -1,0 +1,230 @@
+"""Bad input is refused with its code and counted; the round goes on; nothing is lost.
+
+Real TLS on 127.0.0.1, real 1024-bit Paillier keys, real torch clients; the misbehaving
+clients write real frames by hand (see rogue.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedcore.aggregator import Aggregator
+from protocol.errors import ErrorCode
+from protocol.messages import Ack, DecryptRequest, RoundStart, UpdateChunk, UpdateDone
+
+from .conftest import Keys, aggregator_config, make_client
+from .rogue import RogueClient
+
+
+def _rejected(aggregator: Aggregator, reason: str) -> float:
+    value = aggregator.metrics.registry.get_sample_value(
+        "fedcore_updates_rejected_total", {"reason": reason}
+    )
+    return 0.0 if value is None else value
+
+
+async def _start(aggregator: Aggregator) -> asyncio.Task[Any]:
+    task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(aggregator.wait_started(), 30)
+    return task
+
+
+@pytest.mark.slow
+async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(
+        tmp_path, pki, keys, clients_per_round=7, rounds=1, round_timeout=20.0, local_epochs=1
+    )
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    port = aggregator.port
+    honest = [make_client(i, pki, keys, digits, 2) for i in range(2)]
+    honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
+    rogues = {
+        name: RogueClient(pki, i)
+        for i, name in enumerate(["invalid", "digest", "count", "replay", "stale"], start=2)
+    }
+    for rogue in rogues.values():
+        await rogue.connect(port)
+    starts = {name: await r.expect(RoundStart) for name, r in rogues.items()}
+    payloads = rogues["replay"].payloads(starts["replay"])
+    width = rogues["invalid"].codec.public_key.ciphertext_bytes  # type: ignore[union-attr]
+
+    # An invalid ciphertext (c = 0) in the first chunk.
+    r, s = rogues["invalid"], starts["invalid"]
+    await r.send(UpdateChunk(round_id=s.round_id, seq=0, payload=bytes(width * 3)))
+    # A complete update whose UpdateDone digest does not match its chunks.
+    r, s = rogues["digest"], starts["digest"]
+    await r.upload(s, r.payloads(s), digest=b"\x01" * 32)
+    # One chunk of many, then UpdateDone claiming the update is complete.
+    r, s = rogues["count"], starts["count"]
+    await r.upload(s, r.payloads(s), last=1, done=False)
+    await r.send(
+        UpdateDone(
+            round_id=s.round_id,
+            chunk_count=1,
+            item_count=aggregator.codec.item_count,
+            digest=b"\x00" * 32,
+            sample_count=1,
+        )
+    )
+    # A valid update, acknowledged, then sent again.
+    r, s = rogues["replay"], starts["replay"]
+    await r.upload(s, payloads)
+    await r.expect(Ack)
+    await r.send(UpdateChunk(round_id=s.round_id, seq=0, payload=payloads[0]))
+    # A chunk for an earlier round.
+    r, s = rogues["stale"], starts["stale"]
+    await r.send(UpdateChunk(round_id=s.round_id - 1, seq=0, payload=payloads[0]))
+
+    expected = {
+        "invalid": (ErrorCode.INVALID_CIPHERTEXT, "invalid_ciphertext"),
+        "digest": (ErrorCode.DIGEST_MISMATCH, "digest_mismatch"),
+        "count": (ErrorCode.WRONG_CHUNK_COUNT, "wrong_chunk_count"),
+        "replay": (ErrorCode.REPLAY, "replay"),
+        "stale": (ErrorCode.STALE_ROUND, "stale_round"),
+    }
+    for name, (code, label) in expected.items():
+        assert await rogues[name].error_code() == code, name
+        assert _rejected(aggregator, label) == 1, name
+
+    checkpoint = await asyncio.wait_for(task, 120)
+    await asyncio.wait_for(asyncio.gather(*honest_tasks), 30)
+    assert checkpoint.rounds_completed == 1
+    record = checkpoint.history[-1]
+    # The honest clients and the replaying client's one valid update, each exactly once.
+    assert sorted(record["contributors"]) == ["client-0", "client-1", "client-5"]
+    assert record["total_weight"] == sum(record["contributors"].values())
+    for rogue in rogues.values():
+        await rogue.close()
+
+
+@pytest.mark.slow
+async def test_below_quorum_nothing_is_decrypted(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(
+        tmp_path,
+        pki,
+        keys,
+        min_clients=2,
+        clients_per_round=2,
+        rounds=1,
+        round_timeout=4.0,
+        max_failed_rounds=1,
+        wait_for_clients_timeout=10.0,
+    )
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    # The only honest client holds the key: it would be the committee.
+    honest = make_client(0, pki, keys, digits, 2)
+    honest_task = asyncio.create_task(honest.run(f"127.0.0.1:{aggregator.port}"))
+    silent = RogueClient(pki, 1)
+    await silent.connect(aggregator.port)
+    await silent.expect(RoundStart)  # ... and never uploads
+    with pytest.raises(Exception, match="rounds in a row failed"):
+        await asyncio.wait_for(task, 60)
+    honest_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await honest_task
+    assert honest.result.shards_decrypted == 0
+    assert not any(isinstance(m, DecryptRequest) for m in silent.received)
+    assert aggregator.checkpoint.rounds_completed == 0
+    assert aggregator.checkpoint.history[-1]["failure"].startswith("1 updates")
+    failed = aggregator.metrics.registry.get_sample_value(
+        "fedcore_rounds_failed_total", {"reason": "below_quorum"}
+    )
+    assert failed == 1
+    await silent.close()
+
+
+@pytest.mark.slow
+async def test_client_killed_mid_upload_is_not_folded_and_rejoins(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(
+        tmp_path,
+        pki,
+        keys,
+        min_clients=2,
+        clients_per_round=3,
+        rounds=2,
+        round_timeout=10.0,
+        local_epochs=1,
+        resume_grace=0.0,
+    )
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    port = aggregator.port
+    honest = [make_client(i, pki, keys, digits, 3) for i in range(2)]
+    honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
+    victim = RogueClient(pki, 2)
+    await victim.connect(port)
+    start = await victim.expect(RoundStart)
+    # Chunks of a huge update: folded, they would wreck the model.
+    payloads = victim.payloads(start, value=0.5)
+    await victim.upload(start, payloads, last=len(payloads) // 2, done=False)
+    await asyncio.sleep(0.5)
+    victim.abort()  # killed: no Bye, no UpdateDone
+
+    # Round 1 closes at its deadline with the two others; round 2 waits for 3 clients,
+    # so start the returning client (same certificate) once round 1 is over.
+    while aggregator.checkpoint.rounds_completed < 1:
+        await asyncio.sleep(0.2)
+    returning = make_client(2, pki, keys, digits, 3)
+    returning_task = asyncio.create_task(returning.run(f"127.0.0.1:{port}"))
+    checkpoint = await asyncio.wait_for(task, 120)
+    await asyncio.wait_for(asyncio.gather(*honest_tasks, returning_task), 30)
+    first, second = checkpoint.history[-2], checkpoint.history[-1]
+    assert sorted(first["contributors"]) == ["client-0", "client-1"]
+    assert first["total_weight"] == sum(first["contributors"].values())
+    assert sorted(second["contributors"]) == ["client-0", "client-1", "client-2"]
+    assert returning.result.rounds_contributed == 1
+    assert aggregator.metrics.inflight_uploads._value.get() == 0  # the slot came back
+
+
+@pytest.mark.slow
+async def test_dropped_upload_resumes_where_it_stopped(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(
+        tmp_path,
+        pki,
+        keys,
+        min_clients=2,
+        clients_per_round=2,
+        rounds=1,
+        round_timeout=30.0,
+        local_epochs=1,
+        resume_grace=20.0,
+    )
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    honest = make_client(0, pki, keys, digits, 2)
+    honest_task = asyncio.create_task(honest.run(f"127.0.0.1:{aggregator.port}"))
+    flaky = RogueClient(pki, 1)
+    await flaky.connect(aggregator.port)
+    start = await flaky.expect(RoundStart)
+    payloads = flaky.payloads(start)
+    sent = len(payloads) // 2
+    await flaky.upload(start, payloads, last=sent, done=False)
+    await asyncio.sleep(1.0)  # let the aggregator take the chunks in
+    flaky.abort()
+
+    again = RogueClient(pki, 1)
+    await again.connect(aggregator.port)
+    resumed = await again.expect(RoundStart)
+    assert resumed.round_id == start.round_id
+    assert resumed.chunks_received == sent
+    await again.upload(resumed, payloads, first=sent)
+    await again.expect(Ack)
+    checkpoint = await asyncio.wait_for(task, 60)
+    await asyncio.wait_for(honest_task, 30)
+    assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1"]
+    await again.close()
