@@ -1,0 +1,258 @@
+"""Protocol throughput: msgpack codec, our TLS transport, and bare asyncio TLS for scale.
+
+Three figures for 128 KiB ``UpdateChunk`` payloads: ``codec_mb_per_s`` (encode + decode
+in memory), ``transport_mb_per_s`` (Server/connect over TLS 1.3 on 127.0.0.1, client and
+aggregator in separate processes, from the first chunk to the Ack) and
+``raw_tls_mb_per_s`` (the same frame bytes through a bare asyncio TLS stream, same
+process layout). ``transport_vs_raw`` is their ratio. Each network figure is the best
+of ``--repeats`` alternating runs, since the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import queue
+import ssl
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from protocol import (
+    Ack,
+    Connection,
+    FrameDecoder,
+    Hello,
+    RoundStart,
+    Server,
+    TransportConfig,
+    UpdateChunk,
+    UpdateDone,
+    Welcome,
+    client_context,
+    connect,
+    encode_frame,
+    install_uvloop,
+    server_context,
+    write_federation_pki,
+)
+
+MIB = 1024 * 1024
+# Every wait on a child process is bounded.
+CHILD_TIMEOUT_S = 120.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Benchmark-specific flags."""
+    parser.add_argument("--chunk-kib", type=int, default=128, help="UpdateChunk payload size")
+    parser.add_argument(
+        "--megabytes", type=int, default=512, help="payload MiB per network run (quick: 128)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="network runs per variant")
+    parser.add_argument("--no-uvloop", action="store_true", help="use the default event loop")
+
+
+# ---------------------------------------------------------------------------- codec
+
+
+def codec_mb_per_s(chunk: int, total: int) -> float:
+    """Encode and decode ``total`` bytes of UpdateChunks in memory."""
+    payload = os.urandom(chunk)
+    count = max(1, total // chunk)
+    decoder = FrameDecoder()
+    started = time.perf_counter()
+    for seq in range(count):
+        decoder.receive_data(encode_frame(UpdateChunk(round_id=1, seq=seq, payload=payload)))
+        msg = decoder.next_event()
+        assert isinstance(msg, UpdateChunk)
+    return count * chunk / MIB / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def _pki_paths(pki_dir: str) -> dict[str, Path]:
+    d = Path(pki_dir)
+    return {
+        "ca": d / "ca.pem",
+        "agg_cert": d / "aggregator.pem",
+        "agg_key": d / "aggregator.key",
+        "cli_cert": d / "client-0.pem",
+        "cli_key": d / "client-0.key",
+    }
+
+
+def _run(coro: Any, use_uvloop: bool) -> Any:
+    if use_uvloop:
+        install_uvloop()
+    return asyncio.run(coro)
+
+
+async def _transport_server(pki_dir: str, ports: Any) -> None:
+    p = _pki_paths(pki_dir)
+    done = asyncio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await conn.receive()
+        await conn.send(Welcome(version=1, client_id="c", public_key=b"", session_config={}))
+        await conn.send(
+            RoundStart(round_id=1, weights=b"", clip=1.0, value_bits=16, deadline_s=600.0)
+        )
+        try:
+            async for msg in conn:
+                if isinstance(msg, UpdateDone):
+                    await conn.send(Ack(round_id=1, accepted=True))
+        finally:
+            done.set()
+
+    server = Server(handler, server_context(p["agg_cert"], p["agg_key"], p["ca"]))
+    await server.start("127.0.0.1", 0)
+    ports.put(server.port)
+    async with asyncio.timeout(CHILD_TIMEOUT_S):
+        await done.wait()
+    await server.shutdown(5.0)
+
+
+async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, results: Any) -> None:
+    p = _pki_paths(pki_dir)
+    payload = os.urandom(chunk)
+    ctx = client_context(p["cli_cert"], p["cli_key"], p["ca"])
+    async with asyncio.timeout(CHILD_TIMEOUT_S):
+        conn = await connect("127.0.0.1", port, ctx, config=TransportConfig())
+        await conn.send(Hello(version=1, sample_count=1, can_decrypt=False))
+        await conn.receive()
+        await conn.receive()
+        started = time.perf_counter()
+        for seq in range(count):
+            await conn.send(UpdateChunk(round_id=1, seq=seq, payload=payload))
+        await conn.send(
+            UpdateDone(
+                round_id=1, chunk_count=count, item_count=count, digest=bytes(32), sample_count=1
+            )
+        )
+        ack = await conn.receive()
+        elapsed = time.perf_counter() - started
+        assert isinstance(ack, Ack)
+        await conn.close()
+    results.put(elapsed)
+
+
+async def _raw_server(pki_dir: str, ports: Any, expected: int) -> None:
+    p = _pki_paths(pki_dir)
+    ctx = server_context(p["agg_cert"], p["agg_key"], p["ca"])
+    done = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received = 0
+        while received < expected:
+            data = await reader.read(256 * 1024)
+            if not data:
+                break
+            received += len(data)
+        writer.write(b"k")
+        await writer.drain()
+        writer.close()
+        done.set()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ctx, limit=256 * 1024)
+    ports.put(server.sockets[0].getsockname()[1])
+    async with asyncio.timeout(CHILD_TIMEOUT_S):
+        await done.wait()
+    server.close()
+
+
+async def _raw_client(pki_dir: str, port: int, chunk: int, count: int, results: Any) -> None:
+    p = _pki_paths(pki_dir)
+    ctx: ssl.SSLContext = client_context(p["cli_cert"], p["cli_key"], p["ca"])
+    frame = encode_frame(UpdateChunk(round_id=1, seq=0, payload=os.urandom(chunk)))
+    async with asyncio.timeout(CHILD_TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        started = time.perf_counter()
+        for _ in range(count):
+            writer.write(frame)
+            await writer.drain()
+        await reader.readexactly(1)
+        elapsed = time.perf_counter() - started
+        writer.close()
+    results.put(elapsed)
+
+
+def _server_main(kind: str, pki_dir: str, ports: Any, expected: int, use_uvloop: bool) -> None:
+    if kind == "transport":
+        _run(_transport_server(pki_dir, ports), use_uvloop)
+    else:
+        _run(_raw_server(pki_dir, ports, expected), use_uvloop)
+
+
+def _client_main(
+    kind: str, pki_dir: str, port: int, chunk: int, count: int, results: Any, use_uvloop: bool
+) -> None:
+    if kind == "transport":
+        _run(_transport_client(pki_dir, port, chunk, count, results), use_uvloop)
+    else:
+        _run(_raw_client(pki_dir, port, chunk, count, results), use_uvloop)
+
+
+def network_mb_per_s(kind: str, pki_dir: str, chunk: int, count: int, use_uvloop: bool) -> float:
+    """One run: server and client in two fresh processes; payload MiB/s."""
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    results = ctx.Queue()
+    frame_len = len(encode_frame(UpdateChunk(round_id=1, seq=0, payload=bytes(chunk))))
+    server = ctx.Process(
+        target=_server_main, args=(kind, pki_dir, ports, frame_len * count, use_uvloop)
+    )
+    server.start()
+    client = None
+    try:
+        port = ports.get(timeout=CHILD_TIMEOUT_S)
+        client = ctx.Process(
+            target=_client_main, args=(kind, pki_dir, port, chunk, count, results, use_uvloop)
+        )
+        client.start()
+        elapsed = results.get(timeout=CHILD_TIMEOUT_S)
+    except queue.Empty:
+        raise RuntimeError(f"{kind} benchmark child did not report in time") from None
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(timeout=5)
+    return float(count * chunk / MIB / elapsed)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure codec, transport and raw TLS throughput."""
+    chunk = args.chunk_kib * 1024
+    total = (128 if args.quick else args.megabytes) * MIB
+    count = max(1, total // chunk)
+    use_uvloop = not args.no_uvloop
+    if use_uvloop:
+        use_uvloop = install_uvloop()
+    codec = max(codec_mb_per_s(chunk, min(total, 256 * MIB)) for _ in range(3))
+    transport: list[float] = []
+    raw: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="fedcore-bench-pki-") as pki_dir:
+        write_federation_pki(Path(pki_dir), clients=1)
+        for _ in range(max(1, args.repeats)):
+            raw.append(network_mb_per_s("raw", pki_dir, chunk, count, use_uvloop))
+            transport.append(network_mb_per_s("transport", pki_dir, chunk, count, use_uvloop))
+    best_transport, best_raw = max(transport), max(raw)
+    return {
+        "chunk_kib": args.chunk_kib,
+        "payload_mib_per_run": count * chunk / MIB,
+        "uvloop": use_uvloop,
+        "codec_mb_per_s": codec,
+        "transport_mb_per_s": best_transport,
+        "raw_tls_mb_per_s": best_raw,
+        "transport_vs_raw": best_transport / best_raw,
+        "transport_runs_mb_per_s": transport,
+        "raw_tls_runs_mb_per_s": raw,
+    }
