@@ -267,6 +267,10 @@ class EncryptionPool:
     so a client can prepare between rounds, on another core. Finished background batches
     are collected by the calling thread on the next call, so the pool needs no lock; use
     one pool from one thread. Use as a context manager or call :meth:`close`.
+
+    As with any ``spawn``-based multiprocessing, a script that makes a background pool
+    must guard its entry point with ``if __name__ == "__main__":``; if the worker dies
+    anyway, the pool logs a warning and computes factors in this process.
     """
 
     _BATCH = 512  # factors per background job: big enough to amortise pickling
