@@ -85,13 +85,18 @@ def encode_frame(msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE)
     Raises ``LocalProtocolError`` (code FRAME_TOO_LARGE) if the body exceeds
     ``max_frame_size``.
     """
-    body: bytes = msgpack.packb(msg.to_wire(), use_bin_type=True)
-    if len(body) > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
-        raise LocalProtocolError(
-            f"{type(msg).__name__} body is {len(body)} bytes, limit {max_frame_size}",
-            code=ErrorCode.FRAME_TOO_LARGE,
-        )
-    return _HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, len(body)) + body
+    # Pack into the packer's own buffer and join from a view of it: one copy of a
+    # large payload fewer than packb() followed by header + body.
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    packer.pack(msg.to_wire())
+    with packer.getbuffer() as body:
+        size = body.nbytes
+        if size > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
+            raise LocalProtocolError(
+                f"{type(msg).__name__} body is {size} bytes, limit {max_frame_size}",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        return b"".join((_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, size), body))
 
 
 class FrameDecoder:
