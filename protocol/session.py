@@ -295,9 +295,7 @@ class Session:
             code = ErrorCode.BAD_SEQUENCE
             if self.round_id is not None and round_id < self.round_id:
                 code = ErrorCode.STALE_ROUND
-            self._violate(
-                direction, f"round_id {round_id}, current round is {self.round_id}", code
-            )
+            self._violate(direction, f"round_id {round_id}, current round is {self.round_id}", code)
 
     def _check_update_round(self, msg: Message, direction: Direction) -> None:
         """Name the two common out-of-place updates precisely: a replay and a stale round."""
