@@ -1,4 +1,7 @@
-"""Benchmark runner: `python -m bench <name> [--quick] [--json PATH]`.
+"""Benchmark runner: `python -m bench <name> [--quick] [--json PATH]`, or `all`.
+
+`python -m bench all [--quick]` runs every benchmark below and writes
+bench/results/<name>.json, bench/results/REPORT.md and the PNG plots (bench/report.py).
 
 Each benchmark is a module in this package exposing ``add_arguments(parser)`` and
 ``run(args) -> dict``; the runner adds the common flags, prints the result table and
@@ -20,6 +23,8 @@ from typing import Any
 BENCHMARKS: dict[str, str] = {
     "micro": "bench.micro",
     "protocol": "bench.protocol_bench",
+    "round": "bench.round_bench",
+    "accuracy": "bench.accuracy_bench",
 }
 
 
@@ -66,7 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true", help="smaller workload, same key sizes")
         p.add_argument("--json", type=Path, metavar="PATH", help="write the result as JSON")
         module.add_arguments(p)
+    every = sub.add_parser(
+        "all", help="run every benchmark; write results/*.json, REPORT.md and PNG plots"
+    )
+    every.add_argument("--quick", action="store_true", help="smaller workloads, same key sizes")
+    every.add_argument(
+        "--results", type=Path, default=Path("bench/results"), help="output directory"
+    )
+    every.add_argument(
+        "--report-only", action="store_true", help="rebuild REPORT.md and plots from the JSONs"
+    )
     args = parser.parse_args(argv)
+    if args.name == "all":
+        from bench.report import run_all
+
+        report = run_all(quick=args.quick, results=args.results, report_only=args.report_only)
+        print(f"wrote {report}")
+        return 0
     module = modules[args.name]
     started = time.perf_counter()
     result: dict[str, Any] = module.run(args)

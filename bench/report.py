@@ -1,0 +1,398 @@
+"""`python -m bench all`: run every benchmark, then write REPORT.md and the PNG plots.
+
+Each benchmark writes ``bench/results/<name>.json`` (accuracy: one file per dataset);
+the report is rebuilt from those files alone (``--report-only`` skips the runs), so a
+figure in REPORT.md always comes from a JSON next to it. Plots use matplotlib's Agg
+backend. A missing or failed benchmark is reported as missing, never invented.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_RESULTS",
+    "plot_accuracy",
+    "plot_committee",
+    "plot_micro_costs",
+    "plot_round_phases",
+    "run_all",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULTS = Path("bench/results")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------- plots
+def plot_accuracy(result: dict[str, Any], path: Path) -> Path:
+    """Test accuracy per round, one panel per split, one line per mode."""
+    plt = _pyplot()
+    table = result.get("table", [])
+    splits = sorted({row["split"] for row in table})
+    fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(6 * max(1, len(splits)), 4))
+    axes = list(axes) if len(splits) > 1 else [axes]
+    styles = {"plaintext": "-", "encrypted-16bit": "--", "encrypted-8bit": ":"}
+    for ax, split in zip(axes, splits, strict=False):
+        for row in table:
+            if row["split"] != split:
+                continue
+            acc = [100 * a for a in row["accuracy_per_round"]]
+            ax.plot(
+                range(1, len(acc) + 1),
+                acc,
+                styles.get(row["mode"], "-"),
+                marker="o",
+                markersize=3,
+                label=row["mode"],
+            )
+        target = result.get("target_accuracy")
+        if target:
+            ax.axhline(100 * target, color="grey", linewidth=0.8, label=f"target {100 * target:g}%")
+        ax.set_title(f"{result.get('dataset', '')} — {split}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_round_phases(result: dict[str, Any], path: Path) -> Path:
+    """Stacked bars: mean seconds per phase of a round, encrypted vs plaintext."""
+    plt = _pyplot()
+    enc, plain = result["encrypted_phase_s"], result["plaintext_phase_s"]
+    phases = list(enc)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottoms = [0.0, 0.0]
+    for phase in phases:
+        values = [enc[phase], plain[phase]]
+        ax.bar(["encrypted", "plaintext"], values, bottom=bottoms, label=phase)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    ax.set_ylabel("seconds per round (mean)")
+    ratio = result.get("overhead_ratio")
+    ax.set_title(f"Round time by phase (encrypted ÷ plaintext = {ratio:.2f}×)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_committee(result: dict[str, Any], path: Path) -> Path:
+    """Decrypt-phase seconds against committee size."""
+    plt = _pyplot()
+    data = result.get("decrypt_s_by_committee_size", {})
+    sizes = sorted(data, key=int)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([int(s) for s in sizes], [data[s] for s in sizes], marker="o")
+    ax.set_xlabel("committee size (decrypting clients)")
+    ax.set_ylabel("decrypt phase (s)")
+    ax.set_xticks([int(s) for s in sizes])
+    ax.set_title("Committee decryption, one seed-MLP sum")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# micro.json key pairs: (label, phe key, packed key); a missing key skips the bar.
+_MICRO_COSTS = (
+    ("encrypt (s)", "phe_encrypt_s_per_value", "packed_encrypt_s_per_value"),
+    ("fold (s)", "phe_add_s_per_value", "fold_s_per_value"),
+    ("decrypt (s)", "phe_decrypt_s_per_value", "decrypt_s_per_value"),
+    ("bytes", "phe_bytes_per_value", "bytes_per_value"),
+)
+
+
+def micro_costs(micro: dict[str, Any]) -> list[tuple[str, float | None, float]]:
+    """(label, phe per value or None, packed per value) for each cost the JSON has.
+
+    phe's fold and size are not always measured; one phe ciphertext per value makes
+    its size ``ciphertext bytes`` (2 x key bits / 8) when the JSON names the key size.
+    """
+    rows: list[tuple[str, float | None, float]] = []
+    for label, phe_key, packed_key in _MICRO_COSTS:
+        packed = micro.get(packed_key)
+        if not isinstance(packed, int | float):
+            continue
+        phe = micro.get(phe_key)
+        if phe is None and label == "bytes" and isinstance(micro.get("key_bits"), int):
+            phe = 2 * micro["key_bits"] / 8
+        if phe is None and label == "fold (s)" and isinstance(micro.get("mulmod_s"), int | float):
+            phe = micro["mulmod_s"]  # one multiplication mod n^2 per value, unpacked
+        rows.append((label, float(phe) if isinstance(phe, int | float) else None, float(packed)))
+    return rows
+
+
+def plot_micro_costs(micro: dict[str, Any], path: Path) -> Path | None:
+    """Log-scale bars: cost per value, phe (one value per ciphertext) vs fedcore packed."""
+    rows = micro_costs(micro)
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 3.5))
+    axes = list(axes) if len(rows) > 1 else [axes]
+    for ax, (label, phe, packed) in zip(axes, rows, strict=True):
+        names = ["phe", "fedcore packed"]
+        values = [phe if phe is not None else 0.0, packed]
+        ax.bar(names, values, color=["tab:red", "tab:green"])
+        ax.set_yscale("log")
+        ax.set_title(f"{label} per value")
+        if phe:
+            ax.text(1, packed, f"{phe / packed:.0f}× less", ha="center", va="bottom", fontsize=8)
+    fig.suptitle(f"Cost per value, {micro.get('key_bits', '?')}-bit key")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- report
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return "—" if value is None else str(value)
+
+
+def _round_section(data: dict[str, Any], out: Path) -> list[str]:
+    w = data.get("workload", {})
+    lines = [
+        "## Round (`round.json`)",
+        "",
+        f"Command: `{data.get('command', '')}`",
+        "",
+        "Workload: " + ", ".join(f"{k} = {v}" for k, v in w.items()),
+        "",
+        f"- Encrypted round **{_fmt(data['encrypted_round_s'])} s**, plaintext "
+        f"**{_fmt(data['plaintext_round_s'])} s**: encrypted ÷ plaintext = "
+        f"**{_fmt(data['overhead_ratio'])}×** (CPU per round: "
+        f"{_fmt(data.get('encrypted_cpu_s_per_round'))} s vs "
+        f"{_fmt(data.get('plaintext_cpu_s_per_round'))} s = "
+        f"{_fmt(data.get('cpu_overhead_ratio'))}×).",
+        f"- Dominant phase: encrypted **{data.get('dominant_phase_encrypted')}**, "
+        f"plaintext **{data.get('dominant_phase_plaintext')}**.",
+        f"- Bytes per client per round: encrypted "
+        f"{_fmt(data['bytes_per_client_per_round']['encrypted'] / 1e6)} MB, plaintext "
+        f"{_fmt(data['bytes_per_client_per_round']['plaintext'] / 1e6)} MB "
+        f"({_fmt(data.get('bytes_ratio'))}×).",
+        "",
+        "| phase (mean s per round) | encrypted | plaintext |",
+        "|---|---:|---:|",
+    ]
+    for phase, value in data["encrypted_phase_s"].items():
+        lines.append(f"| {phase} | {_fmt(value)} | {_fmt(data['plaintext_phase_s'][phase])} |")
+    lines += [
+        "",
+        "Local training and encode+encrypt are client-reported means; upload_and_wait is "
+        "what is left of the aggregator's collect phase (upload, stragglers); fold and "
+        "decrypt are timed by the aggregator; model_update = select + update + checkpoint.",
+        "",
+        "| committee size | decrypt phase (s) | speed-up vs 1 |",
+        "|---:|---:|---:|",
+    ]
+    speedups = data.get("decrypt_speedup_by_committee_size", {})
+    for size, seconds in sorted(
+        data.get("decrypt_s_by_committee_size", {}).items(), key=lambda kv: int(kv[0])
+    ):
+        lines.append(f"| {size} | {_fmt(seconds)} | {_fmt(speedups.get(size))} |")
+    lines += ["", str(data.get("decrypt_scaling_note", "")), ""]
+    for name, plot in (("round-phases.png", plot_round_phases), ("committee.png", plot_committee)):
+        plot(data, out / name)
+        lines.append(f"![{name}]({name})")
+    lines.append("")
+    return lines
+
+
+def _accuracy_section(data: dict[str, Any], name: str, out: Path) -> list[str]:
+    w = data.get("workload", {})
+    lines = [
+        f"## Accuracy, {data.get('dataset')} (`{name}.json`)",
+        "",
+        f"Command: `{data.get('command', '')}`",
+        "",
+        "Workload: " + ", ".join(f"{k} = {v}" for k, v in w.items()),
+        "",
+        f"- IID, 16 bits: encrypted **{_fmt(100 * (data['encrypted_accuracy'] or 0), 4)}%**, "
+        f"plaintext **{_fmt(100 * (data['plaintext_accuracy'] or 0), 4)}%**, gap "
+        f"{_fmt(data.get('gap_pp'))} pp (target: within {data.get('target_gap_pp')} pp → "
+        f"{'met' if data.get('meets_gap_target') else 'NOT met'}); accuracy target "
+        f"{_fmt(100 * data.get('target_accuracy', 0), 4)}% → "
+        f"{'met' if data.get('meets_accuracy_target') else 'NOT met'}.",
+        "",
+        "| split | mode | final accuracy | best | gap vs plaintext (pp) | s/round |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    gaps = data.get("gap_pp_by_split_mode", {})
+    for row in data.get("table", []):
+        gap = gaps.get(f"{row['split']}/{row['mode']}")
+        lines.append(
+            f"| {row['split']} | {row['mode']} | {100 * row['final_accuracy']:.2f}% | "
+            f"{100 * row['best_accuracy']:.2f}% | {_fmt(gap)} | {_fmt(row['round_s_mean'])} |"
+        )
+    png = out / f"{name}.png"
+    plot_accuracy(data, png)
+    lines += ["", f"![{png.name}]({png.name})", ""]
+    return lines
+
+
+def _micro_section(data: dict[str, Any], out: Path) -> list[str]:
+    lines = [
+        "## Micro (`micro.json`)",
+        "",
+        f"Command: `{data.get('command', '')}`",
+        "",
+        "| cost per value | phe (1 value / ciphertext) | fedcore packed |",
+        "|---|---:|---:|",
+    ]
+    for label, phe, packed in micro_costs(data):
+        lines.append(f"| {label} | {_fmt(phe)} | {_fmt(packed)} |")
+    if plot_micro_costs(data, out / "micro-costs.png") is not None:
+        lines += ["", "![micro-costs.png](micro-costs.png)"]
+    lines.append("")
+    return lines
+
+
+def _other_section(name: str, data: dict[str, Any]) -> list[str]:
+    lines = [f"## {name} (`{name}.json`)", "", f"Command: `{data.get('command', '')}`", ""]
+    lines += ["| figure | value |", "|---|---:|"]
+    for key, value in data.items():
+        if isinstance(value, int | float | str | bool) and key not in ("command",):
+            lines.append(f"| {key} | {_fmt(value)} |")
+    lines.append("")
+    return lines
+
+
+def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None = None) -> Path:
+    """Build ``results/REPORT.md`` and the PNGs from the JSON files in ``results``."""
+    results.mkdir(parents=True, exist_ok=True)
+    files = sorted(results.glob("*.json"))
+    machine: dict[str, Any] = {}
+    for file in files:
+        data = _load(file)
+        if data and isinstance(data.get("machine"), dict):
+            machine = data["machine"]
+            break
+    lines = [
+        "# fedcore benchmark report",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
+        "`python -m bench all` from the JSON files in this directory "
+        "(`python -m bench all --report-only` rebuilds it).",
+        "",
+        "Machine: "
+        + (", ".join(f"{k} {v}" for k, v in machine.items()) or platform.platform())
+        + ". The cores are shared with other work, so absolute times are noisy; compare "
+        "ratios measured within one run.",
+        "",
+    ]
+    if commands:
+        lines += ["Commands:", "", "```", *commands, "```", ""]
+    seen = False
+    for file in files:
+        data = _load(file)
+        if data is None:
+            continue
+        seen = True
+        name = file.stem
+        try:
+            if name == "round":
+                lines += _round_section(data, results)
+            elif name.startswith("accuracy"):
+                lines += _accuracy_section(data, name, results)
+            elif name == "micro":
+                lines += _micro_section(data, results)
+            else:
+                lines += _other_section(name, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            lines += [f"## {name}", "", f"(could not summarize {file.name}: {exc!r})", ""]
+    if not seen:
+        lines.append("No benchmark results yet: run `python -m bench all`.")
+    report = results / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _planned_runs(quick: bool) -> list[tuple[str, list[str]]]:
+    """(result name, argv) for every registered benchmark that imports."""
+    import importlib
+
+    from bench.__main__ import BENCHMARKS
+    from fedcore.data import fashion_mnist_available
+
+    runs: list[tuple[str, list[str]]] = []
+    for name, module_name in BENCHMARKS.items():
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            log.warning("benchmark %s is not installed: skipped", name)
+            continue
+        if name == "accuracy":
+            datasets = ["digits"] + (["fashion-mnist"] if fashion_mnist_available() else [])
+            for dataset in datasets:
+                runs.append((f"accuracy-{dataset}", [name, "--dataset", dataset]))
+        else:
+            runs.append((name, [name]))
+    if quick:
+        runs = [(n, [*argv, "--quick"]) for n, argv in runs]
+    return runs
+
+
+def run_all(
+    *,
+    quick: bool,
+    results: Path = DEFAULT_RESULTS,
+    report_only: bool = False,
+    run_one: Callable[[list[str]], int] | None = None,
+) -> Path:
+    """Run every registered benchmark (tqdm progress), then write the report."""
+    commands: list[str] = []
+    if not report_only:
+        from tqdm import tqdm
+
+        if run_one is None:
+            from bench.__main__ import main as run_one
+        runs = _planned_runs(quick)
+        for name, argv in tqdm(runs, desc="bench all", unit="benchmark", file=sys.stderr):
+            argv = [*argv, "--json", str(results / f"{name}.json")]
+            commands.append("python -m bench " + " ".join(argv))
+            try:
+                run_one(argv)
+            except Exception:  # one broken benchmark must not lose the others' results
+                log.exception("benchmark %s failed", name)
+                print(f"benchmark {name} FAILED (see log); continuing", file=sys.stderr)
+    return write_report(results, commands=commands or None)
