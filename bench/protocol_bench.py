@@ -5,7 +5,8 @@ in memory), ``transport_mb_per_s`` (Server/connect over TLS 1.3 on 127.0.0.1, cl
 aggregator in separate processes, from the first chunk to the Ack) and
 ``raw_tls_mb_per_s`` (the same frame bytes through a bare asyncio TLS stream, same
 process layout). ``transport_vs_raw`` is their ratio. Each network figure is the best
-of ``--repeats`` alternating runs, since the machine is shared.
+of ``--repeats`` alternating runs, since the machine is shared; CPU seconds per GiB
+of each side are reported too, being steadier than wall time under load.
 """
 
 from __future__ import annotations
@@ -91,11 +92,12 @@ def _run(coro: Any, use_uvloop: bool) -> Any:
     return asyncio.run(coro)
 
 
-async def _transport_server(pki_dir: str, ports: Any) -> None:
+async def _transport_server(pki_dir: str, ports: Any, results: Any) -> None:
     p = _pki_paths(pki_dir)
     done = asyncio.Event()
 
     async def handler(conn: Connection) -> None:
+        cpu = time.process_time()
         await conn.receive()
         await conn.send(Welcome(version=1, client_id="c", public_key=b"", session_config={}))
         await conn.send(
@@ -105,6 +107,7 @@ async def _transport_server(pki_dir: str, ports: Any) -> None:
             async for msg in conn:
                 if isinstance(msg, UpdateDone):
                     await conn.send(Ack(round_id=1, accepted=True))
+                    results.put(("server_cpu", time.process_time() - cpu))
         finally:
             done.set()
 
@@ -121,6 +124,7 @@ async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, res
     payload = os.urandom(chunk)
     ctx = client_context(p["cli_cert"], p["cli_key"], p["ca"])
     async with asyncio.timeout(CHILD_TIMEOUT_S):
+        cpu = time.process_time()
         conn = await connect("127.0.0.1", port, ctx, config=TransportConfig())
         await conn.send(Hello(version=1, sample_count=1, can_decrypt=False))
         await conn.receive()
@@ -137,15 +141,17 @@ async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, res
         elapsed = time.perf_counter() - started
         assert isinstance(ack, Ack)
         await conn.close()
-    results.put(elapsed)
+    results.put(("client_cpu", time.process_time() - cpu))
+    results.put(("elapsed", elapsed))
 
 
-async def _raw_server(pki_dir: str, ports: Any, expected: int) -> None:
+async def _raw_server(pki_dir: str, ports: Any, results: Any, expected: int) -> None:
     p = _pki_paths(pki_dir)
     ctx = server_context(p["agg_cert"], p["agg_key"], p["ca"])
     done = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cpu = time.process_time()
         received = 0
         while received < expected:
             data = await reader.read(256 * 1024)
@@ -154,6 +160,7 @@ async def _raw_server(pki_dir: str, ports: Any, expected: int) -> None:
             received += len(data)
         writer.write(b"k")
         await writer.drain()
+        results.put(("server_cpu", time.process_time() - cpu))
         writer.close()
         done.set()
 
@@ -169,6 +176,7 @@ async def _raw_client(pki_dir: str, port: int, chunk: int, count: int, results: 
     ctx: ssl.SSLContext = client_context(p["cli_cert"], p["cli_key"], p["ca"])
     frame = encode_frame(UpdateChunk(round_id=1, seq=0, payload=os.urandom(chunk)))
     async with asyncio.timeout(CHILD_TIMEOUT_S):
+        cpu = time.process_time()
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
         )
@@ -179,14 +187,17 @@ async def _raw_client(pki_dir: str, port: int, chunk: int, count: int, results: 
         await reader.readexactly(1)
         elapsed = time.perf_counter() - started
         writer.close()
-    results.put(elapsed)
+    results.put(("client_cpu", time.process_time() - cpu))
+    results.put(("elapsed", elapsed))
 
 
-def _server_main(kind: str, pki_dir: str, ports: Any, expected: int, use_uvloop: bool) -> None:
+def _server_main(
+    kind: str, pki_dir: str, ports: Any, results: Any, expected: int, use_uvloop: bool
+) -> None:
     if kind == "transport":
-        _run(_transport_server(pki_dir, ports), use_uvloop)
+        _run(_transport_server(pki_dir, ports, results), use_uvloop)
     else:
-        _run(_raw_server(pki_dir, ports, expected), use_uvloop)
+        _run(_raw_server(pki_dir, ports, results, expected), use_uvloop)
 
 
 def _client_main(
@@ -198,24 +209,29 @@ def _client_main(
         _run(_raw_client(pki_dir, port, chunk, count, results), use_uvloop)
 
 
-def network_mb_per_s(kind: str, pki_dir: str, chunk: int, count: int, use_uvloop: bool) -> float:
-    """One run: server and client in two fresh processes; payload MiB/s."""
+def network_run(
+    kind: str, pki_dir: str, chunk: int, count: int, use_uvloop: bool
+) -> dict[str, float]:
+    """One run, server and client in two fresh processes: payload MiB/s and CPU s/GiB."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
     results = ctx.Queue()
     frame_len = len(encode_frame(UpdateChunk(round_id=1, seq=0, payload=bytes(chunk))))
     server = ctx.Process(
-        target=_server_main, args=(kind, pki_dir, ports, frame_len * count, use_uvloop)
+        target=_server_main, args=(kind, pki_dir, ports, results, frame_len * count, use_uvloop)
     )
     server.start()
     client = None
+    got: dict[str, float] = {}
     try:
         port = ports.get(timeout=CHILD_TIMEOUT_S)
         client = ctx.Process(
             target=_client_main, args=(kind, pki_dir, port, chunk, count, results, use_uvloop)
         )
         client.start()
-        elapsed = results.get(timeout=CHILD_TIMEOUT_S)
+        while len(got) < 3:
+            key, value = results.get(timeout=CHILD_TIMEOUT_S)
+            got[key] = value
     except queue.Empty:
         raise RuntimeError(f"{kind} benchmark child did not report in time") from None
     finally:
@@ -225,7 +241,12 @@ def network_mb_per_s(kind: str, pki_dir: str, chunk: int, count: int, use_uvloop
                 if proc.is_alive():
                     proc.terminate()
                     proc.join(timeout=5)
-    return float(count * chunk / MIB / elapsed)
+    gib = count * chunk / (1024 * MIB)
+    return {
+        "mb_per_s": count * chunk / MIB / got["elapsed"],
+        "server_cpu_s_per_gib": got["server_cpu"] / gib,
+        "client_cpu_s_per_gib": got["client_cpu"] / gib,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,15 +258,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if use_uvloop:
         use_uvloop = install_uvloop()
     codec = max(codec_mb_per_s(chunk, min(total, 256 * MIB)) for _ in range(3))
-    transport: list[float] = []
-    raw: list[float] = []
+    transport: list[dict[str, float]] = []
+    raw: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="fedcore-bench-pki-") as pki_dir:
         write_federation_pki(Path(pki_dir), clients=1)
         for _ in range(max(1, args.repeats)):
-            raw.append(network_mb_per_s("raw", pki_dir, chunk, count, use_uvloop))
-            transport.append(network_mb_per_s("transport", pki_dir, chunk, count, use_uvloop))
-    best_transport, best_raw = max(transport), max(raw)
-    return {
+            raw.append(network_run("raw", pki_dir, chunk, count, use_uvloop))
+            transport.append(network_run("transport", pki_dir, chunk, count, use_uvloop))
+
+    def best(runs: list[dict[str, float]], key: str, pick: Any = max) -> float:
+        return float(pick(r[key] for r in runs))
+
+    best_transport, best_raw = best(transport, "mb_per_s"), best(raw, "mb_per_s")
+    result: dict[str, Any] = {
         "chunk_kib": args.chunk_kib,
         "payload_mib_per_run": count * chunk / MIB,
         "uvloop": use_uvloop,
@@ -253,6 +278,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transport_mb_per_s": best_transport,
         "raw_tls_mb_per_s": best_raw,
         "transport_vs_raw": best_transport / best_raw,
-        "transport_runs_mb_per_s": transport,
-        "raw_tls_runs_mb_per_s": raw,
     }
+    # CPU seconds per GiB are steadier than wall time on a shared machine
+    for side in ("server", "client"):
+        key = f"{side}_cpu_s_per_gib"
+        result[f"transport_{key}"] = best(transport, key, min)
+        result[f"raw_tls_{key}"] = best(raw, key, min)
+    result["transport_runs"] = transport
+    result["raw_tls_runs"] = raw
+    return result

@@ -40,6 +40,7 @@ __all__ = [
     "MIN_RECEIVE_RATE",
     "READ_SIZE",
     "SHUTDOWN_REASON",
+    "STREAM_LIMIT",
     "Backoff",
     "Connection",
     "Handler",
@@ -52,8 +53,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Bytes asked of the stream per read; also the StreamReader's buffer limit.
-READ_SIZE: Final = 256 * 1024
+# Bytes asked of the stream per read. Large reads hold several frames, which the
+# decoder parses in place; only a frame split across reads is copied.
+READ_SIZE: Final = 1024 * 1024
+# The StreamReader stops reading the socket above twice this (per-connection memory).
+STREAM_LIMIT: Final = 256 * 1024
 # A partly received frame must keep arriving at least this fast (bytes/s) on top of
 # idle_timeout, so a trickling peer cannot hold a connection forever.
 MIN_RECEIVE_RATE: Final = 64 * 1024
@@ -381,7 +385,7 @@ class Server:
             port,
             ssl=self._ssl_context,
             ssl_handshake_timeout=self.config.handshake_timeout,
-            limit=READ_SIZE,
+            limit=STREAM_LIMIT,
             backlog=LISTEN_BACKLOG,
         )
         logger.info("listening on %s:%d", host, self.port)
@@ -471,7 +475,7 @@ async def connect(
                 ssl=ssl_context,
                 server_hostname=server_hostname or host,
                 ssl_handshake_timeout=cfg.handshake_timeout,
-                limit=READ_SIZE,
+                limit=STREAM_LIMIT,
             )
     except TimeoutError:
         raise ProtocolTimeout(
