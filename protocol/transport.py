@@ -178,7 +178,8 @@ class Connection:
 
     async def send(self, msg: Message) -> None:
         """Send one message; waits for drain (backpressure) up to ``write_timeout``."""
-        if self._closed:
+        if self._closed or self.session.state is State.CLOSED:
+            # after a Bye either way (e.g. server shutdown) the connection is over
             raise ConnectionClosed(f"cannot send {type(msg).__name__}: connection closed")
         data = self.session.send(msg)
         if data:

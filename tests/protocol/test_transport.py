@@ -603,3 +603,29 @@ async def test_server_survives_malformed_frames_and_keeps_serving(
     assert acked == 40
     assert app.other_errors == [], app.other_errors[:3]
     assert len(app.protocol_errors) > MALFORMED_FRAMES // 4
+
+
+async def test_send_after_shutdown_bye_raises_connection_closed(
+    pki: FederationPKI, server_ctx: ssl.SSLContext
+) -> None:
+    said_bye = asyncio.Event()
+    outcome: list[BaseException] = []
+
+    async def handler(conn: Connection) -> None:
+        await conn.receive()
+        await said_bye.wait()
+        try:
+            await conn.send(Ack(round_id=1, accepted=True))
+        except ProtocolError as exc:
+            outcome.append(exc)
+
+    server = await start_server(server_ctx, handler)
+    conn = await connect("127.0.0.1", server.port, ctx_for(pki), config=FAST)
+    await conn.send(HELLO)
+    await asyncio.sleep(0.1)
+    shutdown = asyncio.create_task(server.shutdown(3.0))
+    with pytest.raises(ConnectionClosed):
+        await conn.receive()
+    said_bye.set()
+    await shutdown
+    assert len(outcome) == 1 and type(outcome[0]) is ConnectionClosed
