@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedcore` console script."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level, args.log_format)
+    level = args.log_level or ("warning" if args.command == "demo" else "info")
+    _setup_logging(level, args.log_format)
     try:
         return int(args.func(args))
     except FedcoreError as exc:

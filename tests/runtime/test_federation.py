@@ -35,3 +35,42 @@ async def test_encrypted_fedavg_matches_plaintext_on_digits(
     print(f"digits accuracy: encrypted {accuracy[True]:.4f}, plaintext {accuracy[False]:.4f}")
     assert accuracy[True] >= 0.95, accuracy
     assert abs(accuracy[True] - accuracy[False]) <= 0.01, accuracy
+
+
+@pytest.mark.slow
+async def test_metrics_endpoint_reports_the_federation(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    import urllib.request
+
+    scraped: list[str] = []
+    health: list[int] = []
+
+    def scrape(report, weights) -> None:
+        port = aggregator.metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            scraped.append(r.read().decode())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+            health.append(r.status)
+
+    config = aggregator_config(tmp_path, pki, keys, rounds=2, local_epochs=1, metrics_port=0)
+    aggregator = Aggregator(config, on_round_complete=scrape)
+    clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
+    await run_federation(aggregator, clients)
+    assert health == [200, 200]
+    text = scraped[-1]
+
+    def value(line_start: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{line_start} not exported")
+
+    assert value("fedcore_training_iterations_total") == 2 * 4  # 1 epoch x 4 clients x 2
+    assert value("fedcore_encryption_time_seconds_count") == 8
+    assert value("fedcore_decryption_time_seconds_count") >= 2
+    assert value("fedcore_updates_accepted_total") == 8
+    assert value("fedcore_rounds_completed_total") == 2
+    assert value("fedcore_bytes_received_total") > 8 * aggregator.codec.item_count * 128
+    assert value("fedcore_connected_clients") == 4
+    assert 'fedcore_round_phase_seconds_count{phase="decrypt"}' in text
