@@ -38,6 +38,7 @@ from protocol import (
     encode_frame,
     install_uvloop,
     server_context,
+    tune_allocator,
     write_federation_pki,
 )
 
@@ -54,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="network runs per variant")
     parser.add_argument("--no-uvloop", action="store_true", help="use the default event loop")
+    parser.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="leave glibc's mmap/trim thresholds alone (see protocol.tune_allocator)",
+    )
 
 
 # ---------------------------------------------------------------------------- codec
@@ -86,7 +92,9 @@ def _pki_paths(pki_dir: str) -> dict[str, Path]:
     }
 
 
-def _run(coro: Any, use_uvloop: bool) -> Any:
+def _run(coro: Any, use_uvloop: bool, tune_malloc: bool) -> Any:
+    if tune_malloc:
+        tune_allocator()
     if use_uvloop:
         install_uvloop()
     return asyncio.run(coro)
@@ -192,25 +200,31 @@ async def _raw_client(pki_dir: str, port: int, chunk: int, count: int, results: 
 
 
 def _server_main(
-    kind: str, pki_dir: str, ports: Any, results: Any, expected: int, use_uvloop: bool
+    kind: str, pki_dir: str, ports: Any, results: Any, expected: int, flags: tuple[bool, bool]
 ) -> None:
     if kind == "transport":
-        _run(_transport_server(pki_dir, ports, results), use_uvloop)
+        _run(_transport_server(pki_dir, ports, results), *flags)
     else:
-        _run(_raw_server(pki_dir, ports, results, expected), use_uvloop)
+        _run(_raw_server(pki_dir, ports, results, expected), *flags)
 
 
 def _client_main(
-    kind: str, pki_dir: str, port: int, chunk: int, count: int, results: Any, use_uvloop: bool
+    kind: str,
+    pki_dir: str,
+    port: int,
+    chunk: int,
+    count: int,
+    results: Any,
+    flags: tuple[bool, bool],
 ) -> None:
     if kind == "transport":
-        _run(_transport_client(pki_dir, port, chunk, count, results), use_uvloop)
+        _run(_transport_client(pki_dir, port, chunk, count, results), *flags)
     else:
-        _run(_raw_client(pki_dir, port, chunk, count, results), use_uvloop)
+        _run(_raw_client(pki_dir, port, chunk, count, results), *flags)
 
 
 def network_run(
-    kind: str, pki_dir: str, chunk: int, count: int, use_uvloop: bool
+    kind: str, pki_dir: str, chunk: int, count: int, flags: tuple[bool, bool]
 ) -> dict[str, float]:
     """One run, server and client in two fresh processes: payload MiB/s and CPU s/GiB."""
     ctx = mp.get_context("spawn")
@@ -218,7 +232,7 @@ def network_run(
     results = ctx.Queue()
     frame_len = len(encode_frame(UpdateChunk(round_id=1, seq=0, payload=bytes(chunk))))
     server = ctx.Process(
-        target=_server_main, args=(kind, pki_dir, ports, results, frame_len * count, use_uvloop)
+        target=_server_main, args=(kind, pki_dir, ports, results, frame_len * count, flags)
     )
     server.start()
     client = None
@@ -226,7 +240,7 @@ def network_run(
     try:
         port = ports.get(timeout=CHILD_TIMEOUT_S)
         client = ctx.Process(
-            target=_client_main, args=(kind, pki_dir, port, chunk, count, results, use_uvloop)
+            target=_client_main, args=(kind, pki_dir, port, chunk, count, results, flags)
         )
         client.start()
         while len(got) < 3:
@@ -257,14 +271,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     use_uvloop = not args.no_uvloop
     if use_uvloop:
         use_uvloop = install_uvloop()
+    tune_malloc = not args.no_malloc_tuning and tune_allocator()
+    flags = (use_uvloop, tune_malloc)
     codec = max(codec_mb_per_s(chunk, min(total, 256 * MIB)) for _ in range(3))
     transport: list[dict[str, float]] = []
     raw: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="fedcore-bench-pki-") as pki_dir:
         write_federation_pki(Path(pki_dir), clients=1)
         for _ in range(max(1, args.repeats)):
-            raw.append(network_run("raw", pki_dir, chunk, count, use_uvloop))
-            transport.append(network_run("transport", pki_dir, chunk, count, use_uvloop))
+            raw.append(network_run("raw", pki_dir, chunk, count, flags))
+            transport.append(network_run("transport", pki_dir, chunk, count, flags))
 
     def best(runs: list[dict[str, float]], key: str, pick: Any = max) -> float:
         return float(pick(r[key] for r in runs))
@@ -274,6 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_kib": args.chunk_kib,
         "payload_mib_per_run": count * chunk / MIB,
         "uvloop": use_uvloop,
+        "malloc_tuned": tune_malloc,
         "codec_mb_per_s": codec,
         "transport_mb_per_s": best_transport,
         "raw_tls_mb_per_s": best_raw,
