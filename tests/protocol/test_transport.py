@@ -48,6 +48,7 @@ from protocol import (
     connect_with_retry,
     encode_frame,
     install_uvloop,
+    tune_allocator,
 )
 
 FAST = TransportConfig(
@@ -629,3 +630,12 @@ async def test_send_after_shutdown_bye_raises_connection_closed(
     said_bye.set()
     await shutdown
     assert len(outcome) == 1 and type(outcome[0]) is ConnectionClosed
+
+
+def test_tune_allocator_reports_whether_it_applied() -> None:
+    import platform
+
+    applied = tune_allocator()
+    assert isinstance(applied, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
