@@ -210,6 +210,9 @@ class FrameDecoder:
             return NEED_DATA
         self._header = None
         self._pos = pos + length
+        if self._pos == len(src) and src is not self._buf:
+            # all consumed: do not keep the caller's (possibly large) read alive while idle
+            self._src, self._pos = self._buf, 0
         with memoryview(src) as view, view[pos : pos + length] as body:
             try:
                 wire = msgpack.unpackb(
