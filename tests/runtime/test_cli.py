@@ -1,0 +1,157 @@
+"""The `fedcore` command line as users run it: keygen, certs, bad settings, client, demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedcore.aggregator import Aggregator
+from fedcore.cli import main
+from fedcore.crypto import PrivateKey, PublicKey
+
+from .conftest import Keys, aggregator_config
+
+
+def test_keygen_writes_a_0600_private_key_and_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keygen", "--bits", "512", "--out", str(tmp_path)]) == 0
+    public = PublicKey.load(tmp_path / "public_key.json")
+    private = PrivateKey.load(tmp_path / "private_key.json")
+    assert private.public_key == public and public.bits == 512
+    assert stat.S_IMODE(os.stat(tmp_path / "private_key.json").st_mode) == 0o600
+    assert public.fingerprint() in capsys.readouterr().out
+    assert main(["keygen", "--bits", "512", "--out", str(tmp_path)]) == 2
+    assert "already holds a keypair" in capsys.readouterr().err
+    assert PublicKey.load(tmp_path / "public_key.json") == public
+
+
+def test_keygen_refuses_a_bad_size(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bits"):
+        main(["keygen", "--bits", "100", "--out", str(tmp_path)])
+
+
+def test_certs_writes_the_federation_pki(tmp_path: Path) -> None:
+    assert main(["certs", "--out", str(tmp_path), "--clients", "2", "--san", "agg.test"]) == 0
+    for name in ["ca.pem", "aggregator.pem", "client-0.pem", "client-1.pem"]:
+        assert (tmp_path / name).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    for name in ["ca.key", "aggregator.key", "client-0.key", "client-1.key"]:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+
+
+def test_aggregator_bad_settings_are_a_clear_error(
+    tmp_path: Path, pki: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "aggregator",
+        "--public-key",
+        str(keys.public),
+        "--cert",
+        str(pki / "aggregator.pem"),
+        "--key",
+        str(pki / "aggregator.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+    assert main([*base, "--min-clients", "0"]) == 2
+    assert "min_clients must be >= 1" in capsys.readouterr().err
+    assert main([*base[:2], str(tmp_path / "nope.json"), *base[3:]]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert main([*base, "--model", "fedcore.model:no_such_factory"]) == 2
+    assert "no_such_factory" in capsys.readouterr().err
+
+
+def test_private_key_file_readable_by_others_is_refused(tmp_path: Path, keys: Keys) -> None:
+    loose = tmp_path / "private_key.json"
+    loose.write_bytes(keys.private.read_bytes())
+    loose.chmod(0o644)
+    with pytest.raises(Exception, match="chmod 600"):
+        PrivateKey.load(loose)
+
+
+@pytest.mark.slow
+async def test_fedcore_client_processes_complete_a_round(
+    tmp_path: Path, pki: Path, keys: Keys
+) -> None:
+    config = aggregator_config(tmp_path, pki, keys, clients_per_round=2, rounds=1, local_epochs=1)
+    aggregator = Aggregator(config)
+    task = asyncio.create_task(aggregator.run())
+    await aggregator.wait_started()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fedcore.cli",
+            "client",
+            "--server",
+            f"127.0.0.1:{aggregator.port}",
+            "--server-hostname",
+            "localhost",
+            "--cert",
+            str(pki / f"client-{i}.pem"),
+            "--key",
+            str(pki / f"client-{i}.key"),
+            "--ca",
+            str(pki / "ca.pem"),
+            "--private-key",
+            str(keys.private),
+            "--dataset",
+            "digits",
+            "--partition",
+            f"{i}/2",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    checkpoint = await asyncio.wait_for(task, 180)
+    outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    assert checkpoint.rounds_completed == 1
+    assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1"]
+    for proc, (out, _) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out.decode()[-2000:]
+        assert "1 rounds contributed" in out.decode()
+
+
+@pytest.mark.slow
+def test_demo_runs_the_readme_main_job_small(tmp_path: Path) -> None:
+    """`fedcore demo` end to end (client processes, TLS, 1024-bit key), small and quick."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedcore.cli",
+            "demo",
+            "--dataset",
+            "digits",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--key-bits",
+            "1024",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["rounds_completed"] == 2 and summary["encrypted"] is True
+    assert summary["dataset"] == "digits" and summary["clients"] == 3
+    assert len(summary["round_seconds"]) == 2 and all(s > 0 for s in summary["round_seconds"])
+    assert 0.5 < summary["final_accuracy"] <= 1.0
+    assert summary["bytes_uploaded"] > 0
+    assert "round  2/2" in proc.stdout and "final test accuracy" in proc.stdout
