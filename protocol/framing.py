@@ -38,8 +38,10 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_BUFFERED_BYTES",
+    "MAX_RETAINED_ENCODE_BUFFER",
     "NEED_DATA",
     "FrameDecoder",
+    "FrameEncoder",
     "Sentinel",
     "encode_frame",
 ]
@@ -59,6 +61,8 @@ MAX_BUFFERED_BYTES: Final = DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + BUFFER_SLACK
 # Per-body msgpack limits: no message has long strings, arrays, big maps or exts.
 MAX_STR_BYTES: Final = 64 * 1024
 MAX_CONTAINER_LEN: Final = 1024
+# An encoder keeps its buffer between frames unless a frame grew it past this.
+MAX_RETAINED_ENCODE_BUFFER: Final = 4 * 1024 * 1024
 # Consumed bytes at the front of the buffer are dropped once they pass this.
 _COMPACT_AT: Final = 256 * 1024
 
@@ -83,20 +87,41 @@ def encode_frame(msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE)
     """Serialize one message as header + msgpack body.
 
     Raises ``LocalProtocolError`` (code FRAME_TOO_LARGE) if the body exceeds
-    ``max_frame_size``.
+    ``max_frame_size``. A connection should use a ``FrameEncoder``, which reuses its
+    buffer.
     """
-    # Pack into the packer's own buffer and join from a view of it: one copy of a
-    # large payload fewer than packb() followed by header + body.
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    packer.pack(msg.to_wire())
-    with packer.getbuffer() as body:
-        size = body.nbytes
-        if size > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
-            raise LocalProtocolError(
-                f"{type(msg).__name__} body is {size} bytes, limit {max_frame_size}",
-                code=ErrorCode.FRAME_TOO_LARGE,
-            )
-        return b"".join((_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, size), body))
+    return FrameEncoder().encode(msg, max_frame_size=max_frame_size)
+
+
+class FrameEncoder:
+    """Encodes frames reusing one msgpack buffer (one per connection; not thread-safe).
+
+    A fresh msgpack Packer allocates a 1 MiB buffer; per 128 KiB frame that costs more
+    than the packing itself, so the buffer is kept unless a frame grew it past
+    ``MAX_RETAINED_ENCODE_BUFFER``.
+    """
+
+    def __init__(self) -> None:
+        self._packer: msgpack.Packer | None = None
+
+    def encode(self, msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE) -> bytes:
+        """Header + msgpack body of ``msg`` (``LocalProtocolError`` if over the limit)."""
+        packer = self._packer or msgpack.Packer(use_bin_type=True, autoreset=False)
+        self._packer = None  # not reused if packing raises half-way
+        packer.pack(msg.to_wire())
+        # join the header with a view of the packer's buffer: a single copy of the body
+        with packer.getbuffer() as body:
+            size = body.nbytes
+            if size > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
+                raise LocalProtocolError(
+                    f"{type(msg).__name__} body is {size} bytes, limit {max_frame_size}",
+                    code=ErrorCode.FRAME_TOO_LARGE,
+                )
+            frame = b"".join((_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, size), body))
+        if size <= MAX_RETAINED_ENCODE_BUFFER:
+            packer.reset()
+            self._packer = packer
+        return frame
 
 
 class FrameDecoder:

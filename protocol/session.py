@@ -32,8 +32,8 @@ from .framing import (
     CLIENT_MAX_FRAME_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
+    FrameEncoder,
     Sentinel,
-    encode_frame,
 )
 from .messages import (
     PROTOCOL_VERSION,
@@ -143,6 +143,7 @@ class Session:
         self.role = role
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_size=max_frame_size, max_buffer_size=max_buffer_size)
+        self._encoder = FrameEncoder()
         self.late_frames = 0
         """UpdateChunk/UpdateDone frames for a round already ended by RoundEnd (dropped)."""
         self.round_id: int | None = None
@@ -217,7 +218,7 @@ class Session:
             self._error_sent = True
         elif isinstance(msg, Bye):
             self._bye_sent = True
-        return encode_frame(msg)
+        return self._encoder.encode(msg)
 
     # ------------------------------------------------------------------ the machine
 

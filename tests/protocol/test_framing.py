@@ -301,3 +301,20 @@ def test_fuzzed_frames_only_ever_raise_protocol_errors() -> None:
             outcomes["error"] += 1
     # every path was exercised, and nothing but ProtocolError escaped
     assert all(outcomes.values()), outcomes
+
+
+def test_frame_encoder_reuses_its_buffer_but_not_a_huge_one() -> None:
+    from protocol.framing import MAX_RETAINED_ENCODE_BUFFER, FrameEncoder
+
+    encoder = FrameEncoder()
+    for msg in [*SAMPLE, *SAMPLE]:
+        assert encoder.encode(msg) == encode_frame(msg)
+    assert encoder._packer is not None
+    big = UpdateChunk(round_id=1, seq=0, payload=bytes(MAX_RETAINED_ENCODE_BUFFER + 1))
+    decoder = FrameDecoder(max_frame_size=2 * MAX_RETAINED_ENCODE_BUFFER)
+    decoder.receive_data(encoder.encode(big))
+    assert decoder.next_event() == big
+    assert encoder._packer is None  # a frame that large does not pin its buffer
+    with pytest.raises(LocalProtocolError):
+        encoder.encode(big, max_frame_size=100)
+    assert encoder.encode(SAMPLE[0]) == encode_frame(SAMPLE[0])
