@@ -21,10 +21,10 @@ from fedcore.crypto import (
     PublicKey,
     deserialize_ciphertexts,
     deserialize_plaintexts,
-    fold_update,
     serialize_ciphertexts,
     serialize_plaintexts,
 )
+from fedcore.crypto.folding import check_ciphertext_bytes
 from fedcore.errors import InvalidCiphertextError
 from fedcore.packing import PackingSpec, decode_sum, encode_update
 
@@ -72,35 +72,23 @@ class EncryptedCodec:
             )
 
     # -- aggregator side ---------------------------------------------------------------
-    def parse_chunk(self, payload: bytes, index_offset: int) -> tuple[list[Any], int]:
-        """Deserialize and validate one chunk; InvalidCiphertextError names the bad index."""
-        items = deserialize_ciphertexts(
-            payload, self.public_key, validate=True, index_offset=index_offset
-        )
-        return items, len(items)
+    def parse_chunk(self, payload: bytes, index_offset: int) -> tuple[bytes, int]:
+        """Range-check one chunk's ciphertexts as bytes (the gcd check comes at fold time)."""
+        return payload, check_ciphertext_bytes(payload, self.public_key, index_offset=index_offset)
 
-    def join(self, chunks: list[Any], weight: int) -> list[Any]:
+    def join(self, chunks: list[Any], weight: int) -> bytes:
         """One update from its chunks (the client already applied its weight)."""
         del weight
-        joined: list[Any] = []
-        for chunk in chunks:
-            joined.extend(chunk)
-        return joined
+        return b"".join(chunks)
 
-    def fold(self, running: list[Any], update: list[Any]) -> None:
-        """running <- running (+) update: one modular multiplication per ciphertext."""
-        fold_update(running, update, self.public_key)
-
-    def sum_to_payloads(self, running: list[Any], shards: int) -> list[tuple[int, bytes, int]]:
-        """Split the summed ciphertexts into ``shards`` (start index, bytes, count) pieces."""
-        size = max(1, math.ceil(len(running) / max(1, shards)))
+    def sum_to_payloads(self, summed: bytes, shards: int) -> list[tuple[int, bytes, int]]:
+        """Split the serialized sum into ``shards`` (start index, bytes, count) pieces."""
+        width = self.public_key.ciphertext_bytes
+        total = len(summed) // width
+        size = max(1, math.ceil(total / max(1, shards)))
         return [
-            (
-                first,
-                serialize_ciphertexts(running[first : first + size], self.public_key),
-                len(running[first : first + size]),
-            )
-            for first in range(0, len(running), size)
+            (first, summed[first * width : (first + size) * width], min(size, total - first))
+            for first in range(0, total, size)
         ]
 
     def decrypt_payload(

@@ -39,6 +39,7 @@ class AggregatorConfig:
     wait_for_clients_timeout: float = 600.0
     max_failed_rounds: int = 5
     max_inflight_uploads: int = 8
+    fold_workers: int = 0
     max_connections: int = 2048
     value_bits: int = 16
     headroom_bits: int = 10
@@ -96,6 +97,7 @@ class AggregatorConfig:
             ">= 1",
             self.max_inflight_uploads,
         )
+        _require(0 <= self.fold_workers <= 64, "fold_workers", "0..64", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
         _require(2 <= self.value_bits <= 32, "value_bits", "2..32", self.value_bits)
         _require(1 <= self.headroom_bits <= 32, "headroom_bits", "1..32", self.headroom_bits)

@@ -162,12 +162,17 @@ class RoundState:
             )
 
     def fold(self, client_id: str, update: Any, fold_fn: Any) -> None:
-        """Fold a complete, checked update into the running sum, once per client."""
+        """Fold a complete, checked update into ``running_sum``, once per client."""
         self.check_can_upload(client_id)
         if self.running_sum is None:
             self.running_sum = update
         else:
             fold_fn(self.running_sum, update)
+        self.folded[client_id] = self.weights[client_id]
+
+    def mark_folded(self, client_id: str) -> None:
+        """Record a client whose update was folded elsewhere (a `FoldEngine`), once."""
+        self.check_can_upload(client_id)
         self.folded[client_id] = self.weights[client_id]
 
     @property

@@ -24,6 +24,7 @@ import torch
 
 from fedcore.aggregator.checkpoint import Checkpoint
 from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.folding import FoldEngine
 from fedcore.aggregator.rounds import (
     RejectedUpdate,
     RoundPhase,
@@ -199,6 +200,7 @@ class Aggregator:
         self._metrics_server: MetricsServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = asyncio.Event()
+        self._folder: FoldEngine | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -237,6 +239,10 @@ class Aggregator:
         """Serve until every round is done (or `request_stop`); return the final checkpoint."""
         c = self.config
         ssl_ctx = server_context(c.cert, c.key, c.ca)
+        if isinstance(self.codec, EncryptedCodec):
+            self._folder = FoldEngine(
+                self.codec.public_key, self.codec.item_count, workers=c.fold_workers
+            )
         self._server = Server(self._handle_connection, ssl_ctx, self._transport_config())
         await self._server.start(c.host, c.port)
         if c.metrics_port is not None:
@@ -281,6 +287,8 @@ class Aggregator:
             task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        if self._folder is not None:
+            self._folder.close()
         log.info("aggregator stopped after %d rounds", self.checkpoint.rounds_completed)
 
     # ------------------------------------------------------------------ round loop
@@ -339,6 +347,8 @@ class Aggregator:
         )
         state = RoundState(round_id=round_id, weights=weights, deadline=t0 + c.round_timeout)
         self.round = state
+        if self._folder is not None:
+            self._folder.reset()
         self._round_full.clear()
         self._client_reports = {}
         self._round_bytes = 0
@@ -493,9 +503,12 @@ class Aggregator:
         rng = random.Random(f"{c.seed}:committee:{state.round_id}")
         rng.shuffle(members)
         members = members[: c.committee_size]
-        max_items = max(1, (self.codec_max_frame() // 2) // self.codec.public_key.ciphertext_bytes)
-        shard_count = max(len(members), -(-len(state.running_sum) // max_items))
-        shards = self.codec.sum_to_payloads(state.running_sum, shard_count)
+        assert self._folder is not None
+        summed = await self._folder.result()
+        width = self.codec.public_key.ciphertext_bytes
+        max_items = max(1, (self.codec_max_frame() // 2) // width)
+        shard_count = max(len(members), -(-(len(summed) // width) // max_items))
+        shards = self.codec.sum_to_payloads(summed, shard_count)
         free: asyncio.Queue[_ClientHandle] = asyncio.Queue()
         for member in members:
             free.put_nowait(member)
@@ -729,7 +742,21 @@ class Aggregator:
         )
         update = self.codec.join(chunks, state.weights[cid])
         t0 = time.monotonic()
-        state.fold(cid, update, self.codec.fold)
+        if self._folder is not None:
+            assert isinstance(update, bytes)
+            update_id = await self._folder.stage(update)
+            try:
+                state.mark_folded(cid)  # the round may have closed while we validated
+            except RejectedUpdate as exc:
+                self._folder.abort(update_id)
+                if exc.reason == "stale_round":  # RoundEnd already told the client
+                    self._drop_upload(cid)
+                    return
+                raise
+            self._folder.commit(update_id)
+        else:
+            assert isinstance(self.codec, PlaintextCodec)
+            state.fold(cid, update, self.codec.fold)
         self.metrics.fold_seconds.observe(time.monotonic() - t0)
         self._round_bytes += upload.bytes_received
         self._drop_upload(cid)

@@ -53,7 +53,9 @@ async def test_metrics_endpoint_reports_the_federation(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
             health.append(r.status)
 
-    config = aggregator_config(tmp_path, pki, keys, rounds=2, local_epochs=1, metrics_port=0)
+    config = aggregator_config(
+        tmp_path, pki, keys, rounds=2, local_epochs=1, metrics_port=0, fold_workers=2
+    )
     aggregator = Aggregator(config, on_round_complete=scrape)
     clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
     await run_federation(aggregator, clients)

@@ -1,0 +1,87 @@
+"""The fold engine against phe: inline and across processes, with staged refusals."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fedcore.aggregator.folding import FoldEngine
+from fedcore.crypto import PrivateKey, PublicKey, serialize_ciphertexts
+from fedcore.crypto.folding import check_ciphertext_bytes
+from fedcore.errors import InvalidCiphertextError
+
+from .conftest import Keys
+
+ITEMS = 37
+
+
+def _keys(keys: Keys) -> tuple[PublicKey, PrivateKey]:
+    private = PrivateKey.load(keys.private)
+    return private.public_key, private
+
+
+def _update(public: PublicKey, values: list[int]) -> bytes:
+    return serialize_ciphertexts(public.encrypt_vector(values), public)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_fold_engine_sums_like_phe(keys: Keys, workers: int) -> None:
+    public, private = _keys(keys)
+    rng = random.Random(workers)
+    updates = [[rng.randrange(2**40) for _ in range(ITEMS)] for _ in range(3)]
+    engine = FoldEngine(public, ITEMS, workers=workers)
+    try:
+        for round_no in range(2):  # reset between rounds really starts again
+            engine.reset()
+            for values in updates[round_no:]:
+                engine.commit(await engine.stage(_update(public, values)))
+            summed = await engine.result()
+            width = public.ciphertext_bytes
+            phe_key = private.to_phe()
+            got = [
+                phe_key.raw_decrypt(int.from_bytes(summed[i * width : (i + 1) * width], "big"))
+                for i in range(ITEMS)
+            ]
+            assert got == [sum(column) for column in zip(*updates[round_no:], strict=True)]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_bad_update_is_refused_whole(keys: Keys, workers: int) -> None:
+    public, private = _keys(keys)
+    engine = FoldEngine(public, ITEMS, workers=workers)
+    try:
+        engine.reset()
+        engine.commit(await engine.stage(_update(public, [1] * ITEMS)))
+        width = public.ciphertext_bytes
+        bad = bytearray(_update(public, [5] * ITEMS))
+        bad[30 * width : 31 * width] = int(private.p).to_bytes(width, "big")  # gcd(c, n) = p
+        with pytest.raises(InvalidCiphertextError) as info:
+            await engine.stage(bytes(bad))
+        assert info.value.index == 30
+        with pytest.raises(InvalidCiphertextError, match="bytes"):
+            await engine.stage(b"\x01" * width)
+        summed = await engine.result()
+        first = int.from_bytes(summed[:width], "big")
+        assert private.to_phe().raw_decrypt(first) == 1  # only the good update is in
+    finally:
+        engine.close()
+
+
+def test_byte_range_check_names_the_bad_index(keys: Keys) -> None:
+    public, _ = _keys(keys)
+    width = public.ciphertext_bytes
+    good = _update(public, [3] * 4)
+    assert check_ciphertext_bytes(good, public) == 4
+    for bad_value, index in [(0, 2), (int(public.nsquare), 1), (2 ** (8 * width) - 1, 3)]:
+        data = bytearray(good)
+        data[index * width : (index + 1) * width] = bad_value.to_bytes(width, "big")
+        with pytest.raises(InvalidCiphertextError) as info:
+            check_ciphertext_bytes(bytes(data), public, index_offset=100)
+        assert info.value.index == 100 + index
+    nsq_minus_one = (int(public.nsquare) - 1).to_bytes(width, "big")
+    assert check_ciphertext_bytes(nsq_minus_one, public) == 1
+    with pytest.raises(InvalidCiphertextError, match="multiple"):
+        check_ciphertext_bytes(good[:-1], public)
