@@ -46,10 +46,7 @@ def print_table(result: dict[str, Any]) -> None:
     scalars = {k: v for k, v in result.items() if isinstance(v, int | float | str | bool)}
     width = max((len(k) for k in scalars), default=0)
     for key, value in scalars.items():
-        if isinstance(value, float):
-            text = f"{value:.4g}"
-        else:
-            text = str(value)
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"  {key:<{width}}  {text}")
 
 

@@ -35,8 +35,8 @@ SPLITS = ("iid", "dirichlet")
 
 # Tuned per dataset so FedAvg converges within the stated rounds (see module docstring).
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"rounds": 15, "local_epochs": 5, "lr": 0.05, "batch_size": 32},
-    "fashion-mnist": {"rounds": 15, "local_epochs": 1, "lr": 0.05, "batch_size": 64},
+    "digits": {"rounds": 15, "local_epochs": 5, "lr": 0.1, "batch_size": 32},
+    "fashion-mnist": {"rounds": 15, "local_epochs": 2, "lr": 0.05, "batch_size": 64},
 }
 TARGETS: dict[str, float] = {"digits": 0.97, "fashion-mnist": 0.88}
 TARGET_GAP_PP = 0.3  # encrypted (16 bits) within this many percentage points of plaintext
@@ -208,7 +208,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"({row['round_s_mean']:.1f} s/round)"
                 )
                 table.append(row)
+                _save_partial(dataset_name, workload, table, args)
     return _headline(dataset_name, workload, table, args)
+
+
+def _save_partial(
+    dataset_name: str,
+    workload: dict[str, Any],
+    table: list[dict[str, Any]],
+    args: argparse.Namespace,
+) -> None:
+    """Write the rows finished so far to ``--json`` (marked partial): long runs that are
+    stopped early keep their completed federations. The runner overwrites it at the end."""
+    json_path = getattr(args, "json", None)
+    if json_path is None:
+        return
+    import json
+
+    partial = _headline(dataset_name, workload, table, args, plot=False)
+    partial["partial"] = True
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(partial, indent=2) + "\n")
 
 
 def _final(table: list[dict[str, Any]], split: str, mode: str) -> float | None:
@@ -223,6 +243,8 @@ def _headline(
     workload: dict[str, Any],
     table: list[dict[str, Any]],
     args: argparse.Namespace,
+    *,
+    plot: bool = True,
 ) -> dict[str, Any]:
     """Headline figures (IID, 16 bits) against the targets, the table and the plot."""
     encrypted = _final(table, "iid", "encrypted-16bit")
@@ -250,16 +272,18 @@ def _headline(
         else abs(plaintext - encrypted) * 100 <= TARGET_GAP_PP,
         "table": table,
     }
-    plot = args.plot
-    if plot is None:
+    if not plot:
+        return result
+    path = args.plot
+    if path is None:
         json_path = getattr(args, "json", None)
-        plot = (
+        path = (
             Path(json_path).with_suffix(".png")
             if json_path is not None
             else Path("bench/results") / f"accuracy-{dataset_name}.png"
         )
     from bench.report import plot_accuracy
 
-    plot_accuracy(result, plot)
-    result["plot"] = str(plot)
+    plot_accuracy(result, path)
+    result["plot"] = str(path)
     return result

@@ -29,7 +29,7 @@ from fedcore.client import Client, ClientConfig, ClientResult
 from fedcore.crypto import generate_keypair
 from fedcore.data import Dataset, client_shard, load_dataset
 from fedcore.model import mlp
-from fedcore.training import TrainConfig, make_train_fn
+from fedcore.training import TrainConfig, make_train_fn, train_local
 from protocol.tls import write_federation_pki
 
 __all__ = [
@@ -225,13 +225,16 @@ def _client_process(spec: ClientSpec, credentials: Credentials, port: int, out: 
 
 
 def _warm_up(model: Any, dataset: Dataset) -> None:
-    """One forward/backward pass, so torch's one-time set-up is not billed to round 1."""
-    import torch
+    """One training step on a throwaway copy, so torch's one-time set-up (lazy imports on
+    the first optimizer step cost seconds) is not billed to the first round."""
+    import copy
 
-    batch = torch.from_numpy(np.ascontiguousarray(dataset.x_train[:8], dtype=np.float32))
-    model.zero_grad(set_to_none=True)
-    model(batch).sum().backward()
-    model.zero_grad(set_to_none=True)
+    train_local(
+        copy.deepcopy(model),
+        dataset.x_train[:8],
+        dataset.y_train[:8],
+        TrainConfig(epochs=1, batch_size=8),
+    )
 
 
 def _client_result_json(result: ClientResult) -> dict[str, Any]:

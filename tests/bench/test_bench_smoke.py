@@ -1,0 +1,125 @@
+"""Smoke tests of the bench suite: each benchmark runs at a tiny size and writes sane JSON.
+
+Tiny keys (512 bits, a hidden flag), 2 clients, 1 round, a few dozen samples: these
+check that the benchmarks run end to end and produce their keys, not what they measure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.report import micro_costs, run_all, write_report
+
+TINY = ["--clients", "2", "--rounds", "1", "--samples-per-client", "32", "--key-bits", "512"]
+
+
+def _run(argv: list[str], out: Path) -> dict[str, Any]:
+    assert bench_main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results directory with tiny round and accuracy runs in it."""
+    out = tmp_path_factory.mktemp("results")
+    _run(
+        ["round", "--dataset", "digits", *TINY, "--committee-size", "1", "--committee-sizes", "1,2"],
+        out / "round.json",
+    )
+    _run(
+        ["accuracy", "--dataset", "digits", *TINY, "--no-progress", "--plot", str(out / "a.png")],
+        out / "accuracy-digits.json",
+    )
+    return out
+
+
+def test_round_benchmark_reports_times_phases_bytes_and_committee_scaling(results: Path) -> None:
+    data = json.loads((results / "round.json").read_text())
+    assert data["workload"]["clients"] == 2
+    assert data["workload"]["key_bits"] == 512
+    for key in ("encrypted_round_s", "plaintext_round_s", "overhead_ratio"):
+        assert _positive(data[key]), key
+    for mode in ("encrypted", "plaintext"):
+        phases = data[f"{mode}_phase_s"]
+        assert set(phases) >= {"local_training", "encode_encrypt", "fold", "decrypt"}
+        assert all(v >= 0 for v in phases.values())
+        assert _positive(data["bytes_per_client_per_round"][mode])
+        assert _positive(data[f"{mode}_cpu_s_per_round"])
+    # Packed 16-bit ciphertexts outweigh float32 even at 512 bits; the sizes must differ.
+    assert data["bytes_per_client_per_round"]["encrypted"] > data["bytes_per_client_per_round"][
+        "plaintext"
+    ]
+    assert data["encrypted_phase_s"]["decrypt"] > data["plaintext_phase_s"]["decrypt"]
+    assert set(data["decrypt_s_by_committee_size"]) == {"1", "2"}
+    assert all(_positive(v) for v in data["decrypt_s_by_committee_size"].values())
+
+
+def test_accuracy_benchmark_reports_accuracies_in_unit_interval(results: Path) -> None:
+    data = json.loads((results / "accuracy-digits.json").read_text())
+    assert 0.0 <= data["encrypted_accuracy"] <= 1.0
+    assert 0.0 <= data["plaintext_accuracy"] <= 1.0
+    rows = {(row["split"], row["mode"]) for row in data["table"]}
+    assert rows == {
+        (split, mode)
+        for split in ("iid", "dirichlet")
+        for mode in ("plaintext", "encrypted-16bit", "encrypted-8bit")
+    }
+    for row in data["table"]:
+        assert len(row["accuracy_per_round"]) == 1
+        assert 0.0 <= row["final_accuracy"] <= 1.0
+        assert _positive(row["round_s_mean"])
+    assert (results / "a.png").stat().st_size > 0
+
+
+def test_report_is_built_from_the_json_files(results: Path) -> None:
+    micro = {
+        "command": "python -m bench micro --quick",
+        "key_bits": 512,
+        "phe_encrypt_s_per_value": 1e-3,
+        "packed_encrypt_s_per_value": 1e-5,
+        "fold_s_per_value": 1e-8,
+        "mulmod_s": 1e-6,
+        "phe_decrypt_s_per_value": 1e-3,
+        "decrypt_s_per_value": 1e-5,
+        "bytes_per_value": 4.0,
+    }
+    (results / "micro.json").write_text(json.dumps(micro))
+    report = write_report(results)
+    text = report.read_text()
+    assert "## Round" in text and "## Accuracy, digits" in text and "## Micro" in text
+    for png in ("round-phases.png", "committee.png", "accuracy-digits.png", "micro-costs.png"):
+        assert (results / png).stat().st_size > 0, png
+        assert f"({png})" in text
+
+
+def test_micro_costs_skips_what_the_json_lacks() -> None:
+    assert micro_costs({}) == []
+    rows = micro_costs({"key_bits": 2048, "bytes_per_value": 6.6})
+    assert rows == [("bytes", 512.0, 6.6)]
+
+
+def test_all_runs_every_registered_benchmark_then_reports(tmp_path: Path) -> None:
+    ran: list[list[str]] = []
+
+    def fake(argv: list[str]) -> int:
+        ran.append(argv)
+        Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"command": "x", "n": 1.0}))
+        return 0
+
+    report = run_all(quick=True, results=tmp_path, run_one=fake)
+    names = {argv[0] for argv in ran}
+    assert {"round", "accuracy"} <= names
+    assert all("--quick" in argv for argv in ran)
+    assert report.exists() and "python -m bench round --quick" in report.read_text()
