@@ -76,7 +76,7 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
             [sys.executable, str(wrapper), str(opened), "aggregator", "--config",
              str(tmp_path / "fed.toml")],
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "daemon.log", "ab"),  # noqa: SIM115
+            stderr=open(tmp_path / "daemon.log", "ab"),
         )
 
     daemon = start_daemon()
