@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "protocol": "bench.protocol_bench",
     "round": "bench.round_bench",
     "accuracy": "bench.accuracy_bench",
+    "scale": "bench.scale_bench",
 }
 
 
