@@ -276,6 +276,9 @@ class Aggregator:
         )
 
     async def _shutdown(self) -> None:
+        # Safe at any instant: the global model only changes together with a save.
+        self.checkpoint.metrics = self.metrics.snapshot()
+        self.checkpoint.save(self.config.state_dir)
         done = self.checkpoint.rounds_completed >= self.config.rounds
         reason = FEDERATION_COMPLETE if done else "aggregator stopping; reconnect later"
         for handle in list(self.clients.values()):

@@ -40,12 +40,14 @@ class RogueClient:
         self.received: list[Any] = []
         self.codec: EncryptedCodec | None = None
 
-    async def connect(self, port: int, *, sample_count: int = 100) -> Welcome:
+    async def connect(
+        self, port: int, *, sample_count: int = 100, can_decrypt: bool = False
+    ) -> Welcome:
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=self.ctx, server_hostname="localhost"
         )
         await self.send(
-            Hello(version=PROTOCOL_VERSION, sample_count=sample_count, can_decrypt=False)
+            Hello(version=PROTOCOL_VERSION, sample_count=sample_count, can_decrypt=can_decrypt)
         )
         welcome = await self.expect(Welcome)
         public_key = PublicKey.from_bytes(welcome.public_key)

@@ -15,7 +15,14 @@ import pytest
 
 from fedcore.aggregator import Aggregator
 from protocol.errors import ErrorCode
-from protocol.messages import Ack, DecryptRequest, RoundStart, UpdateChunk, UpdateDone
+from protocol.messages import (
+    Ack,
+    DecryptRequest,
+    DecryptResult,
+    RoundStart,
+    UpdateChunk,
+    UpdateDone,
+)
 
 from .conftest import Keys, aggregator_config, make_client
 from .rogue import RogueClient
@@ -228,3 +235,59 @@ async def test_dropped_upload_resumes_where_it_stopped(
     await asyncio.wait_for(honest_task, 30)
     assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1"]
     await again.close()
+
+
+@pytest.mark.slow
+async def test_committee_shards_are_reassigned_when_members_fail(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(
+        tmp_path,
+        pki,
+        keys,
+        min_clients=2,
+        clients_per_round=2,
+        rounds=1,
+        local_epochs=1,
+        committee_size=3,
+        decrypt_shard_timeout=20.0,
+    )
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    port = aggregator.port
+    # One honest key holder; the other honest client has no key.
+    honest = [make_client(i, pki, keys, digits, 2, holds_key=i == 0) for i in range(2)]
+    honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
+    while len(aggregator.clients) < 2:  # the round selects these two
+        await asyncio.sleep(0.05)
+    # Two more key-holding committee members that misbehave: one vanishes, one lies.
+    dropper, liar = RogueClient(pki, 5), RogueClient(pki, 6)
+    await dropper.connect(port, can_decrypt=True)
+    await liar.connect(port, can_decrypt=True)
+
+    async def misbehave() -> None:
+        request = await dropper.expect(DecryptRequest)
+        assert request.item_count > 0
+        dropper.abort()
+
+    async def lie() -> None:
+        request = await liar.expect(DecryptRequest)
+        await liar.send(
+            DecryptResult(
+                round_id=request.round_id,
+                shard_id=request.shard_id,
+                item_count=request.item_count,
+                payload=b"\x00" * 3,
+                seconds=0.1,
+            )
+        )
+        assert await liar.error_code() == ErrorCode.BAD_DECRYPT_RESULT
+
+    rogue_tasks = [asyncio.create_task(misbehave()), asyncio.create_task(lie())]
+    checkpoint = await asyncio.wait_for(task, 120)
+    await asyncio.wait_for(asyncio.gather(*rogue_tasks, *honest_tasks), 30)
+    assert checkpoint.rounds_completed == 1
+    assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1"]
+    # Every shard, including the two failed ones, was decrypted by the honest key holder.
+    assert honest[0].result.shards_decrypted == 3
+    assert _rejected(aggregator, "bad_decrypt_result") == 1

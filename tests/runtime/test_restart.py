@@ -73,8 +73,14 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
 
     def start_daemon() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, str(wrapper), str(opened), "aggregator", "--config",
-             str(tmp_path / "fed.toml")],
+            [
+                sys.executable,
+                str(wrapper),
+                str(opened),
+                "aggregator",
+                "--config",
+                str(tmp_path / "fed.toml"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "daemon.log", "ab"),
         )
@@ -123,6 +129,65 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
 
     paths = opened.read_text().splitlines()
     assert any(os.path.samefile(p, keys.public) for p in paths if os.path.exists(p))
-    assert not any(
-        os.path.exists(p) and os.path.samefile(p, keys.private) for p in paths
-    ), "the aggregator opened the private key"
+    assert not any(os.path.exists(p) and os.path.samefile(p, keys.private) for p in paths), (
+        "the aggregator opened the private key"
+    )
+
+
+@pytest.mark.slow
+async def test_sigterm_stops_the_daemon_cleanly_mid_round(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    port, state = _free_port(), tmp_path / "state"
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedcore.cli",
+            "aggregator",
+            "--public-key",
+            str(keys.public),
+            "--cert",
+            str(pki / "aggregator.pem"),
+            "--key",
+            str(pki / "aggregator.key"),
+            "--ca",
+            str(pki / "ca.pem"),
+            "--state-dir",
+            str(state),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--model",
+            "fedcore.model:mlp",
+            "--model-arg",
+            "in_features=64",
+            "--min-clients",
+            "2",
+            "--clients-per-round",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    clients = [make_client(i, pki, keys, digits, 2, train_wrapper=_slow) for i in range(2)]
+    tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in clients]
+    try:
+        deadline = time.monotonic() + 60
+        while _checkpoint(state).get("next_round_id") != 2:
+            assert time.monotonic() < deadline, "round 1 never started"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # clients are training
+        daemon.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(daemon.communicate, timeout=30)
+        assert daemon.returncode == 0, err[-3000:]
+    finally:
+        for task in tasks:
+            task.cancel()
+        if daemon.poll() is None:
+            daemon.kill()
+    record = _checkpoint(state)
+    assert record["rounds_completed"] == 0 and record["next_round_id"] == 2
+    assert "round 1 abandoned" in err and "aggregator stopped" in err
