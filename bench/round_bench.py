@@ -31,7 +31,7 @@ from bench.federation import (
     make_credentials,
     run_federation,
 )
-from fedcore.data import fashion_mnist_available, load_dataset
+from fedcore.data import Dataset, fashion_mnist_available, load_dataset
 from fedcore.model import mlp
 from fedcore.training import TrainConfig
 
@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
     parser.add_argument("--key-bits", type=int, default=2048, help=argparse.SUPPRESS)
+    # Smoke tests only: clients as asyncio tasks here (no process start-up), not realistic.
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
 
 
 def _progress(message: str) -> None:
@@ -147,7 +149,9 @@ def _run(
     samples: int | None,
     committee: int,
     encrypted: bool,
+    in_process: Dataset | None,
 ) -> FederationResult:
+    """One federation; ``in_process`` (the loaded dataset) runs clients as tasks here."""
     config = aggregator_config(
         credentials,
         workdir / name,
@@ -171,7 +175,14 @@ def _run(
         )
         for i in range(clients)
     ]
-    return run_federation(config, specs, credentials, encrypted=encrypted, processes=True)
+    return run_federation(
+        config,
+        specs,
+        credentials,
+        encrypted=encrypted,
+        processes=in_process is None,
+        dataset=in_process,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -204,7 +215,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "key_bits": args.key_bits,
         "value_bits": 16,
         "committee_size": args.committee_size,
-        "client_execution": "one spawned process per client (torch 1 thread each)",
+        "client_execution": "asyncio tasks in this process (smoke test)"
+        if args.in_process
+        else "one spawned process per client (torch 1 thread each)",
         "machine_cores_shared": "yes: other work may run on the same cores",
     }
     _progress(f"workload: {workload}")
@@ -218,6 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "features": features,
             "classes": classes,
             "clients": clients,
+            "in_process": data if args.in_process else None,
         }
         _progress(f"encrypted federation: {rounds} rounds")
         encrypted = _run(

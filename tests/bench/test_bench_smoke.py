@@ -35,7 +35,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A results directory with tiny round and accuracy runs in it."""
     out = tmp_path_factory.mktemp("results")
     _run(
-        ["round", "--dataset", "digits", *TINY, "--committee-size", "1", "--committee-sizes", "1,2"],
+        [
+            "round",
+            "--dataset",
+            "digits",
+            *TINY,
+            "--in-process",
+            "--committee-size",
+            "1",
+            "--committee-sizes",
+            "1,2",
+        ],
         out / "round.json",
     )
     _run(
@@ -58,9 +68,10 @@ def test_round_benchmark_reports_times_phases_bytes_and_committee_scaling(result
         assert _positive(data["bytes_per_client_per_round"][mode])
         assert _positive(data[f"{mode}_cpu_s_per_round"])
     # Packed 16-bit ciphertexts outweigh float32 even at 512 bits; the sizes must differ.
-    assert data["bytes_per_client_per_round"]["encrypted"] > data["bytes_per_client_per_round"][
-        "plaintext"
-    ]
+    assert (
+        data["bytes_per_client_per_round"]["encrypted"]
+        > data["bytes_per_client_per_round"]["plaintext"]
+    )
     assert data["encrypted_phase_s"]["decrypt"] > data["plaintext_phase_s"]["decrypt"]
     assert set(data["decrypt_s_by_committee_size"]) == {"1", "2"}
     assert all(_positive(v) for v in data["decrypt_s_by_committee_size"].values())
