@@ -76,3 +76,24 @@ async def test_metrics_endpoint_reports_the_federation(
     assert value("fedcore_bytes_received_total") > 8 * aggregator.codec.item_count * 128
     assert value("fedcore_connected_clients") == 4
     assert 'fedcore_round_phase_seconds_count{phase="decrypt"}' in text
+
+
+@pytest.mark.slow
+async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys, digits) -> None:
+    """With a cap of 1, uploads are taken one at a time and the round still completes."""
+    peak = [0]
+
+    class Watched(Aggregator):
+        async def _on_chunk(self, handle, chunk) -> None:  # type: ignore[no-untyped-def]
+            await super()._on_chunk(handle, chunk)
+            peak[0] = max(peak[0], len(self._uploads))
+
+    config = aggregator_config(
+        tmp_path, pki, keys, rounds=1, local_epochs=1, max_inflight_uploads=1
+    )
+    aggregator = Watched(config)
+    clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
+    checkpoint, _ = await run_federation(aggregator, clients)
+    assert checkpoint.rounds_completed == 1
+    assert len(checkpoint.history[-1]["contributors"]) == 4
+    assert peak[0] == 1
