@@ -227,6 +227,7 @@ def _save_partial(
 
     partial = _headline(dataset_name, workload, table, args, plot=False)
     partial["partial"] = True
+    partial["command"] = "python -m bench " + " ".join(sys.argv[1:])
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(partial, indent=2) + "\n")
 

@@ -187,6 +187,14 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "—" if value is None else str(value)
 
 
+def _verdict(met: Any) -> str:
+    return "n/a" if met is None else ("met" if met else "NOT met")
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.2f}%" if isinstance(value, int | float) else "—"
+
+
 def _round_section(data: dict[str, Any], out: Path) -> list[str]:
     w = data.get("workload", {})
     lines = [
@@ -241,16 +249,24 @@ def _accuracy_section(data: dict[str, Any], name: str, out: Path) -> list[str]:
     lines = [
         f"## Accuracy, {data.get('dataset')} (`{name}.json`)",
         "",
-        f"Command: `{data.get('command', '')}`",
+        f"Command: `{data.get('command', '(not recorded: the run was stopped early)')}`",
         "",
+    ]
+    if data.get("partial"):
+        lines += [
+            "**Partial run**: stopped before every (split, mode) federation finished; the "
+            "table holds only the federations that completed.",
+            "",
+        ]
+    lines += [
         "Workload: " + ", ".join(f"{k} = {v}" for k, v in w.items()),
         "",
-        f"- IID, 16 bits: encrypted **{_fmt(100 * (data['encrypted_accuracy'] or 0), 4)}%**, "
-        f"plaintext **{_fmt(100 * (data['plaintext_accuracy'] or 0), 4)}%**, gap "
+        f"- IID, 16 bits: encrypted **{_pct(data['encrypted_accuracy'])}**, "
+        f"plaintext **{_pct(data['plaintext_accuracy'])}**, gap "
         f"{_fmt(data.get('gap_pp'))} pp (target: within {data.get('target_gap_pp')} pp → "
-        f"{'met' if data.get('meets_gap_target') else 'NOT met'}); accuracy target "
-        f"{_fmt(100 * data.get('target_accuracy', 0), 4)}% → "
-        f"{'met' if data.get('meets_accuracy_target') else 'NOT met'}.",
+        f"{_verdict(data.get('meets_gap_target'))}); accuracy target "
+        f"{_pct(data.get('target_accuracy'))} → "
+        f"{_verdict(data.get('meets_accuracy_target'))}.",
         "",
         "| split | mode | final accuracy | best | gap vs plaintext (pp) | s/round |",
         "|---|---|---:|---:|---:|---:|",
