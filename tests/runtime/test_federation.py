@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from fedcore.aggregator import Aggregator
+from protocol.messages import RoundStart
 
 from .conftest import Keys, accuracy_of, aggregator_config, make_client, run_federation
+from .rogue import RogueClient
 
 
 @pytest.mark.slow
@@ -79,21 +82,36 @@ async def test_metrics_endpoint_reports_the_federation(
 
 
 @pytest.mark.slow
-async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys, digits) -> None:
-    """With a cap of 1, uploads are taken one at a time and the round still completes."""
-    peak = [0]
-
-    class Watched(Aggregator):
-        async def _on_chunk(self, handle, chunk) -> None:  # type: ignore[no-untyped-def]
-            await super()._on_chunk(handle, chunk)
-            peak[0] = max(peak[0], len(self._uploads))
-
+async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys) -> None:
+    """Beyond the cap an upload waits (its connection is not read) until a slot frees."""
     config = aggregator_config(
-        tmp_path, pki, keys, rounds=1, local_epochs=1, max_inflight_uploads=1
+        tmp_path,
+        pki,
+        keys,
+        clients_per_round=3,
+        rounds=1,
+        max_inflight_uploads=2,
+        round_timeout=30.0,
     )
-    aggregator = Watched(config)
-    clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
-    checkpoint, _ = await run_federation(aggregator, clients)
-    assert checkpoint.rounds_completed == 1
-    assert len(checkpoint.history[-1]["contributors"]) == 4
-    assert peak[0] == 1
+    aggregator = Aggregator(config)
+    task = asyncio.create_task(aggregator.run())
+    await aggregator.wait_started()
+    rogues = [RogueClient(pki, i) for i in range(3)]
+    for rogue in rogues:
+        await rogue.connect(aggregator.port)
+    starts = [await rogue.expect(RoundStart) for rogue in rogues]
+    payloads = rogues[0].payloads(starts[0])
+    for rogue, start in zip(rogues, starts, strict=True):
+        await rogue.upload(start, payloads, last=1, done=False)  # first chunk only
+        await asyncio.sleep(0.5)
+    assert sorted(aggregator._uploads) == ["client-0", "client-1"]
+    rogues[0].abort()  # a slot frees: the waiting upload is taken in
+    for _ in range(100):
+        if "client-2" in aggregator._uploads:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(aggregator._uploads) == ["client-1", "client-2"]
+    aggregator.request_stop()
+    await asyncio.wait_for(task, 30)
+    for rogue in rogues[1:]:
+        await rogue.close()
