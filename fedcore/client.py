@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +152,9 @@ class Client:
         )
         self.result = ClientResult()
         self._prepared: _PreparedUpdate | None = None
+        # A cancelled round's thread runs on until it finishes; the next round must not
+        # train the same model at the same time.
+        self._model_lock = threading.Lock()
         self._ssl = client_context(config.cert, config.key, config.ca)
 
     # ------------------------------------------------------------------ entry points
@@ -332,6 +336,10 @@ class Client:
 
     def _prepare_update(self, codec: UpdateCodec, start: RoundStart) -> _PreparedUpdate:
         """Evaluate the global model, train, and encode the update (runs in a thread)."""
+        with self._model_lock:
+            return self._prepare_update_locked(codec, start)
+
+    def _prepare_update_locked(self, codec: UpdateCodec, start: RoundStart) -> _PreparedUpdate:
         global_weights = np.frombuffer(start.weights, dtype=np.float32)
         if global_weights.shape[0] != self.layout.numel:
             raise ConfigError(
