@@ -56,9 +56,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Bytes asked of the stream per read. Large reads hold several frames, which the
-# decoder parses in place; only a frame split across reads is copied.
-READ_SIZE: Final = 1024 * 1024
+# Bytes asked of the stream per read. Frames wholly inside a read are parsed in place;
+# only a frame split across reads is copied. Larger reads measured worse: glibc then
+# serves each read's buffer with fresh mmap()ed pages unless tune_allocator() ran.
+READ_SIZE: Final = 256 * 1024
 # The StreamReader stops reading the socket above twice this (per-connection memory).
 STREAM_LIMIT: Final = 256 * 1024
 # A partly received frame must keep arriving at least this fast (bytes/s) on top of
