@@ -45,7 +45,14 @@ from protocol.messages import (
     Welcome,
 )
 from protocol.tls import client_context
-from protocol.transport import Backoff, Connection, TransportConfig, connect, install_uvloop
+from protocol.transport import (
+    Backoff,
+    Connection,
+    TransportConfig,
+    connect,
+    install_uvloop,
+    tune_allocator,
+)
 
 __all__ = [
     "FEDERATION_COMPLETE",
@@ -159,7 +166,8 @@ class Client:
 
     # ------------------------------------------------------------------ entry points
     def run_forever(self, server: str) -> ClientResult:
-        """Blocking form of `run` (uvloop when installed)."""
+        """Blocking form of `run` (uvloop when installed, glibc tuned for frame buffers)."""
+        tune_allocator()
         install_uvloop()
         return asyncio.run(self.run(server))
 

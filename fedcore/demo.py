@@ -218,8 +218,9 @@ def _run(
 
     started = time.perf_counter()
     try:
-        from protocol.transport import install_uvloop
+        from protocol.transport import install_uvloop, tune_allocator
 
+        tune_allocator()
         install_uvloop()
         asyncio.run(main())
     finally:
