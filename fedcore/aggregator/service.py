@@ -57,7 +57,7 @@ from protocol.messages import (
 from protocol.tls import server_context
 from protocol.transport import Connection, Server, TransportConfig
 
-__all__ = ["Aggregator", "RoundReport", "build_model"]
+__all__ = ["ROUND_START_CONCURRENCY", "Aggregator", "RoundReport", "build_model"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ _REASON_CODES = {
     "invalid_ciphertext": ErrorCode.INVALID_CIPHERTEXT,
     "digest_mismatch": ErrorCode.DIGEST_MISMATCH,
 }
+
+# RoundStart frames carry the whole model (2 MB for the seed MLP); sending them to
+# 1,000 clients at once would buffer gigabytes, so only this many are in flight.
+ROUND_START_CONCURRENCY = 32
 
 # The session refuses some updates before the runtime sees them; count them by name too.
 _CODE_REASONS = {code: reason for reason, code in _REASON_CODES.items()}
@@ -201,6 +205,7 @@ class Aggregator:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = asyncio.Event()
         self._folder: FoldEngine | None = None
+        self._weights_blob = b""  # this round's global model, encoded once for everyone
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -360,7 +365,14 @@ class Aggregator:
         log.info("round %d: selected %d of %d clients", round_id, len(selected), len(candidates))
 
         t_collect = time.monotonic()
-        await asyncio.gather(*(self._send_round_start(cid) for cid in selected))
+        self._weights_blob = self.checkpoint.global_weights.astype(np.float32).tobytes()
+        sending = asyncio.Semaphore(ROUND_START_CONCURRENCY)
+
+        async def send(cid: str) -> None:
+            async with sending:
+                await self._send_round_start(cid)
+
+        await asyncio.gather(*(send(cid) for cid in selected))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._round_full.wait(), c.round_timeout)
         state.phase = RoundPhase.DECRYPTING
@@ -467,7 +479,7 @@ class Aggregator:
         held = len(upload.chunks) if upload is not None and upload.round_id == state.round_id else 0
         message = RoundStart(
             round_id=state.round_id,
-            weights=self.checkpoint.global_weights.astype(np.float32).tobytes(),
+            weights=self._weights_blob,
             clip=self.config.clip,
             value_bits=self.config.value_bits,
             deadline_s=max(0.0, state.deadline - time.monotonic()),
