@@ -19,7 +19,11 @@ import gmpy2
 import numpy as np
 
 from fedcore.crypto.keys import PublicKey
-from fedcore.crypto.serialize import deserialize_ciphertexts, serialize_ciphertexts
+from fedcore.crypto.serialize import (
+    ciphertext_count,
+    deserialize_ciphertexts,
+    serialize_ciphertexts,
+)
 from fedcore.crypto.vector import fold_update
 from fedcore.errors import InvalidCiphertextError
 
@@ -36,12 +40,7 @@ def check_ciphertext_bytes(data: bytes, public_key: PublicKey, *, index_offset: 
     The gcd(c, n) = 1 half of validation needs the integers: `SliceSum.stage` does it.
     """
     width = public_key.ciphertext_bytes
-    count, remainder = divmod(len(data), width)
-    if remainder:
-        raise InvalidCiphertextError(
-            f"ciphertext bytes length {len(data)} is not a multiple of {width}",
-            index=index_offset + count,
-        )
+    count = ciphertext_count(data, public_key, index_offset=index_offset)
     if count == 0:
         return 0
     rows = np.frombuffer(data, dtype=np.uint8).reshape(count, width)

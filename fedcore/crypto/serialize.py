@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from fedcore.crypto.keys import PublicKey
 
 __all__ = [
+    "ciphertext_count",
     "deserialize_ciphertexts",
     "deserialize_plaintexts",
     "serialize_ciphertexts",
@@ -44,6 +45,18 @@ def serialize_ciphertexts(ciphertexts: Sequence[Any], public_key: PublicKey) -> 
     return _to_fixed_width(ciphertexts, public_key.ciphertext_bytes, "ciphertext")
 
 
+def ciphertext_count(data: bytes, public_key: PublicKey, *, index_offset: int = 0) -> int:
+    """How many fixed-width ciphertexts ``data`` holds; InvalidCiphertextError if ragged."""
+    width = public_key.ciphertext_bytes
+    count, remainder = divmod(len(data), width)
+    if remainder:
+        raise InvalidCiphertextError(
+            f"ciphertext bytes length {len(data)} is not a multiple of {width}",
+            index=index_offset + count,
+        )
+    return count
+
+
 def deserialize_ciphertexts(
     data: bytes, public_key: PublicKey, *, validate: bool = True, index_offset: int = 0
 ) -> list[mpz]:
@@ -54,12 +67,7 @@ def deserialize_ciphertexts(
     :func:`validate_ciphertexts` does, with indices shifted by ``index_offset``.
     """
     width = public_key.ciphertext_bytes
-    count, remainder = divmod(len(data), width)
-    if remainder:
-        raise InvalidCiphertextError(
-            f"ciphertext bytes length {len(data)} is not a multiple of {width}",
-            index=index_offset + count,
-        )
+    ciphertext_count(data, public_key, index_offset=index_offset)
     view = memoryview(data)
     from_bytes = mpz.from_bytes
     ciphertexts = [from_bytes(view[i : i + width], "big") for i in range(0, len(data), width)]
