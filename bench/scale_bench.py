@@ -142,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-sndbuf",
         type=int,
-        default=256 * 1024,
+        default=64 * 1024,
         help="SO_SNDBUF of each load-generator socket, bytes (0 = kernel autotuning)",
     )
     parser.add_argument("--workdir", type=Path, help="keep keys, certificates and logs here")
@@ -864,7 +864,13 @@ def top_frames(raw: Path, limit: int = 15) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [re.sub(r"\(.*?([^/]+/[^/]+\.py)\)", r"(\1)", f) for f in stack.split(";")]
+        frames = [
+            re.sub(r"\(.*?([^/]+/[^/]+\.py)\)", r"(\1)", f)
+            for f in stack.split(";")
+            if not f.startswith("process ")  # --subprocesses adds one root frame per pid
+        ]
+        if not frames:
+            continue
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
