@@ -236,7 +236,15 @@ def _round_section(data: dict[str, Any], out: Path) -> list[str]:
         data.get("decrypt_s_by_committee_size", {}).items(), key=lambda kv: int(kv[0])
     ):
         lines.append(f"| {size} | {_fmt(seconds)} | {_fmt(speedups.get(size))} |")
-    lines += ["", str(data.get("decrypt_scaling_note", "")), ""]
+    lines += ["", str(data.get("decrypt_scaling_note", "")) + ".", ""]
+    cores = data.get("machine", {}).get("cpu_count")
+    beyond = {k: v for k, v in speedups.items() if cores and int(k) > cores}
+    if beyond and max(beyond.values()) > cores:
+        lines += [
+            f"Here the speed-up passes the {cores} cores the machine has: the extra member "
+            "processes took CPU from the other work sharing the cores, not from idle cores.",
+            "",
+        ]
     for name, plot in (("round-phases.png", plot_round_phases), ("committee.png", plot_committee)):
         plot(data, out / name)
         lines.append(f"![{name}]({name})")
