@@ -46,7 +46,7 @@ def plot_accuracy(result: dict[str, Any], path: Path) -> Path:
     """Test accuracy per round, one panel per split, one line per mode."""
     plt = _pyplot()
     table = result.get("table", [])
-    splits = sorted({row["split"] for row in table})
+    splits = list(dict.fromkeys(row["split"] for row in table))  # run order: iid first
     fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(6 * max(1, len(splits)), 4))
     axes = list(axes) if len(splits) > 1 else [axes]
     styles = {"plaintext": "-", "encrypted-16bit": "--", "encrypted-8bit": ":"}
