@@ -408,14 +408,15 @@ def run_all(
     if not report_only:
         from tqdm import tqdm
 
-        if run_one is None:
-            from bench.__main__ import main as run_one
+        from bench.__main__ import main as run_benchmark
+
+        runner: Callable[[list[str]], int] = run_one or run_benchmark
         runs = _planned_runs(quick)
         for name, argv in tqdm(runs, desc="bench all", unit="benchmark", file=sys.stderr):
             argv = [*argv, "--json", str(results / f"{name}.json")]
             commands.append("python -m bench " + " ".join(argv))
             try:
-                run_one(argv)
+                runner(argv)
             except Exception:  # one broken benchmark must not lose the others' results
                 log.exception("benchmark %s failed", name)
                 print(f"benchmark {name} FAILED (see log); continuing", file=sys.stderr)
