@@ -1104,6 +1104,8 @@ def _run_idle(setup: _Setup, clients: int, args: argparse.Namespace) -> dict[str
         out["connected_aggregator_view"] = (
             json.loads(health).get("connected_clients") if health else None
         )
+        # At the fd limit the metrics server cannot accept either: count the log's joins.
+        out["joined_in_log"] = daemon.tail(10**9).count(" joined (")
         out["aggregator_rss_baseline_mb"] = baseline_rss
         out["aggregator_rss_held_mb"] = rss
         held = out["connected_aggregator_view"] or connected.value
@@ -1220,6 +1222,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "model_kwargs": setup.model_kwargs,
             "re_randomized": False,
             "round_seconds_is": "checkpoint phase_seconds collect + decrypt + update",
+            "fold_seconds_is": "fedcore_fold_seconds_sum: per-update fold waits; with "
+            "fold_workers > 0 they overlap, so the sum can exceed the wall time",
         },
         "setup_seconds": setup.timings,
         "curve": [
