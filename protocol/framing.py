@@ -62,7 +62,9 @@ MAX_BUFFERED_BYTES: Final = DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + BUFFER_SLACK
 MAX_STR_BYTES: Final = 64 * 1024
 MAX_CONTAINER_LEN: Final = 1024
 # An encoder keeps its buffer between frames unless a frame grew it past this.
-MAX_RETAINED_ENCODE_BUFFER: Final = 4 * 1024 * 1024
+# Above this the buffer is dropped after use: a connection that once sent a 2 MiB model
+# must not keep 2 MiB for life (1,000 connections would pin 2 GB).
+MAX_RETAINED_ENCODE_BUFFER: Final = 256 * 1024
 # Consumed bytes at the front of the buffer are dropped once they pass this.
 _COMPACT_AT: Final = 256 * 1024
 
