@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Privacy-preserving federated learning: packed Paillier over mutual TLS.",
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for demo, which prints its own progress)",
     )
     parser.add_argument(
         "--log-format",

@@ -91,6 +91,10 @@ class ClientConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     decrypt_workers: int = 1
+    # Constant-time modular exponentiation with the secret CRT exponents (~1.5x slower
+    # than GMP's variable-time powmod, which phe uses). Turn off only where timing of
+    # decryption cannot be observed by anyone who should not learn the key.
+    constant_time_decrypt: bool = True
     seed: int = 0
     idle_timeout: float = 300.0
     heartbeat_interval: float = 15.0
@@ -312,6 +316,7 @@ class Client:
                 )
             if start.chunks_received > len(prepared.payloads):
                 raise ProtocolError("aggregator claims more chunks than the update has")
+            t_upload = time.perf_counter()
             for seq in range(start.chunks_received, len(prepared.payloads)):
                 async with send_lock:
                     await conn.send(
@@ -328,7 +333,7 @@ class Client:
                         item_count=prepared.item_count,
                         digest=prepared.digest,
                         sample_count=prepared.sample_count,
-                        timings=prepared.timings,
+                        timings={**prepared.timings, "upload_s": time.perf_counter() - t_upload},
                         metrics=prepared.metrics,
                     )
                 )
@@ -371,12 +376,16 @@ class Client:
         rng = np.random.default_rng([self.config.seed, start.round_id])
         t0 = time.perf_counter()
         encoded = codec.encode(update, weight=weight, rng=rng)
+        t1 = time.perf_counter()
         if isinstance(codec, EncryptedCodec):
             items: Any = codec.public_key.encrypt_vector(list(encoded))
         else:
             items = encoded
+        t2 = time.perf_counter()
         payloads = list(codec.chunk_payloads(items))
-        timings["encrypt_s"] = time.perf_counter() - t0
+        timings["encode_s"] = t1 - t0
+        timings["encrypt_s"] = t2 - t1
+        timings["serialize_s"] = time.perf_counter() - t2
         digest = hashlib.sha256()
         for payload in payloads:
             digest.update(payload)
@@ -407,6 +416,7 @@ class Client:
             request.payload,
             private_key,
             workers=self.config.decrypt_workers,
+            constant_time=self.config.constant_time_decrypt,
         )
         seconds = time.perf_counter() - t0
         async with send_lock:

@@ -92,11 +92,18 @@ class EncryptedCodec:
         ]
 
     def decrypt_payload(
-        self, payload: bytes, private_key: PrivateKey, *, workers: int = 1
+        self,
+        payload: bytes,
+        private_key: PrivateKey,
+        *,
+        workers: int = 1,
+        constant_time: bool = True,
     ) -> tuple[bytes, int]:
         """Committee side: decrypt a shard of summed ciphertexts into plaintext bytes."""
         ciphertexts = deserialize_ciphertexts(payload, self.public_key, validate=True)
-        plaintexts = private_key.decrypt_vector(ciphertexts, workers=workers)
+        plaintexts = private_key.decrypt_vector(
+            ciphertexts, workers=workers, constant_time=constant_time
+        )
         return serialize_plaintexts(plaintexts, self.public_key), len(plaintexts)
 
     def parse_plaintexts(self, payload: bytes, count: int) -> list[int]:

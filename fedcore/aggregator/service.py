@@ -109,6 +109,7 @@ class RoundReport:
     client_metrics: dict[str, float]
     client_timings: dict[str, float]
     bytes_received: int
+    fold_seconds: float
 
 
 @dataclass(slots=True, eq=False)
@@ -197,6 +198,7 @@ class Aggregator:
         self._holding_slot: set[str] = set()
         self._client_reports: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
         self._round_bytes = 0
+        self._round_fold_s = 0.0
         self._clients_changed = asyncio.Event()
         self._round_full = asyncio.Event()
         self._stop = asyncio.Event()
@@ -360,6 +362,7 @@ class Aggregator:
         self._round_full.clear()
         self._client_reports = {}
         self._round_bytes = 0
+        self._round_fold_s = 0.0
         self.metrics.current_round.set(round_id)
         phases["select"] = time.monotonic() - t0
         log.info("round %d: selected %d of %d clients", round_id, len(selected), len(candidates))
@@ -415,13 +418,13 @@ class Aggregator:
         phases["update"] = time.monotonic() - t_update
         state.phase = RoundPhase.COMPLETED
         self.checkpoint.rounds_completed += 1
-        report = self._round_report(state, phases)
         t_ckpt = time.monotonic()
         self.checkpoint.history.append({**state.summary(), "phase_seconds": phases})
         self.metrics.rounds_completed_total.inc()
         self.checkpoint.metrics = self.metrics.snapshot()
         self.checkpoint.save(c.state_dir)
         phases["checkpoint"] = time.monotonic() - t_ckpt
+        report = self._round_report(state, phases)
         for phase, seconds in phases.items():
             self.metrics.round_phase_seconds.labels(phase=phase).observe(seconds)
         log.info(
@@ -458,6 +461,7 @@ class Aggregator:
             client_metrics={k: float(np.mean(v)) for k, v in metrics.items()},
             client_timings={k: float(np.mean(v)) for k, v in timings.items()},
             bytes_received=self._round_bytes,
+            fold_seconds=self._round_fold_s,
         )
 
     def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:
@@ -772,7 +776,9 @@ class Aggregator:
         else:
             assert isinstance(self.codec, PlaintextCodec)
             state.fold(cid, update, self.codec.fold)
-        self.metrics.fold_seconds.observe(time.monotonic() - t0)
+        fold_s = time.monotonic() - t0
+        self._round_fold_s += fold_s
+        self.metrics.fold_seconds.observe(fold_s)
         self._round_bytes += upload.bytes_received
         self._drop_upload(cid)
         self.metrics.updates_accepted_total.inc()
