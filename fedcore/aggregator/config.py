@@ -52,6 +52,7 @@ class AggregatorConfig:
     idle_timeout: float = 120.0
     heartbeat_interval: float = 15.0
     seed: int = 0
+    allowed_clients: tuple[str, ...] | None = None
     local_epochs: int = 1
     learning_rate: float = 0.05
 
@@ -118,6 +119,12 @@ class AggregatorConfig:
         _require(self.committee_size >= 1, "committee_size", ">= 1", self.committee_size)
         _require(self.local_epochs >= 1, "local_epochs", ">= 1", self.local_epochs)
         _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
+        if self.allowed_clients is not None:
+            if isinstance(self.allowed_clients, str) or not all(
+                isinstance(c, str) and c for c in self.allowed_clients
+            ):
+                raise ConfigError("allowed_clients must be a list of certificate common names")
+            object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
         if ":" not in self.model:
             raise ConfigError(f"model must be 'module:factory', got {self.model!r}")
 

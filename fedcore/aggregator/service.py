@@ -617,6 +617,17 @@ class Aggregator:
             return
         if not isinstance(hello, Hello):  # the session allows nothing else first
             return
+        allowed = self.config.allowed_clients
+        if allowed is not None and client_id not in allowed:
+            log.warning("refused %r: not in allowed_clients", client_id)
+            self.metrics.updates_rejected_total.labels(reason="unknown_client").inc()
+            await conn.close(
+                error=Error(
+                    code=int(ErrorCode.UNKNOWN_CLIENT),
+                    reason="this certificate is not a member of the federation",
+                )
+            )
+            return
         if hello.version != PROTOCOL_VERSION:
             await conn.close(
                 error=Error(

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from fedcore.aggregator import Aggregator
+from fedcore.errors import FedcoreError
 from protocol.errors import ErrorCode
 from protocol.messages import (
     Ack,
@@ -291,3 +292,22 @@ async def test_committee_shards_are_reassigned_when_members_fail(
     # Every shard, including the two failed ones, was decrypted by the honest key holder.
     assert honest[0].result.shards_decrypted == 3
     assert _rejected(aggregator, "bad_decrypt_result") == 1
+
+
+async def test_a_certificate_outside_allowed_clients_is_refused(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    config = aggregator_config(tmp_path, pki, keys, allowed_clients=["client-0", "client-1"])
+    aggregator = Aggregator(config)
+    task = await _start(aggregator)
+    stranger = RogueClient(pki, 5)  # a valid certificate of the CA, but not a member
+    with pytest.raises(AssertionError, match="got Error"):
+        await stranger.connect(aggregator.port)
+    assert stranger.received[-1].code == ErrorCode.UNKNOWN_CLIENT
+    client = make_client(6, pki, keys, digits, 8)
+    with pytest.raises(FedcoreError, match="refused this client"):
+        await asyncio.wait_for(client.run(f"127.0.0.1:{aggregator.port}"), 30)
+    assert _rejected(aggregator, "unknown_client") == 2
+    assert not aggregator.clients
+    aggregator.request_stop()
+    await asyncio.wait_for(task, 30)
