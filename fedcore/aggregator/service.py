@@ -10,6 +10,7 @@ running sum, whatever the number of connected clients. All socket work goes thro
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import logging
@@ -208,6 +209,7 @@ class Aggregator:
         self._started = asyncio.Event()
         self._folder: FoldEngine | None = None
         self._weights_blob = b""  # this round's global model, encoded once for everyone
+        self._ended_rounds: collections.deque[int] = collections.deque(maxlen=8)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -379,6 +381,7 @@ class Aggregator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._round_full.wait(), c.round_timeout)
         state.phase = RoundPhase.DECRYPTING
+        self._ended_rounds.append(round_id)
         phases["collect"] = time.monotonic() - t_collect
         for cid in list(self._uploads):
             self._drop_upload(cid)
@@ -731,6 +734,14 @@ class Aggregator:
             else:
                 log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
         except RejectedUpdate as exc:
+            round_id = getattr(message, "round_id", None)
+            if exc.reason == "stale_round" and round_id in self._ended_rounds:
+                # Sent before our RoundEnd reached the client: a race, not misbehaviour.
+                log.debug(
+                    "%s: late %s for round %s", handle.client_id, type(message).__name__, round_id
+                )
+                self._drop_upload(handle.client_id)
+                return
             await self._reject(handle, exc.reason, str(exc))
         except InvalidCiphertextError as exc:
             await self._reject(handle, "invalid_ciphertext", str(exc))
