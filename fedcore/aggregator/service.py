@@ -554,12 +554,15 @@ class Aggregator:
             raise RoundError(f"no committee member decrypted shard {shard_id}")
 
         t0 = time.monotonic()
-        await asyncio.gather(
-            *(
-                decrypt_shard(i, start, payload, count)
-                for i, (start, payload, count) in enumerate(shards)
-            )
-        )
+        tasks = [
+            asyncio.create_task(decrypt_shard(i, start, payload, count))
+            for i, (start, payload, count) in enumerate(shards)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one shard failed the round: stop waiting for the others
+                task.cancel()
         log.info(
             "round %d: %d shards decrypted by %d committee members in %.2f s",
             state.round_id,
