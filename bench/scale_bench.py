@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcore.client import decrypt_shard
 from fedcore.codec import EncryptedCodec, codec_from_session_config
 from fedcore.crypto import PrivateKey, PublicKey
 from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
@@ -66,7 +67,6 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     DecryptRequest,
-    DecryptResult,
     Hello,
     RoundEnd,
     RoundStart,
@@ -481,30 +481,17 @@ class _LoadGenerator:
         self, conn: Connection, lock: asyncio.Lock, codec: EncryptedCodec, request: DecryptRequest
     ) -> None:
         assert self.private_key is not None
-        t0 = time.perf_counter()
         try:
-            payload, count = await asyncio.to_thread(
-                codec.decrypt_payload,
-                request.payload,
-                self.private_key,
-                workers=self.spec.decrypt_workers,
+            result = await decrypt_shard(
+                codec, self.private_key, request, workers=self.spec.decrypt_workers
             )
-            seconds = time.perf_counter() - t0
             async with lock:
-                await conn.send(
-                    DecryptResult(
-                        round_id=request.round_id,
-                        shard_id=request.shard_id,
-                        item_count=count,
-                        payload=payload,
-                        seconds=seconds,
-                    )
-                )
+                await conn.send(result)
         except (ProtocolError, OSError, ValueError) as exc:
             self.stats.errors[f"decrypt:{type(exc).__name__}"] += 1
             return
         self.stats.shards_decrypted += 1
-        self.stats.decrypt_s += seconds
+        self.stats.decrypt_s += result.seconds
 
 
 def _cap_send_buffer(conn: Connection, size: int) -> None:

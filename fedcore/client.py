@@ -61,6 +61,7 @@ __all__ = [
     "ClientResult",
     "EvaluateFn",
     "TrainFn",
+    "decrypt_shard",
     "parse_server",
 ]
 
@@ -409,24 +410,39 @@ class Client:
     ) -> None:
         if self.private_key is None or not isinstance(codec, EncryptedCodec):
             raise ProtocolError("asked to decrypt without a private key")
-        private_key = self.private_key
-        t0 = time.perf_counter()
-        payload, count = await asyncio.to_thread(
-            codec.decrypt_payload,
-            request.payload,
-            private_key,
+        result = await decrypt_shard(
+            codec,
+            self.private_key,
+            request,
             workers=self.config.decrypt_workers,
             constant_time=self.config.constant_time_decrypt,
         )
-        seconds = time.perf_counter() - t0
         async with send_lock:
-            await conn.send(
-                DecryptResult(
-                    round_id=request.round_id,
-                    shard_id=request.shard_id,
-                    item_count=count,
-                    payload=payload,
-                    seconds=seconds,
-                )
-            )
+            await conn.send(result)
         self.result.shards_decrypted += 1
+
+
+async def decrypt_shard(
+    codec: EncryptedCodec,
+    private_key: PrivateKey,
+    request: DecryptRequest,
+    *,
+    workers: int = 1,
+    constant_time: bool = True,
+) -> DecryptResult:
+    """A committee member's answer to one DecryptRequest (decrypts in a worker thread)."""
+    t0 = time.perf_counter()
+    payload, count = await asyncio.to_thread(
+        codec.decrypt_payload,
+        request.payload,
+        private_key,
+        workers=workers,
+        constant_time=constant_time,
+    )
+    return DecryptResult(
+        round_id=request.round_id,
+        shard_id=request.shard_id,
+        item_count=count,
+        payload=payload,
+        seconds=time.perf_counter() - t0,
+    )
