@@ -42,6 +42,7 @@ from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
 from fedcore.packing import PackingSpec
 from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
+from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -528,7 +529,8 @@ class Aggregator:
         assert self._folder is not None
         summed = await self._folder.result()
         width = self.codec.public_key.ciphertext_bytes
-        max_items = max(1, (self.codec_max_frame() // 2) // width)
+        # a shard travels in one DecryptRequest frame: use at most half the frame limit
+        max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
         shard_count = max(len(members), -(-(len(summed) // width) // max_items))
         shards = self.codec.sum_to_payloads(summed, shard_count)
         free: asyncio.Queue[_ClientHandle] = asyncio.Queue()
@@ -574,12 +576,6 @@ class Aggregator:
         for start in sorted(results):
             out.extend(results[start])
         return out
-
-    def codec_max_frame(self) -> int:
-        """Largest frame a client accepts for a decrypt request (half is used per shard)."""
-        from protocol.framing import DEFAULT_MAX_FRAME_SIZE
-
-        return DEFAULT_MAX_FRAME_SIZE
 
     async def _request_shard(
         self, member: _ClientHandle, round_id: int, shard_id: int, payload: bytes, count: int
