@@ -303,6 +303,14 @@ def _micro_section(data: dict[str, Any], out: Path) -> list[str]:
     ]
     for label, phe, packed in micro_costs(data):
         lines.append(f"| {label} | {_fmt(phe)} | {_fmt(packed)} |")
+    if "decrypt_backend" in data:
+        lines += [
+            "",
+            f"fedcore's decrypt is constant-time ({data['decrypt_backend']} exponentiation); "
+            f"{_fmt(data.get('decrypt_speedup_vs_phe'))}x phe per value, "
+            f"{_fmt(data.get('decrypt_variable_time_speedup_vs_phe'))}x with GMP's "
+            "variable-time powmod.",
+        ]
     if plot_micro_costs(data, out / "micro-costs.png") is not None:
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")

@@ -92,9 +92,10 @@ class ClientConfig:
     backoff_base: float = 0.5
     backoff_max: float = 30.0
     decrypt_workers: int = 1
-    # Constant-time modular exponentiation with the secret CRT exponents (~1.5x slower
-    # than GMP's variable-time powmod, which phe uses). Turn off only where timing of
-    # decryption cannot be observed by anyone who should not learn the key.
+    # Constant-time modular exponentiation with the secret CRT exponents: OpenSSL's
+    # (faster than GMP's variable-time powmod, which phe uses) or, without a usable
+    # libcrypto, GMP's powm_sec (~1.3x slower). False = GMP's variable-time powmod; only
+    # where nobody who should not learn the key can observe decryption timing.
     constant_time_decrypt: bool = True
     seed: int = 0
     idle_timeout: float = 300.0

@@ -14,6 +14,8 @@ from typing import Any
 import gmpy2
 from gmpy2 import mpz
 
+from fedcore.crypto.modexp import FixedExponent
+
 __all__ = ["CrtConstants", "crt_decrypt", "parallel_crt_decrypt"]
 
 # Below this many ciphertexts per worker, starting a process costs more than it saves.
@@ -27,7 +29,7 @@ class CrtConstants:
     ``hp = L_p(g^(p-1) mod p²)^-1 mod p``, ``hq`` likewise, ``p_inverse = p^-1 mod q``.
     """
 
-    __slots__ = ("hp", "hq", "n", "p", "p_inverse", "psquare", "q", "qsquare")
+    __slots__ = ("_exponentiations", "hp", "hq", "n", "p", "p_inverse", "psquare", "q", "qsquare")
 
     def __init__(self, p: int, q: int) -> None:
         p_, q_ = mpz(min(p, q)), mpz(max(p, q))
@@ -38,6 +40,18 @@ class CrtConstants:
         g = self.n + 1
         self.hp = gmpy2.invert(_l_function(gmpy2.powmod(g, p_ - 1, self.psquare), p_), p_)
         self.hq = gmpy2.invert(_l_function(gmpy2.powmod(g, q_ - 1, self.qsquare), q_), q_)
+        self._exponentiations: dict[bool, tuple[FixedExponent, FixedExponent]] = {}
+
+    def exponentiations(self, constant_time: bool) -> tuple[FixedExponent, FixedExponent]:
+        """``c ↦ c^(p-1) mod p²`` and ``c ↦ c^(q-1) mod q²``, built once per mode."""
+        pair = self._exponentiations.get(constant_time)
+        if pair is None:
+            pair = (
+                FixedExponent(self.p - 1, self.psquare, constant_time=constant_time),
+                FixedExponent(self.q - 1, self.qsquare, constant_time=constant_time),
+            )
+            self._exponentiations[constant_time] = pair
+        return pair
 
 
 def _l_function(u: Any, x: Any) -> Any:
@@ -55,21 +69,20 @@ def crt_decrypt(
     order p(p-1) and p | n), while ``(1 + n)^(m(p-1)) = 1 + m(p-1)·n mod p²``, so
     ``L_p`` of it is ``m(p-1)q mod p`` and ``hp`` divides out ``(p-1)q``. Same mod q;
     Garner's formula ``m = m_p + ((m_q - m_p) · p^-1 mod q) · p`` gives ``m mod n``.
-    By default the secret exponents ``p - 1`` and ``q - 1`` go through GMP's
-    side-channel-silent ``powmod_sec``; ``constant_time=False`` uses the ≈ 30 % faster,
-    variable-time ``powmod`` (what phe does), acceptable only where no untrusted code
-    shares the machine. Results are Python ints.
+    The secret exponents ``p - 1`` and ``q - 1`` go through a constant-time
+    exponentiation by default (OpenSSL's, else GMP's ``powm_sec``: see
+    :mod:`fedcore.crypto.modexp`); ``constant_time=False`` uses GMP's variable-time
+    ``powm`` (what phe does), acceptable only where no untrusted code shares the machine.
+    Results are Python ints.
     """
     p, q = constants.p, constants.q
-    psquare, qsquare = constants.psquare, constants.qsquare
     hp, hq, p_inverse = constants.hp, constants.hq, constants.p_inverse
-    p1, q1 = p - 1, q - 1
-    powmod = gmpy2.powmod_sec if constant_time else gmpy2.powmod
+    p_side, q_side = constants.exponentiations(constant_time)
     divexact = gmpy2.divexact
     out: list[int] = []
-    for c in ciphertexts:
-        mp = divexact(powmod(c % psquare, p1, psquare) - 1, p) * hp % p
-        mq = divexact(powmod(c % qsquare, q1, qsquare) - 1, q) * hq % q
+    for up, uq in zip(p_side.powmod(ciphertexts), q_side.powmod(ciphertexts), strict=True):
+        mp = divexact(up - 1, p) * hp % p
+        mq = divexact(uq - 1, q) * hq % q
         out.append(int(mp + (mq - mp) * p_inverse % q * p))
     return out
 

@@ -313,8 +313,10 @@ class PrivateKey:
         """Decrypt with the CRT (see :func:`fedcore.crypto.decrypt.crt_decrypt`).
 
         ``workers > 1`` splits the vector into contiguous ranges over that many
-        processes (this one included). ``constant_time=False`` trades GMP's
-        side-channel-silent exponentiation for a ≈ 30 % faster variable-time one.
+        processes (this one included). The default exponentiation is constant-time
+        (OpenSSL's when libcrypto is usable, else GMP's ``powm_sec``: see
+        :func:`fedcore.crypto.modexp.constant_time_backend`); ``constant_time=False``
+        uses GMP's variable-time ``powm``, as phe does.
         Raises InvalidCiphertextError for a value outside ``0 < c < n²`` (gcd is not
         checked here: see ``validate_ciphertexts``).
         """
