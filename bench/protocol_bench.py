@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import (
+    PROTOCOL_VERSION,
     Ack,
     Connection,
     FrameDecoder,
@@ -32,6 +33,8 @@ from protocol import (
     TransportConfig,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
     client_context,
     connect,
@@ -107,13 +110,17 @@ async def _transport_server(pki_dir: str, ports: Any, results: Any) -> None:
     async def handler(conn: Connection) -> None:
         cpu = time.process_time()
         await conn.receive()
-        await conn.send(Welcome(version=1, client_id="c", public_key=b"", session_config={}))
+        await conn.send(
+            Welcome(version=PROTOCOL_VERSION, client_id="c", public_key=b"", session_config={})
+        )
         await conn.send(
             RoundStart(round_id=1, weights=b"", clip=1.0, value_bits=16, deadline_s=600.0)
         )
         try:
             async for msg in conn:
-                if isinstance(msg, UpdateDone):
+                if isinstance(msg, UploadRequest):
+                    await conn.send(UploadGrant(round_id=msg.round_id))
+                elif isinstance(msg, UpdateDone):
                     await conn.send(Ack(round_id=1, accepted=True))
                     results.put(("server_cpu", time.process_time() - cpu))
         finally:
@@ -134,8 +141,10 @@ async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, res
     async with asyncio.timeout(CHILD_TIMEOUT_S):
         cpu = time.process_time()
         conn = await connect("127.0.0.1", port, ctx, config=TransportConfig())
-        await conn.send(Hello(version=1, sample_count=1, can_decrypt=False))
+        await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
         await conn.receive()
+        await conn.receive()
+        await conn.send(UploadRequest(round_id=1))
         await conn.receive()
         started = time.perf_counter()
         for seq in range(count):

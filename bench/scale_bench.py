@@ -5,7 +5,8 @@ when installed); a load generator of 2 spawned processes (asyncio + uvloop) open
 N = 1,000 connections at once, each with its own client certificate (the aggregator
 identifies a client by its certificate CN, so connections may not share one). Every
 connection speaks the protocol as `fedcore.client` does (Hello, Welcome, RoundStart,
-UpdateChunk..., UpdateDone, Ack) through ``protocol.transport.connect`` and uploads a
+UploadRequest, UploadGrant, UpdateChunk..., UpdateDone, Ack) through
+``protocol.transport.connect`` and uploads a
 valid packed-Paillier update of the seed MLP (784-512-256-10, 535,818 values; 2048-bit
 key, 16-bit values, headroom ceil(log2(2N)) bits, 256 ciphertexts per chunk). To fit a
 2-core machine the update is encrypted once, up front, for the FedAvg weight the
@@ -72,6 +73,8 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from protocol.tls import client_context
@@ -438,7 +441,13 @@ class _LoadGenerator:
                         self.stats.weight_mismatches += 1
                         await conn.close(reason="bench: unexpected weight")
                         return
-                    task = asyncio.create_task(self._send_update(conn, lock, round_id))
+                    async with lock:  # the update is ready at once: ask for a slot
+                        await conn.send(UploadRequest(round_id=round_id))
+                    continue
+                elif isinstance(message, UploadGrant):
+                    task = asyncio.create_task(
+                        self._send_update(conn, lock, message.round_id, message.start_seq)
+                    )
                 elif isinstance(message, DecryptRequest):
                     task = asyncio.create_task(self._decrypt(conn, lock, codec, message))
                 elif isinstance(message, Ack):
@@ -456,11 +465,14 @@ class _LoadGenerator:
             for task in list(tasks):
                 task.cancel()
 
-    async def _send_update(self, conn: Connection, lock: asyncio.Lock, round_id: int) -> None:
+    async def _send_update(
+        self, conn: Connection, lock: asyncio.Lock, round_id: int, start_seq: int
+    ) -> None:
         upload = self.upload
         assert upload is not None
         try:
-            for seq, payload in enumerate(upload.payloads):
+            for seq in range(start_seq, len(upload.payloads)):
+                payload = upload.payloads[seq]
                 async with lock:
                     await conn.send(UpdateChunk(round_id=round_id, seq=seq, payload=payload))
             async with lock:

@@ -42,6 +42,8 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from protocol.tls import client_context
@@ -254,6 +256,7 @@ class Client:
         )
         send_lock = asyncio.Lock()
         round_task: asyncio.Task[None] | None = None
+        grant: asyncio.Future[UploadGrant] | None = None
         side_tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
@@ -261,9 +264,13 @@ class Client:
                 if isinstance(message, RoundStart):
                     if round_task is not None:
                         round_task.cancel()
+                    grant = asyncio.get_running_loop().create_future()
                     round_task = asyncio.create_task(
-                        self._do_round(conn, send_lock, codec, message)
+                        self._do_round(conn, send_lock, codec, message, grant)
                     )
+                elif isinstance(message, UploadGrant):
+                    if grant is not None and not grant.done():
+                        grant.set_result(message)
                 elif isinstance(message, RoundEnd):
                     if round_task is not None and not round_task.done():
                         log.info(
@@ -305,8 +312,14 @@ class Client:
 
     # ------------------------------------------------------------------ a round
     async def _do_round(
-        self, conn: Connection, send_lock: asyncio.Lock, codec: UpdateCodec, start: RoundStart
+        self,
+        conn: Connection,
+        send_lock: asyncio.Lock,
+        codec: UpdateCodec,
+        start: RoundStart,
+        grant: asyncio.Future[UploadGrant],
     ) -> None:
+        """Train and encrypt (once per round), ask for an upload slot, stream when granted."""
         try:
             prepared = self._prepared
             if prepared is None or prepared.round_id != start.round_id:
@@ -316,10 +329,14 @@ class Client:
                 log.info(
                     "round %d: resuming upload at chunk %d", start.round_id, start.chunks_received
                 )
-            if start.chunks_received > len(prepared.payloads):
+            t_wait = time.perf_counter()
+            async with send_lock:
+                await conn.send(UploadRequest(round_id=start.round_id))
+            granted = await grant
+            if granted.start_seq > len(prepared.payloads):
                 raise ProtocolError("aggregator claims more chunks than the update has")
             t_upload = time.perf_counter()
-            for seq in range(start.chunks_received, len(prepared.payloads)):
+            for seq in range(granted.start_seq, len(prepared.payloads)):
                 async with send_lock:
                     await conn.send(
                         UpdateChunk(
@@ -335,7 +352,11 @@ class Client:
                         item_count=prepared.item_count,
                         digest=prepared.digest,
                         sample_count=prepared.sample_count,
-                        timings={**prepared.timings, "upload_s": time.perf_counter() - t_upload},
+                        timings={
+                            **prepared.timings,
+                            "grant_wait_s": t_upload - t_wait,
+                            "upload_s": time.perf_counter() - t_upload,
+                        },
                         metrics=prepared.metrics,
                     )
                 )

@@ -46,11 +46,14 @@ __all__ = [
     "RoundStart",
     "UpdateChunk",
     "UpdateDone",
+    "UploadGrant",
+    "UploadRequest",
     "Welcome",
     "message_from_wire",
 ]
 
-PROTOCOL_VERSION = 1
+# 2: uploads wait for an UploadGrant (UploadRequest -> UploadGrant -> UpdateChunk ...).
+PROTOCOL_VERSION = 2
 
 # Named limits. Frame-size limits live in framing.py; these bound single fields.
 MAX_INT = 2**63 - 1
@@ -295,6 +298,58 @@ class RoundStart:
             chunks_received=f.get("chunks_received", 0),
             config=f.get("config", {}),
         )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UploadRequest:
+    """Client -> aggregator: my update for ``round_id`` is ready; tell me when to send it.
+
+    Nothing is streamed before the :class:`UploadGrant`, so an aggregator with a cap on
+    concurrent uploads never buffers the clients that are waiting for a slot.
+    """
+
+    type_id: ClassVar[int] = 13
+    round_id: int
+
+    def __post_init__(self) -> None:
+        _int("round_id", self.round_id)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {"round_id": self.round_id}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UploadRequest:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = _fields(wire, cls, ("round_id",))
+        return cls(round_id=f["round_id"])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UploadGrant:
+    """Aggregator -> client: send the update now, from chunk ``start_seq`` on.
+
+    ``start_seq`` is how many chunks of this round's upload the aggregator already holds
+    (non-zero when resuming after a reconnect).
+    """
+
+    type_id: ClassVar[int] = 14
+    round_id: int
+    start_seq: int = 0
+
+    def __post_init__(self) -> None:
+        _int("round_id", self.round_id)
+        _int("start_seq", self.start_seq, 0, MAX_CHUNKS_PER_UPDATE)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {"round_id": self.round_id, "start_seq": self.start_seq}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UploadGrant:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = _fields(wire, cls, ("round_id",), ("start_seq",))
+        return cls(round_id=f["round_id"], start_seq=f.get("start_seq", 0))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -583,6 +638,8 @@ Message: TypeAlias = (
     | RoundStart
     | UpdateChunk
     | UpdateDone
+    | UploadRequest
+    | UploadGrant
     | Ack
     | RoundEnd
     | DecryptRequest
@@ -608,6 +665,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Heartbeat,
         Error,
         Bye,
+        UploadRequest,
+        UploadGrant,
     )
 }
 

@@ -49,6 +49,8 @@ from .messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 
@@ -81,7 +83,8 @@ class State(Enum):
     AWAIT_WELCOME = "await_welcome"  # Hello seen, waiting for Welcome
     READY = "ready"  # between rounds
     ROUND = "round"  # RoundStart seen: the client trains
-    UPLOADING = "uploading"  # at least one UpdateChunk seen
+    AWAIT_GRANT = "await_grant"  # UploadRequest seen, waiting for UploadGrant
+    UPLOADING = "uploading"  # UploadGrant seen: UpdateChunks may flow
     AWAIT_ACK = "await_ack"  # UpdateDone seen, waiting for Ack
     DECRYPTING = "decrypting"  # DecryptRequest seen, waiting for DecryptResult
     CLOSED = "closed"  # Bye seen (terminal)
@@ -89,6 +92,9 @@ class State(Enum):
 
 
 _TERMINAL = frozenset({State.CLOSED, State.ERROR})
+# What a client sends for its update, and the states in which it is sending it.
+_UPLOAD_MESSAGES = (UploadRequest, UpdateChunk, UpdateDone)
+_UPLOAD_STATES = (State.ROUND, State.AWAIT_GRANT, State.UPLOADING)
 _LIVE = [s for s in State if s not in _TERMINAL]
 _C, _A = Role.CLIENT, Role.AGGREGATOR
 
@@ -100,11 +106,13 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     (State.READY, RoundEnd, _A): State.READY,  # status broadcast
     (State.READY, DecryptRequest, _A): State.DECRYPTING,
     (State.DECRYPTING, DecryptResult, _C): State.READY,
-    (State.ROUND, UpdateChunk, _C): State.UPLOADING,
-    # resume after reconnect when the aggregator already holds every chunk
-    (State.ROUND, UpdateDone, _C): State.AWAIT_ACK,
+    # Nothing is streamed before the grant: the aggregator's upload cap is enforced here.
+    (State.ROUND, UploadRequest, _C): State.AWAIT_GRANT,
     (State.ROUND, RoundEnd, _A): State.READY,
+    (State.AWAIT_GRANT, UploadGrant, _A): State.UPLOADING,
+    (State.AWAIT_GRANT, RoundEnd, _A): State.READY,
     (State.UPLOADING, UpdateChunk, _C): State.UPLOADING,
+    # (straight after the grant when a resumed upload already has every chunk there)
     (State.UPLOADING, UpdateDone, _C): State.AWAIT_ACK,
     (State.UPLOADING, RoundEnd, _A): State.READY,
     (State.AWAIT_ACK, Ack, _A): State.READY,
@@ -205,8 +213,8 @@ class Session:
     def send(self, msg: Message) -> bytes:
         """Check ``msg`` against the state machine and return its frame bytes.
 
-        Returns ``b""`` (and counts ``late_frames``) for an UpdateChunk/UpdateDone of a
-        round the aggregator already ended: that race is not an error.
+        Returns ``b""`` (and counts ``late_frames``) for an UploadRequest, UpdateChunk or
+        UpdateDone of a round the aggregator already ended: that race is not an error.
         """
         if self.role is Role.CLIENT and self._is_late(msg):
             self.late_frames += 1
@@ -223,9 +231,9 @@ class Session:
     # ------------------------------------------------------------------ the machine
 
     def _is_late(self, msg: Message) -> bool:
-        if not isinstance(msg, UpdateChunk | UpdateDone) or msg.round_id not in self._ended_rounds:
+        if not isinstance(msg, _UPLOAD_MESSAGES) or msg.round_id not in self._ended_rounds:
             return False
-        in_progress = self.state in (State.ROUND, State.UPLOADING) and msg.round_id == self.round_id
+        in_progress = self.state in _UPLOAD_STATES and msg.round_id == self.round_id
         return not in_progress
 
     def _transition(self, msg: Message, direction: Direction) -> None:
@@ -242,11 +250,7 @@ class Session:
         self._check_content(msg, direction)
         if isinstance(msg, Ack):
             self._acked_rounds.append(msg.round_id)
-        if isinstance(msg, RoundEnd) and self.state in (
-            State.ROUND,
-            State.UPLOADING,
-            State.AWAIT_ACK,
-        ):
+        if isinstance(msg, RoundEnd) and self.state in (*_UPLOAD_STATES, State.AWAIT_ACK):
             self._ended_rounds.append(msg.round_id)
         self.state = nxt
 
@@ -264,6 +268,11 @@ class Session:
         elif isinstance(msg, RoundStart):
             self.round_id = msg.round_id
             self.next_seq = msg.chunks_received
+        elif isinstance(msg, UploadRequest):
+            self._check_round(msg.round_id, direction)
+        elif isinstance(msg, UploadGrant):
+            self._check_round(msg.round_id, direction)
+            self.next_seq = msg.start_seq
         elif isinstance(msg, UpdateChunk):
             self._check_round(msg.round_id, direction)
             if msg.seq != self.next_seq:
@@ -300,7 +309,7 @@ class Session:
 
     def _check_update_round(self, msg: Message, direction: Direction) -> None:
         """Name the two common out-of-place updates precisely: a replay and a stale round."""
-        if not isinstance(msg, UpdateChunk | UpdateDone):
+        if not isinstance(msg, _UPLOAD_MESSAGES):
             return
         if msg.round_id in self._acked_rounds:
             self._violate(

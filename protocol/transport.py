@@ -464,6 +464,11 @@ class Server:
             await self._handler(conn)
         except ProtocolError as exc:
             logger.debug("%r: handler ended: %s", conn, exc)
+        except asyncio.CancelledError:
+            # shutdown() cancelled us: end quietly (Python 3.11's start_server callback
+            # would log a cancelled connection task as an error)
+            if not self._shutting_down:
+                raise
         except Exception:
             logger.exception("%r: handler failed", conn)
             crash = Error(code=ErrorCode.INTERNAL, reason="internal error")

@@ -54,6 +54,8 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from protocol.tls import server_context
@@ -724,6 +726,8 @@ class Aggregator:
         try:
             if isinstance(message, UpdateChunk):
                 await self._on_chunk(handle, message)
+            elif isinstance(message, UploadRequest):
+                await self._on_upload_request(handle, message)
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
             elif isinstance(message, DecryptResult):
@@ -745,27 +749,47 @@ class Aggregator:
         except InvalidCiphertextError as exc:
             await self._reject(handle, "invalid_ciphertext", str(exc))
 
-    async def _on_chunk(self, handle: _ClientHandle, chunk: UpdateChunk) -> None:
+    async def _on_upload_request(self, handle: _ClientHandle, request: UploadRequest) -> None:
+        """Grant an upload slot, waiting for one when ``max_inflight_uploads`` are taken.
+
+        Waiting here stops reading this connection, and the client sends nothing until
+        the grant: a waiting client costs an idle connection, not a buffered update.
+        A partial upload kept from before a reconnect still holds its slot and resumes.
+        """
         cid = handle.client_id
-        state = self._round_for(chunk.round_id)
-        state.check_can_upload(cid)
+        self._round_for(request.round_id).check_can_upload(cid)
         upload = self._uploads.get(cid)
-        if upload is not None and upload.round_id != chunk.round_id:
+        if upload is not None and upload.round_id != request.round_id:
             self._drop_upload(cid)
             upload = None
         if upload is None:
-            # Waiting here stops reading this connection: TCP backpressure, not memory.
             await self._upload_slots.acquire()
+            if self.clients.get(cid) is not handle or cid in self._holding_slot:
+                # replaced by a newer connection while we waited: that one owns the upload
+                self._upload_slots.release()
+                return
             self._holding_slot.add(cid)
-            state = self._round_for(chunk.round_id)  # it may have closed while we waited
+            self.metrics.inflight_uploads.set(len(self._holding_slot))
+            # the round may have closed while we waited (then the slot is released)
+            self._round_for(request.round_id).check_can_upload(cid)
             upload = Upload(
                 client_id=cid,
-                round_id=chunk.round_id,
+                round_id=request.round_id,
                 expected_items=self.codec.item_count,
                 chunk_items=self.codec.chunk_items,
             )
             self._uploads[cid] = upload
-            self.metrics.inflight_uploads.set(len(self._holding_slot))
+        await self._send_quietly(
+            handle, UploadGrant(round_id=request.round_id, start_seq=len(upload.chunks))
+        )
+
+    async def _on_chunk(self, handle: _ClientHandle, chunk: UpdateChunk) -> None:
+        cid = handle.client_id
+        self._round_for(chunk.round_id).check_can_upload(cid)
+        upload = self._uploads.get(cid)
+        if upload is None or upload.round_id != chunk.round_id:
+            # the session admits chunks only after our grant, which created the upload
+            raise RejectedUpdate("wrong_chunk_count", f"chunk {chunk.seq} without a granted upload")
         items, count = self.codec.parse_chunk(chunk.payload, index_offset=upload.items)
         upload.add_chunk(chunk.seq, chunk.payload, items, count)
 
@@ -832,7 +856,7 @@ class Aggregator:
         upload = self._uploads.get(client_id)
         if upload is None:
             return
-        if self.config.resume_grace <= 0:
+        if self.config.resume_grace <= 0 or not upload.chunks:
             self._drop_upload(client_id)
             return
 

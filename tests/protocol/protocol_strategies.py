@@ -20,6 +20,8 @@ from protocol import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 
@@ -55,6 +57,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
         chunks_received=st.integers(0, MAX_CHUNKS_PER_UPDATE),
         config=configs,
     ),
+    st.builds(UploadRequest, round_id=ids),
+    st.builds(UploadGrant, round_id=ids, start_seq=st.integers(0, MAX_CHUNKS_PER_UPDATE)),
     st.builds(
         UpdateChunk, round_id=ids, seq=st.integers(0, MAX_CHUNKS_PER_UPDATE - 1), payload=payloads
     ),

@@ -43,7 +43,7 @@ except ImportError:
     from protocol_strategies import messages  # type: ignore[no-redef]
 
 SAMPLE: list[Message] = [
-    Hello(version=1, sample_count=10, can_decrypt=True),
+    Hello(version=PROTOCOL_VERSION, sample_count=10, can_decrypt=True),
     UpdateChunk(round_id=3, seq=0, payload=bytes(range(256)) * 40),
     Heartbeat(sent_at=12.5),
     Ack(round_id=3, accepted=True),
@@ -159,7 +159,11 @@ def test_buffer_limit_is_enforced_on_receive() -> None:
         (b"X", MalformedFrame),  # wrong magic is caught at the first byte
         (frame(Ack.type_id, b"", magic=b"FX"), MalformedFrame),
         (
-            frame(Ack.type_id, msgpack.packb({"round_id": 1, "accepted": True}), version=2),
+            frame(
+                Ack.type_id,
+                msgpack.packb({"round_id": 1, "accepted": True}),
+                version=PROTOCOL_VERSION + 1,
+            ),
             UnsupportedVersion,
         ),
         (frame(99, msgpack.packb({})), UnknownMessageType),

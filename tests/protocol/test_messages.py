@@ -32,6 +32,8 @@ from protocol import (
     UnknownMessageType,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
     message_from_wire,
 )
@@ -43,8 +45,8 @@ def test_every_message_round_trips_through_its_wire_map(msg: Message) -> None:
 
 
 def test_type_ids_are_unique_and_cover_every_message() -> None:
-    assert sorted(MESSAGE_TYPES) == list(range(1, 13))
-    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 12
+    assert sorted(MESSAGE_TYPES) == list(range(1, 15))
+    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 14
 
 
 def test_messages_are_frozen_keyword_only_and_slotted() -> None:
@@ -154,6 +156,9 @@ BAD_VALUES = [
         ValueError,
         "round_id",
     ),
+    (UploadRequest, {"round_id": -1}, ValueError, "round_id"),
+    (UploadGrant, {"round_id": 1, "start_seq": MAX_CHUNKS_PER_UPDATE + 1}, ValueError, "start_seq"),
+    (UploadGrant, {"round_id": 1, "start_seq": 1.0}, TypeError, "start_seq"),
     (UpdateChunk, {"round_id": 1, "seq": MAX_CHUNKS_PER_UPDATE, "payload": b""}, ValueError, "seq"),
     (UpdateChunk, {"round_id": 1, "seq": 0, "payload": bytearray(1)}, TypeError, "payload"),
     (UpdateDone, {**GOOD_DONE, "digest": bytes(31)}, ValueError, "digest"),

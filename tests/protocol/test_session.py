@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from protocol import (
+    PROTOCOL_VERSION,
     TRANSITIONS,
     Ack,
     Bye,
@@ -29,13 +30,17 @@ from protocol import (
     UnsupportedVersion,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
     encode_frame,
 )
 from protocol.framing import NEED_DATA
 
-HELLO = Hello(version=1, sample_count=100, can_decrypt=True)
-WELCOME = Welcome(version=1, client_id="client-0", public_key=b"pk", session_config={"k": 1})
+HELLO = Hello(version=PROTOCOL_VERSION, sample_count=100, can_decrypt=True)
+WELCOME = Welcome(
+    version=PROTOCOL_VERSION, client_id="client-0", public_key=b"pk", session_config={"k": 1}
+)
 DIGEST = bytes(32)
 
 
@@ -48,6 +53,14 @@ def start(round_id: int = 7, chunks_received: int = 0) -> RoundStart:
         deadline_s=30.0,
         chunks_received=chunks_received,
     )
+
+
+def request(round_id: int = 7) -> UploadRequest:
+    return UploadRequest(round_id=round_id)
+
+
+def grant(start_seq: int = 0, round_id: int = 7) -> UploadGrant:
+    return UploadGrant(round_id=round_id, start_seq=start_seq)
 
 
 def chunk(seq: int, round_id: int = 7) -> UpdateChunk:
@@ -72,7 +85,7 @@ class Pair:
         sender, receiver = (
             (self.client, self.aggregator)
             if (Role.CLIENT, self.client.state, type(msg), Direction.SENT) in TRANSITIONS
-            or isinstance(msg, UpdateChunk | UpdateDone)
+            or isinstance(msg, UploadRequest | UpdateChunk | UpdateDone)
             else (self.aggregator, self.client)
         )
         receiver.receive_data(sender.send(msg))
@@ -99,6 +112,9 @@ def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
     for msg, state in [
         (start(), State.ROUND),
         (Heartbeat(sent_at=1.0), State.ROUND),
+        (request(), State.AWAIT_GRANT),
+        (Heartbeat(sent_at=2.0), State.AWAIT_GRANT),
+        (grant(), State.UPLOADING),
         (chunk(0), State.UPLOADING),
         (chunk(1), State.UPLOADING),
         (chunk(2), State.UPLOADING),
@@ -116,9 +132,11 @@ def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
         assert pair.aggregator.state is state, msg
 
 
-def test_resumed_upload_starts_at_chunks_received() -> None:
+def test_resumed_upload_starts_at_the_granted_seq() -> None:
     pair = Pair().ready()
     pair.deliver(start(chunks_received=2))
+    pair.deliver(request())
+    pair.deliver(grant(2))
     pair.deliver(chunk(2))
     pair.deliver(done(3))
     assert pair.aggregator.state is State.AWAIT_ACK
@@ -127,6 +145,8 @@ def test_resumed_upload_starts_at_chunks_received() -> None:
 def test_resume_with_every_chunk_already_held_goes_straight_to_done() -> None:
     pair = Pair().ready()
     pair.deliver(start(chunks_received=4))
+    pair.deliver(request())
+    pair.deliver(grant(4))
     pair.deliver(done(4))
     assert pair.aggregator.state is State.AWAIT_ACK
 
@@ -156,15 +176,22 @@ ILLEGAL_FROM_CLIENT = [
     ([HELLO], HELLO),  # Hello twice
     ([HELLO, WELCOME], chunk(0)),  # upload without RoundStart
     ([HELLO, WELCOME], done(0)),
+    ([HELLO, WELCOME], request()),  # upload request without RoundStart
     ([HELLO, WELCOME], Ack(round_id=7, accepted=True)),  # wrong direction
-    ([HELLO, WELCOME, start()], chunk(1)),  # sequence gap at the start
-    ([HELLO, WELCOME, start()], chunk(0, round_id=8)),  # other round
-    ([HELLO, WELCOME, start(), chunk(0)], chunk(2)),  # sequence gap
-    ([HELLO, WELCOME, start(), chunk(0)], chunk(0)),  # repeated seq
-    ([HELLO, WELCOME, start(), chunk(0)], done(2)),  # count mismatch
-    ([HELLO, WELCOME, start(), chunk(0)], done(1, round_id=6)),
-    ([HELLO, WELCOME, start(), chunk(0), done(1)], chunk(1)),  # chunk after done
-    ([HELLO, WELCOME, start(chunks_received=2)], chunk(0)),  # resume ignores chunks_received
+    ([HELLO, WELCOME, start()], chunk(0)),  # streaming without asking for a slot
+    ([HELLO, WELCOME, start()], done(0)),
+    ([HELLO, WELCOME, start(), request()], chunk(0)),  # streaming before the grant
+    ([HELLO, WELCOME, start(), request()], request()),  # asking twice
+    ([HELLO, WELCOME, start()], request(round_id=8)),  # asking for another round
+    ([HELLO, WELCOME, start(), request(), grant()], chunk(1)),  # sequence gap at the start
+    ([HELLO, WELCOME, start(), request(), grant()], chunk(0, round_id=8)),  # other round
+    ([HELLO, WELCOME, start(), request(), grant(), chunk(0)], chunk(2)),  # sequence gap
+    ([HELLO, WELCOME, start(), request(), grant(), chunk(0)], chunk(0)),  # repeated seq
+    ([HELLO, WELCOME, start(), request(), grant(), chunk(0)], done(2)),  # count mismatch
+    ([HELLO, WELCOME, start(), request(), grant(), chunk(0)], done(1, round_id=6)),
+    ([HELLO, WELCOME, start(), request(), grant(), chunk(0), done(1)], chunk(1)),  # after done
+    # the grant's start_seq, not RoundStart.chunks_received, says where a resume starts
+    ([HELLO, WELCOME, start(chunks_received=2), request(), grant(0)], chunk(2)),
     (
         [HELLO, WELCOME, DecryptRequest(round_id=1, shard_id=1, item_count=1, payload=b"")],
         DecryptResult(round_id=1, shard_id=2, item_count=1, payload=b"", seconds=0.0),
@@ -196,11 +223,12 @@ def test_illegal_message_from_client_is_a_remote_error_and_error_is_permanent(
 
 
 def test_violation_codes_name_the_rule() -> None:
-    session = _remote(Role.AGGREGATOR, [HELLO, WELCOME, start(), chunk(0)], done(5))
+    streaming = [HELLO, WELCOME, start(), request(), grant()]
+    session = _remote(Role.AGGREGATOR, [*streaming, chunk(0)], done(5))
     with pytest.raises(IllegalTransition) as info:
         session.next_event()
     assert info.value.code is ErrorCode.WRONG_CHUNK_COUNT
-    session = _remote(Role.AGGREGATOR, [HELLO, WELCOME, start()], chunk(3))
+    session = _remote(Role.AGGREGATOR, streaming, chunk(3))
     with pytest.raises(IllegalTransition) as info:
         session.next_event()
     assert info.value.code is ErrorCode.BAD_SEQUENCE
@@ -211,7 +239,13 @@ ILLEGAL_FROM_AGGREGATOR = [
     ([HELLO, WELCOME], WELCOME),
     ([HELLO, WELCOME, start()], start(8)),  # RoundStart during a round
     ([HELLO, WELCOME], Ack(round_id=7, accepted=True)),  # Ack with nothing to ack
-    ([HELLO, WELCOME, start(), chunk(0), done(1)], Ack(round_id=6, accepted=True)),
+    (
+        [HELLO, WELCOME, start(), request(), grant(), chunk(0), done(1)],
+        Ack(round_id=6, accepted=True),
+    ),
+    ([HELLO, WELCOME, start()], grant()),  # a grant nobody asked for
+    ([HELLO, WELCOME, start(), request()], grant(round_id=8)),  # for another round
+    ([HELLO, WELCOME, start(), request(), grant()], grant()),  # granted twice
     ([HELLO, WELCOME, start()], RoundEnd(round_id=6, status="failed")),  # not the current round
     ([HELLO, WELCOME, start()], DecryptRequest(round_id=1, shard_id=0, item_count=0, payload=b"")),
 ]
@@ -238,7 +272,9 @@ def test_sending_illegally_is_a_local_error_and_permanent() -> None:
 
 def test_wrong_hello_version_is_unsupported() -> None:
     aggregator = Session(Role.AGGREGATOR)
-    aggregator.receive_data(encode_frame(Hello(version=2, sample_count=1, can_decrypt=False)))
+    aggregator.receive_data(
+        encode_frame(Hello(version=PROTOCOL_VERSION + 1, sample_count=1, can_decrypt=False))
+    )
     with pytest.raises(UnsupportedVersion):
         aggregator.next_event()
     assert aggregator.state is State.ERROR
@@ -247,6 +283,8 @@ def test_wrong_hello_version_is_unsupported() -> None:
 def test_late_frames_after_round_end_are_dropped_and_counted() -> None:
     pair = Pair().ready()
     pair.deliver(start())
+    pair.deliver(request())
+    pair.deliver(grant())
     # the client has already put chunk 0 and 1 on the wire when the deadline hits
     in_flight = pair.client.send(chunk(0)) + pair.client.send(chunk(1))
     end = RoundEnd(round_id=7, status="closed", reason="deadline")
@@ -261,8 +299,32 @@ def test_late_frames_after_round_end_are_dropped_and_counted() -> None:
     assert pair.client.late_frames == 2
     # the connection goes on normally with the next round
     pair.deliver(start(8))
+    pair.deliver(request(8))
+    pair.deliver(grant(round_id=8))
     pair.deliver(chunk(0, round_id=8))
     assert pair.aggregator.state is State.UPLOADING
+
+
+def test_a_request_in_flight_when_the_round_ends_is_late_not_a_violation() -> None:
+    pair = Pair().ready()
+    pair.deliver(start())
+    in_flight = pair.client.send(request())
+    end = RoundEnd(round_id=7, status="completed")
+    pair.client.receive_data(pair.aggregator.send(end))
+    assert pair.client.next_event() == end
+    pair.aggregator.receive_data(in_flight)
+    assert pair.aggregator.next_event() is NEED_DATA
+    assert pair.aggregator.late_frames == 1
+    assert pair.client.state is State.READY and pair.aggregator.state is State.READY
+
+
+def test_round_end_while_waiting_for_the_grant() -> None:
+    pair = Pair().ready()
+    pair.deliver(start())
+    pair.deliver(request())
+    pair.deliver(RoundEnd(round_id=7, status="closed", reason="deadline"))
+    assert pair.client.state is State.READY
+    assert pair.client.send(chunk(0)) == b""  # late, not an error
 
 
 def test_late_frames_for_a_round_never_ended_are_still_violations() -> None:
@@ -309,8 +371,12 @@ def test_frames_in_flight_to_the_side_that_said_bye_are_ignored() -> None:
 
 def test_session_uses_role_frame_limits() -> None:
     aggregator = Session(Role.AGGREGATOR, max_frame_size=100)
-    aggregator.receive_data(encode_frame(Hello(version=1, sample_count=1, can_decrypt=False)))
-    assert aggregator.next_event() == Hello(version=1, sample_count=1, can_decrypt=False)
+    aggregator.receive_data(
+        encode_frame(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
+    )
+    assert aggregator.next_event() == Hello(
+        version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False
+    )
     aggregator.receive_data(encode_frame(Bye(reason="x" * 200)))
     with pytest.raises(RemoteProtocolError) as info:
         aggregator.next_event()

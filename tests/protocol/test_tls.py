@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from protocol import (
+    PROTOCOL_VERSION,
     Connection,
     FederationPKI,
     Hello,
@@ -86,7 +87,12 @@ async def _serve(server_ctx: ssl.SSLContext, seen: list[str]) -> Server:
         seen.append(conn.peer_identity)
         assert isinstance(hello, Hello)
         await conn.send(
-            Welcome(version=1, client_id=conn.peer_identity, public_key=b"", session_config={})
+            Welcome(
+                version=PROTOCOL_VERSION,
+                client_id=conn.peer_identity,
+                public_key=b"",
+                session_config={},
+            )
         )
         async for _ in conn:
             pass
@@ -105,7 +111,7 @@ async def test_valid_client_is_served_and_identified_by_cn(
         ctx = client_context(pki.clients[1].cert, pki.clients[1].key, pki.ca.cert)
         conn = await connect("127.0.0.1", server.port, ctx, config=FAST)
         assert conn.peer_identity == "aggregator"
-        await conn.send(Hello(version=1, sample_count=1, can_decrypt=False))
+        await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
         welcome = await conn.receive()
         assert isinstance(welcome, Welcome) and welcome.client_id == "client-1"
         await conn.close()
@@ -128,7 +134,7 @@ async def _assert_refused(port: int, ctx: ssl.SSLContext, seen: list[str]) -> No
         pass
     else:
         with pytest.raises(ProtocolError):
-            await conn.send(Hello(version=1, sample_count=1, can_decrypt=False))
+            await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
             await conn.receive()
         await conn.close()
     assert seen == []
@@ -188,7 +194,7 @@ async def test_invalid_clients_are_refused(
             client_context(pki.clients[0].cert, pki.clients[0].key, pki.ca.cert),
             config=FAST,
         )
-        await good.send(Hello(version=1, sample_count=1, can_decrypt=False))
+        await good.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
         assert isinstance(await good.receive(), Welcome)
         await good.close()
     finally:

@@ -42,6 +42,8 @@ from protocol import (
     TransportConfig,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
     client_context,
     connect,
@@ -58,7 +60,7 @@ FAST = TransportConfig(
     heartbeat_interval=1.0,
     close_timeout=1.0,
 )
-HELLO = Hello(version=1, sample_count=10, can_decrypt=False)
+HELLO = Hello(version=PROTOCOL_VERSION, sample_count=10, can_decrypt=False)
 DIGEST = bytes(32)
 
 
@@ -81,12 +83,19 @@ class AckApp:
             assert isinstance(hello, Hello)
             self.identities.append(conn.peer_identity)
             await conn.send(
-                Welcome(version=1, client_id=conn.peer_identity, public_key=b"", session_config={})
+                Welcome(
+                    version=PROTOCOL_VERSION,
+                    client_id=conn.peer_identity,
+                    public_key=b"",
+                    session_config={},
+                )
             )
             round_id = 1
             await conn.send(round_start(round_id))
             async for msg in conn:
-                if isinstance(msg, UpdateDone):
+                if isinstance(msg, UploadRequest):
+                    await conn.send(UploadGrant(round_id=msg.round_id))
+                elif isinstance(msg, UpdateDone):
                     await conn.send(Ack(round_id=round_id, accepted=True))
                     round_id += 1
                     await conn.send(round_start(round_id))
@@ -125,6 +134,8 @@ async def good_client(
         for _ in range(rounds):
             start = await conn.receive()
             assert isinstance(start, RoundStart)
+            await conn.send(UploadRequest(round_id=start.round_id))
+            assert isinstance(await conn.receive(), UploadGrant)
             for seq in range(chunks):
                 await conn.send(UpdateChunk(round_id=start.round_id, seq=seq, payload=bytes(4096)))
             await conn.send(
@@ -263,6 +274,8 @@ async def test_heartbeats_keep_an_idle_connection_open_past_idle_timeout(
         start = await conn.receive()
         assert isinstance(start, RoundStart)
         await asyncio.sleep(2.5)  # "training": the client sends nothing itself
+        await conn.send(UploadRequest(round_id=start.round_id))
+        assert isinstance(await conn.receive(), UploadGrant)
         await conn.send(
             UpdateDone(
                 round_id=start.round_id, chunk_count=0, item_count=0, digest=DIGEST, sample_count=1
@@ -338,7 +351,9 @@ async def test_send_times_out_when_the_peer_stops_reading(
 
     async def flood_round_ends(conn: Connection) -> None:
         await conn.receive()
-        await conn.send(Welcome(version=1, client_id="c", public_key=b"", session_config={}))
+        await conn.send(
+            Welcome(version=PROTOCOL_VERSION, client_id="c", public_key=b"", session_config={})
+        )
         try:
             for i in range(200_000):  # bounded
                 await conn.send(_big_round_end(i))
@@ -490,7 +505,12 @@ def test_500_concurrent_connections_under_uvloop(
         async def handler(conn: Connection) -> None:
             await conn.receive()
             await conn.send(
-                Welcome(version=1, client_id=conn.peer_identity, public_key=b"", session_config={})
+                Welcome(
+                    version=PROTOCOL_VERSION,
+                    client_id=conn.peer_identity,
+                    public_key=b"",
+                    session_config={},
+                )
             )
             peak[0] = max(peak[0], len(server.connections))
             if len(server.connections) >= count:
@@ -572,6 +592,7 @@ async def test_server_survives_malformed_frames_and_keeps_serving(
     rng = random.Random(7)
     seeds = [
         encode_frame(HELLO),
+        encode_frame(UploadRequest(round_id=1)),
         encode_frame(UpdateChunk(round_id=1, seq=0, payload=b"abcdef")),
         encode_frame(
             UpdateDone(round_id=1, chunk_count=1, item_count=1, digest=DIGEST, sample_count=1)

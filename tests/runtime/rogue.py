@@ -22,6 +22,8 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
     Welcome,
 )
 from protocol.tls import client_context
@@ -106,19 +108,27 @@ class RogueClient:
         ciphertexts = self.codec.public_key.encrypt_vector(plaintexts)
         return list(self.codec.chunk_payloads(ciphertexts))
 
+    async def request_upload(self, start: RoundStart) -> UploadGrant:
+        """Ask for an upload slot and wait for the grant."""
+        await self.send(UploadRequest(round_id=start.round_id))
+        grant: UploadGrant = await self.expect(UploadGrant)
+        assert grant.round_id == start.round_id
+        return grant
+
     async def upload(
         self,
         start: RoundStart,
         payloads: list[bytes],
         *,
-        first: int = 0,
+        first: int | None = None,
         last: int | None = None,
         done: bool = True,
         digest: bytes | None = None,
-    ) -> None:
-        """Send chunks [first, last) and (optionally) UpdateDone for the whole update."""
+    ) -> UploadGrant:
+        """Request a slot, send chunks [first or the granted start, last), then UpdateDone."""
+        grant = await self.request_upload(start)
         end = len(payloads) if last is None else last
-        for seq in range(first, end):
+        for seq in range(grant.start_seq if first is None else first, end):
             await self.send(UpdateChunk(round_id=start.round_id, seq=seq, payload=payloads[seq]))
         if done:
             await self.send(
@@ -131,6 +141,7 @@ class RogueClient:
                     sample_count=100,
                 )
             )
+        return grant
 
     def abort(self) -> None:
         """Drop the connection the way a killed process does: no Bye, no close_notify."""

@@ -47,7 +47,7 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
     tmp_path: Path, pki: Path, keys: Keys, digits
 ) -> None:
     config = aggregator_config(
-        tmp_path, pki, keys, clients_per_round=7, rounds=1, round_timeout=20.0, local_epochs=1
+        tmp_path, pki, keys, clients_per_round=8, rounds=1, round_timeout=20.0, local_epochs=1
     )
     aggregator = Aggregator(config)
     task = await _start(aggregator)
@@ -56,7 +56,9 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
     rogues = {
         name: RogueClient(pki, i)
-        for i, name in enumerate(["invalid", "digest", "count", "replay", "stale"], start=2)
+        for i, name in enumerate(
+            ["invalid", "digest", "count", "replay", "stale", "ungranted"], start=2
+        )
     }
     for rogue in rogues.values():
         await rogue.connect(port)
@@ -66,6 +68,7 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
 
     # An invalid ciphertext (c = 0) in the first chunk.
     r, s = rogues["invalid"], starts["invalid"]
+    await r.request_upload(s)
     await r.send(UpdateChunk(round_id=s.round_id, seq=0, payload=bytes(width * 3)))
     # A complete update whose UpdateDone digest does not match its chunks.
     r, s = rogues["digest"], starts["digest"]
@@ -90,6 +93,9 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
     # A chunk for an earlier round.
     r, s = rogues["stale"], starts["stale"]
     await r.send(UpdateChunk(round_id=s.round_id - 1, seq=0, payload=payloads[0]))
+    # A chunk streamed without asking for an upload slot first.
+    r, s = rogues["ungranted"], starts["ungranted"]
+    await r.send(UpdateChunk(round_id=s.round_id, seq=0, payload=payloads[0]))
 
     expected = {
         "invalid": (ErrorCode.INVALID_CIPHERTEXT, "invalid_ciphertext"),
@@ -97,6 +103,7 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
         "count": (ErrorCode.WRONG_CHUNK_COUNT, "wrong_chunk_count"),
         "replay": (ErrorCode.REPLAY, "replay"),
         "stale": (ErrorCode.STALE_ROUND, "stale_round"),
+        "ungranted": (ErrorCode.PROTOCOL_VIOLATION, "protocol_error"),
     }
     for name, (code, label) in expected.items():
         assert await rogues[name].error_code() == code, name
@@ -230,7 +237,8 @@ async def test_dropped_upload_resumes_where_it_stopped(
     resumed = await again.expect(RoundStart)
     assert resumed.round_id == start.round_id
     assert resumed.chunks_received == sent
-    await again.upload(resumed, payloads, first=sent)
+    grant = await again.upload(resumed, payloads)
+    assert grant.start_seq == sent  # the kept chunks still hold their slot: no wait
     await again.expect(Ack)
     checkpoint = await asyncio.wait_for(task, 60)
     await asyncio.wait_for(honest_task, 30)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.aggregator import Aggregator
-from protocol.messages import RoundStart
+from protocol.messages import RoundStart, UploadGrant, UploadRequest
 
 from .conftest import Keys, accuracy_of, aggregator_config, make_client, run_federation
 from .rogue import RogueClient
@@ -83,7 +83,7 @@ async def test_metrics_endpoint_reports_the_federation(
 
 @pytest.mark.slow
 async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys) -> None:
-    """Beyond the cap an upload waits (its connection is not read) until a slot frees."""
+    """Beyond the cap a client is not granted a slot, so it streams nothing, until one frees."""
     config = aggregator_config(
         tmp_path,
         pki,
@@ -101,15 +101,16 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
         await rogue.connect(aggregator.port)
     starts = [await rogue.expect(RoundStart) for rogue in rogues]
     payloads = rogues[0].payloads(starts[0])
-    for rogue, start in zip(rogues, starts, strict=True):
-        await rogue.upload(start, payloads, last=1, done=False)  # first chunk only
-        await asyncio.sleep(0.5)
+    for rogue, start in zip(rogues[:2], starts, strict=False):
+        await rogue.upload(start, payloads, last=1, done=False)  # granted; first chunk only
+    await rogues[2].send(UploadRequest(round_id=starts[2].round_id))
+    with pytest.raises(TimeoutError):  # no grant while both slots are taken
+        await asyncio.wait_for(rogues[2].receive(), 1.0)
     assert sorted(aggregator._uploads) == ["client-0", "client-1"]
-    rogues[0].abort()  # a slot frees: the waiting upload is taken in
-    for _ in range(100):
-        if "client-2" in aggregator._uploads:
-            break
-        await asyncio.sleep(0.05)
+    assert aggregator.metrics.registry.get_sample_value("fedcore_inflight_uploads") == 2
+    rogues[0].abort()  # a slot frees (its partial upload has chunks, so after resume_grace)
+    grant = await rogues[2].expect(UploadGrant, timeout=config.resume_grace + 30)
+    assert grant.start_seq == 0
     assert sorted(aggregator._uploads) == ["client-1", "client-2"]
     aggregator.request_stop()
     await asyncio.wait_for(task, 30)
