@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,9 +39,12 @@ from .tls import peer_identity as _peer_identity
 __all__ = [
     "ALLOCATOR_MMAP_THRESHOLD",
     "ALLOCATOR_TRIM_THRESHOLD",
+    "CLIENT_WRITE_SLICE",
     "LISTEN_BACKLOG",
     "MIN_RECEIVE_RATE",
     "READ_SIZE",
+    "SERVER_RECEIVE_BUFFER",
+    "SERVER_WRITE_SLICE",
     "SHUTDOWN_REASON",
     "STREAM_LIMIT",
     "Backoff",
@@ -71,10 +75,19 @@ SHUTDOWN_REASON: Final = "SHUTTING_DOWN"
 Handler = Callable[["Connection"], Awaitable[None]]
 
 
+# OpenSSL's memory BIOs keep, for the life of a connection, a buffer as large as the
+# largest single write into them. The aggregator, with a connection per client, writes
+# to TLS in slices of one record (a 2 MB RoundStart in 256 KiB slices pinned ~340 kB
+# per connection); a client has one connection and favours throughput.
+SERVER_WRITE_SLICE: Final = 16 * 1024
+CLIENT_WRITE_SLICE: Final = 256 * 1024
+# The same holds for the incoming BIO, which gets each socket read whole; capping an
+# accepted socket's kernel receive buffer keeps those reads small. SO_RCVBUF value
+# (Linux doubles it); None leaves the kernel's autotuning. See TransportConfig.
+SERVER_RECEIVE_BUFFER: Final = 128 * 1024
 # glibc serves allocations above M_MMAP_THRESHOLD with fresh mmap()ed pages and trims
 # the heap above M_TRIM_THRESHOLD; with 128 KiB+ frames that means page faults on every
 # read. Raising both keeps payload-sized buffers in the heap for reuse.
-WRITE_SLICE: Final = 256 * 1024
 ALLOCATOR_MMAP_THRESHOLD: Final = 64 * 1024 * 1024
 ALLOCATOR_TRIM_THRESHOLD: Final = 256 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
@@ -128,6 +141,12 @@ class TransportConfig:
     max_frame_size: int | None = None  # None: the role's default (see framing)
     write_high_water: int = 1024 * 1024  # bytes buffered before send() waits for drain
     shutdown_timeout: float = 10.0
+    # Server only: SO_RCVBUF of each accepted connection (the kernel doubles it). Smaller
+    # keeps less memory per connection after an upload but costs CPU per byte received;
+    # None = the kernel's autotuning.
+    receive_buffer: int | None = SERVER_RECEIVE_BUFFER
+    # Bytes per write into TLS; None = the role's default (SERVER_/CLIENT_WRITE_SLICE).
+    write_slice: int | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -160,6 +179,18 @@ class TransportConfig:
             raise ValueError(
                 f"write_high_water must be an int >= 1024, got {self.write_high_water!r}"
             )
+        if self.write_slice is not None and (
+            type(self.write_slice) is not int or self.write_slice < 1024
+        ):
+            raise ValueError(
+                f"write_slice must be None or an int >= 1024, got {self.write_slice!r}"
+            )
+        if self.receive_buffer is not None and (
+            type(self.receive_buffer) is not int or self.receive_buffer < 4096
+        ):
+            raise ValueError(
+                f"receive_buffer must be None or an int >= 4096, got {self.receive_buffer!r}"
+            )
 
 
 _IO_ERRORS = (ConnectionError, ssl.SSLError, OSError, EOFError)
@@ -188,6 +219,9 @@ class Connection:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
         writer.transport.set_write_buffer_limits(high=config.write_high_water)
+        self._write_slice = config.write_slice or (
+            SERVER_WRITE_SLICE if session.role is Role.AGGREGATOR else CLIENT_WRITE_SLICE
+        )
         try:
             self.peer_identity: str = _peer_identity(writer.get_extra_info("ssl_object"))
         except ValueError:
@@ -225,10 +259,11 @@ class Connection:
     async def _write(self, data: bytes) -> None:
         try:
             # OpenSSL keeps a buffer as large as the largest single write for the life of
-            # the connection; slicing keeps a 2 MiB RoundStart from pinning 2.4 MiB each.
-            view = memoryview(data)
-            for start in range(0, len(view), WRITE_SLICE):
-                self._writer.write(view[start : start + WRITE_SLICE])
+            # the connection; slicing keeps a 2 MiB RoundStart from pinning 2.4 MiB each
+            # (see SERVER_WRITE_SLICE).
+            view, step = memoryview(data), self._write_slice
+            for start in range(0, len(view), step):
+                self._writer.write(view[start : start + step])
             self.bytes_sent += len(data)
             self._last_send = time.monotonic()
             async with asyncio.timeout(self.config.write_timeout):
@@ -430,6 +465,9 @@ class Server:
             limit=STREAM_LIMIT,
             backlog=LISTEN_BACKLOG,
         )
+        if self.config.receive_buffer is not None:
+            for sock in self._server.sockets:  # accepted sockets inherit it (Linux, BSD)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.receive_buffer)
         logger.info("listening on %s:%d", host, self.port)
 
     async def serve_forever(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import socket
 import ssl
@@ -20,6 +21,7 @@ from protocol import (
     MAGIC,
     NEED_DATA,
     PROTOCOL_VERSION,
+    SERVER_RECEIVE_BUFFER,
     Ack,
     Backoff,
     Bye,
@@ -194,6 +196,30 @@ async def test_uploads_round_trip_and_stats(pki: FederationPKI, server_ctx: ssl.
         await server.shutdown(2.0)
     assert app.identities == ["client-2"]
     assert app.other_errors == []
+
+
+@pytest.mark.parametrize("receive_buffer", [SERVER_RECEIVE_BUFFER, 8192, None])
+async def test_accepted_connections_get_the_configured_receive_buffer(
+    pki: FederationPKI, server_ctx: ssl.SSLContext, receive_buffer: int | None
+) -> None:
+    sizes: list[int] = []
+
+    async def record(conn: Connection) -> None:
+        sock = conn._writer.get_extra_info("socket")
+        sizes.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        await AckApp()(conn)
+
+    config = dataclasses.replace(FAST, receive_buffer=receive_buffer)
+    server = await start_server(server_ctx, record, config)
+    try:
+        assert await good_client(server.port, ctx_for(pki, 2), rounds=1, chunks=40) == 1
+    finally:
+        await server.shutdown(2.0)
+    if receive_buffer is None:  # left to the kernel: what a fresh socket starts with
+        with socket.socket() as fresh:
+            assert sizes == [fresh.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)]
+    else:
+        assert sizes == [2 * receive_buffer]  # Linux doubles SO_RCVBUF for bookkeeping
 
 
 async def test_violation_is_answered_with_error_frame_then_close(
@@ -480,6 +506,8 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         ({"max_connections": 0}, "max_connections"),
         ({"max_frame_size": 0}, "max_frame_size"),
         ({"write_high_water": 10}, "write_high_water"),
+        ({"receive_buffer": 100}, "receive_buffer"),
+        ({"receive_buffer": 65536.0}, "receive_buffer"),
     ],
 )
 def test_transport_config_is_validated(kwargs: dict[str, float], field: str) -> None:
