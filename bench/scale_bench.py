@@ -655,10 +655,12 @@ class _Daemon:
             if match:
                 self.port, self.metrics_port = int(match[1]), int(match[2])
                 return
-            if self.popen.poll() is not None:
+            if self.poll_exit():  # not popen.poll(): it would reap the pid before wait4
                 break
             time.sleep(0.1)
-        raise RuntimeError(f"aggregator did not start: {self.tail()}")
+        raise RuntimeError(
+            f"aggregator did not start (exit code {self.popen.returncode}): {self.tail()}"
+        )
 
     def tail(self, chars: int = 3000) -> str:
         """The end of the daemon's log."""
