@@ -31,6 +31,7 @@ from bench.federation import (
     make_credentials,
     run_federation,
 )
+from fedcore.crypto.modexp import constant_time_backend
 from fedcore.data import Dataset, fashion_mnist_available, load_dataset
 from fedcore.model import mlp
 from fedcore.training import TrainConfig
@@ -303,8 +304,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "decrypt_scaling_note": (
             "each committee member decrypts its shard in its own process on one core "
-            "(gmpy2 CRT, constant time); on an idle machine the decrypt phase can fall at "
-            "most by the core count, and members beyond the core count add nothing. On "
+            f"(CRT, constant-time {constant_time_backend()} exponentiation); on an idle "
+            "machine the decrypt phase can fall at most by the core count, and members "
+            "beyond the core count add nothing. On "
             "cores shared with other work, more member processes also win a larger share "
             "of the contended CPU, so a gain beyond the core count measures contention"
         ),

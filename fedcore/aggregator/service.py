@@ -779,9 +779,15 @@ class Aggregator:
                 chunk_items=self.codec.chunk_items,
             )
             self._uploads[cid] = upload
-        await self._send_quietly(
-            handle, UploadGrant(round_id=request.round_id, start_seq=len(upload.chunks))
-        )
+        grant = UploadGrant(round_id=request.round_id, start_seq=len(upload.chunks))
+        async with handle.send_lock:
+            # A closing round sends its RoundEnd under this lock, after closing: checked
+            # here, a grant never follows the RoundEnd (the client's session refuses that).
+            self._round_for(request.round_id)
+            try:
+                await handle.conn.send(grant)
+            except (ProtocolError, OSError, ConnectionError) as exc:
+                log.info("could not grant %s its upload: %s", cid, exc)
 
     async def _on_chunk(self, handle: _ClientHandle, chunk: UpdateChunk) -> None:
         cid = handle.client_id
