@@ -148,23 +148,60 @@ def micro_costs(micro: dict[str, Any]) -> list[tuple[str, float | None, float]]:
     return rows
 
 
-def plot_micro_costs(micro: dict[str, Any], path: Path) -> Path | None:
-    """Log-scale bars: cost per value, phe (one value per ciphertext) vs fedcore packed."""
-    rows = micro_costs(micro)
+def micro_series(
+    micro: dict[str, Any], larger_keys: list[dict[str, Any]] | None = None
+) -> list[tuple[str, dict[str, float]]]:
+    """(cost label, {series: per-value figure}) for the plot, from what the JSONs have.
+
+    Series: phe (one value per ciphertext), fedcore packed at this key size and at each
+    larger key size given, fedcore pooled (online encryption with a ready pool) and
+    TenSEAL CKKS (encryption and size, when it was installed for the run).
+    """
+    bits = micro.get("key_bits", "?")
+    extra = {"encrypt (s)": "pool_encrypt_s_per_value"}
+    tenseal = {"encrypt (s)": "tenseal_encrypt_s_per_value", "bytes": "tenseal_bytes_per_value"}
+    out: list[tuple[str, dict[str, float]]] = []
+    for label, phe, packed in micro_costs(micro):
+        bars: dict[str, float] = {}
+        if phe is not None:
+            bars[f"phe {bits}"] = phe
+        bars[f"packed {bits}"] = packed
+        for other in larger_keys or []:
+            for other_label, _, other_packed in micro_costs(other):
+                if other_label == label:
+                    bars[f"packed {other.get('key_bits', '?')}"] = other_packed
+        for name, table in (("pooled", extra), ("TenSEAL CKKS", tenseal)):
+            value = micro.get(table.get(label, ""))
+            if isinstance(value, int | float) and value > 0:
+                bars[name] = float(value)
+        out.append((label, bars))
+    return out
+
+
+_SERIES_COLORS = {"phe": "tab:red", "pooled": "tab:olive", "TenSEAL": "tab:blue"}
+
+
+def plot_micro_costs(
+    micro: dict[str, Any], path: Path, larger_keys: list[dict[str, Any]] | None = None
+) -> Path | None:
+    """Log-scale bars of cost per value: phe, fedcore packed (each key size), pooled, TenSEAL."""
+    rows = micro_series(micro, larger_keys)
     if not rows:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(rows), figsize=(3 * len(rows), 3.5))
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.4 * len(rows), 3.8))
     axes = list(axes) if len(rows) > 1 else [axes]
-    for ax, (label, phe, packed) in zip(axes, rows, strict=True):
-        names = ["phe", "fedcore packed"]
-        values = [phe if phe is not None else 0.0, packed]
-        ax.bar(names, values, color=["tab:red", "tab:green"])
+    for ax, (label, bars) in zip(axes, rows, strict=True):
+        names = list(bars)
+        ax.bar(
+            names,
+            [bars[n] for n in names],
+            color=[_SERIES_COLORS.get(n.split()[0], "tab:green") for n in names],
+        )
         ax.set_yscale("log")
         ax.set_title(f"{label} per value")
-        if phe:
-            ax.text(1, packed, f"{phe / packed:.0f}× less", ha="center", va="bottom", fontsize=8)
-    fig.suptitle(f"Cost per value, {micro.get('key_bits', '?')}-bit key")
+        ax.tick_params(axis="x", labelrotation=35, labelsize=8)
+    fig.suptitle("Cost per value (log scale; phe: one value per ciphertext)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -292,9 +329,15 @@ def _accuracy_section(data: dict[str, Any], name: str, out: Path) -> list[str]:
     return lines
 
 
-def _micro_section(data: dict[str, Any], out: Path) -> list[str]:
+def _micro_section(
+    data: dict[str, Any],
+    out: Path,
+    name: str = "micro",
+    larger_keys: list[dict[str, Any]] | None = None,
+) -> list[str]:
+    """The cost table of one micro run; the plot (with the other key sizes) for micro.json."""
     lines = [
-        "## Micro (`micro.json`)",
+        f"## Micro, {data.get('key_bits', '?')}-bit key (`{name}.json`)",
         "",
         f"Command: `{data.get('command', '')}`",
         "",
@@ -311,7 +354,7 @@ def _micro_section(data: dict[str, Any], out: Path) -> list[str]:
             f"{_fmt(data.get('decrypt_variable_time_speedup_vs_phe'))}x with GMP's "
             "variable-time powmod.",
         ]
-    if plot_micro_costs(data, out / "micro-costs.png") is not None:
+    if name == "micro" and plot_micro_costs(data, out / "micro-costs.png", larger_keys):
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")
     return lines
@@ -345,7 +388,7 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
         "(`python -m bench all --report-only` rebuilds it).",
         "",
         "Machine: "
-        + (", ".join(f"{k} {v}" for k, v in machine.items()) or platform.platform())
+        + (", ".join(f"{k} {v}" for k, v in machine.items() if k != "date") or platform.platform())
         + ". The cores are shared with other work, so absolute times are noisy; compare "
         "ratios measured within one run.",
         "",
@@ -361,13 +404,20 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
         name = file.stem
         try:
             if name == "round":
-                lines += _round_section(data, results)
+                section = _round_section(data, results)
             elif name.startswith("accuracy"):
-                lines += _accuracy_section(data, name, results)
+                section = _accuracy_section(data, name, results)
             elif name == "micro":
-                lines += _micro_section(data, results)
+                others = [_load(f) for f in sorted(results.glob("micro-*.json"))]
+                section = _micro_section(data, results, name, [o for o in others if o])
+            elif name.startswith("micro-"):
+                section = _micro_section(data, results, name)
             else:
-                lines += _other_section(name, data)
+                section = _other_section(name, data)
+            date = (data.get("machine") or {}).get("date")
+            if date:  # results of one report can come from different days and commits
+                section[1:1] = ["", f"Measured {date}."]
+            lines += section
         except (KeyError, TypeError, ValueError) as exc:
             lines += [f"## {name}", "", f"(could not summarize {file.name}: {exc!r})", ""]
     if not seen:
@@ -399,6 +449,8 @@ def _planned_runs(quick: bool) -> list[tuple[str, list[str]]]:
                 runs.append((f"accuracy-{dataset}", [name, "--dataset", dataset]))
         else:
             runs.append((name, [name]))
+        if name == "micro":  # the cost plot compares key sizes
+            runs.append(("micro-3072", [name, "--key-bits", "3072"]))
     if quick:
         runs = [(n, [*argv, "--quick"]) for n, argv in runs]
     return runs

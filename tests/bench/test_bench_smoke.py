@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.report import micro_costs, run_all, write_report
+from bench.report import micro_costs, micro_series, run_all, write_report
 
 TINY = ["--clients", "2", "--rounds", "1", "--samples-per-client", "32", "--key-bits", "512"]
 
@@ -115,6 +115,39 @@ def test_report_is_built_from_the_json_files(results: Path) -> None:
         assert f"({png})" in text
 
 
+def test_micro_series_puts_every_key_size_pool_and_tenseal_side_by_side(results: Path) -> None:
+    small = {
+        "key_bits": 2048,
+        "phe_encrypt_s_per_value": 1e-2,
+        "packed_encrypt_s_per_value": 3e-6,
+        "pool_encrypt_s_per_value": 2e-7,
+        "tenseal_encrypt_s_per_value": 1e-6,
+        "bytes_per_value": 6.6,
+        "tenseal_bytes_per_value": 81.0,
+    }
+    large = {"key_bits": 3072, "packed_encrypt_s_per_value": 5e-6, "bytes_per_value": 6.4}
+    series = dict(micro_series(small, [large]))
+    assert series["encrypt (s)"] == {
+        "phe 2048": 1e-2,
+        "packed 2048": 3e-6,
+        "packed 3072": 5e-6,
+        "pooled": 2e-7,
+        "TenSEAL CKKS": 1e-6,
+    }
+    assert series["bytes"] == {
+        "phe 2048": 512.0,
+        "packed 2048": 6.6,
+        "packed 3072": 6.4,
+        "TenSEAL CKKS": 81.0,
+    }
+    (results / "micro.json").write_text(json.dumps(small))
+    (results / "micro-3072.json").write_text(json.dumps(large))
+    text = write_report(results).read_text()
+    assert "## Micro, 2048-bit key (`micro.json`)" in text
+    assert "## Micro, 3072-bit key (`micro-3072.json`)" in text
+    assert text.count("(micro-costs.png)") == 1
+
+
 def test_micro_costs_skips_what_the_json_lacks() -> None:
     assert micro_costs({}) == []
     rows = micro_costs({"key_bits": 2048, "bytes_per_value": 6.6})
@@ -132,5 +165,6 @@ def test_all_runs_every_registered_benchmark_then_reports(tmp_path: Path) -> Non
     report = run_all(quick=True, results=tmp_path, run_one=fake)
     names = {argv[0] for argv in ran}
     assert {"round", "accuracy"} <= names
+    assert ["micro", "--key-bits", "3072", "--quick"] in [argv[:4] for argv in ran]
     assert all("--quick" in argv for argv in ran)
     assert report.exists() and "python -m bench round --quick" in report.read_text()
