@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.errors import ConfigError
+from protocol.transport import SERVER_RECEIVE_BUFFER
 
 __all__ = ["AggregatorConfig"]
 
@@ -41,6 +42,9 @@ class AggregatorConfig:
     max_inflight_uploads: int = 8
     fold_workers: int = 0
     max_connections: int = 2048
+    # SO_RCVBUF of each client connection, bytes (0 = the kernel's autotuning): smaller
+    # keeps less TLS buffer per connection after an upload, larger costs less CPU per byte.
+    receive_buffer: int = SERVER_RECEIVE_BUFFER
     value_bits: int = 16
     headroom_bits: int = 10
     clip: float = 0.5
@@ -100,6 +104,12 @@ class AggregatorConfig:
         )
         _require(0 <= self.fold_workers <= 64, "fold_workers", "0..64", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
+        _require(
+            self.receive_buffer == 0 or self.receive_buffer >= 4096,
+            "receive_buffer",
+            "0 (autotuning) or >= 4096 bytes",
+            self.receive_buffer,
+        )
         _require(2 <= self.value_bits <= 32, "value_bits", "2..32", self.value_bits)
         _require(1 <= self.headroom_bits <= 32, "headroom_bits", "1..32", self.headroom_bits)
         largest = self.clients_per_round or self.min_clients

@@ -245,6 +245,7 @@ class Aggregator:
             heartbeat_interval=c.heartbeat_interval,
             max_connections=c.max_connections,
             write_timeout=max(60.0, c.round_timeout),
+            receive_buffer=c.receive_buffer or None,
         )
 
     async def run(self) -> Checkpoint:

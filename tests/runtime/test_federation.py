@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,7 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
         rounds=1,
         max_inflight_uploads=2,
         round_timeout=30.0,
+        receive_buffer=8192,
     )
     aggregator = Aggregator(config)
     task = asyncio.create_task(aggregator.run())
@@ -99,6 +101,12 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
     rogues = [RogueClient(pki, i) for i in range(3)]
     for rogue in rogues:
         await rogue.connect(aggregator.port)
+    assert aggregator._server is not None
+    receive_buffers = {
+        conn._writer.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        for conn in aggregator._server.connections
+    }
+    assert receive_buffers == {2 * 8192}  # the config reached every client socket (Linux x2)
     starts = [await rogue.expect(RoundStart) for rogue in rogues]
     payloads = rogues[0].payloads(starts[0])
     for rogue, start in zip(rogues[:2], starts, strict=False):

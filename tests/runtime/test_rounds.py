@@ -20,6 +20,7 @@ from fedcore.aggregator.rounds import (
     select_clients,
 )
 from fedcore.errors import ConfigError
+from protocol.transport import SERVER_RECEIVE_BUFFER
 
 
 def test_weights_fit_headroom_and_follow_sample_counts() -> None:
@@ -162,6 +163,7 @@ def _config(tmp_path: Path, **kw: object) -> AggregatorConfig:
         ({"round_timeout": 0}, "round_timeout"),
         ({"headroom_bits": 3, "clients_per_round": 10}, "headroom_bits"),
         ({"model": "no_colon"}, "module:factory"),
+        ({"receive_buffer": 100}, "receive_buffer"),
         ({"bogus": 1}, "unknown aggregator setting"),
     ],
 )
@@ -179,6 +181,7 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     )
     config = AggregatorConfig.from_toml(path, rounds=7, port=None)
     assert config.min_clients == 3 and config.rounds == 7 and config.port == 8765
+    assert config.receive_buffer == SERVER_RECEIVE_BUFFER
     assert config.target_clients(10) == 10
     assert _config(tmp_path, clients_fraction=0.25, min_clients=2).target_clients(20) == 5
     with pytest.raises(ConfigError, match="required"):
