@@ -42,7 +42,6 @@ __all__ = [
     "MAX_RETAINED_ENCODE_BUFFER",
     "NEED_DATA",
     "FrameDecoder",
-    "FrameEncoder",
     "Sentinel",
     "encode_frame",
 ]
@@ -62,9 +61,8 @@ MAX_BUFFERED_BYTES: Final = DEFAULT_MAX_FRAME_SIZE + HEADER_SIZE + BUFFER_SLACK
 # Per-body msgpack limits: no message has long strings, arrays, big maps or exts.
 MAX_STR_BYTES: Final = 64 * 1024
 MAX_CONTAINER_LEN: Final = 1024
-# An encoder keeps its buffer between frames unless a frame grew it past this.
-# Above this the buffer is dropped after use: a connection that once sent a 2 MiB model
-# must not keep 2 MiB for life (1,000 connections would pin 2 GB).
+# A thread keeps its encode buffer between frames unless a frame grew it past this;
+# above it the buffer is dropped after use, so one 2 MiB model does not stay pinned.
 MAX_RETAINED_ENCODE_BUFFER: Final = 256 * 1024
 # Consumed bytes at the front of the buffer are dropped once they pass this.
 _COMPACT_AT: Final = 256 * 1024
@@ -86,53 +84,37 @@ NEED_DATA: Final = Sentinel("NEED_DATA")
 CLOSED: Final = Sentinel("CLOSED")
 
 
-def encode_frame(msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE) -> bytes:
-    """Serialize one message as header + msgpack body.
-
-    Raises ``LocalProtocolError`` (code FRAME_TOO_LARGE) if the body exceeds
-    ``max_frame_size``. Reuses this thread's msgpack buffer (see ``FrameEncoder``).
-    """
-    return _ENCODER.encode(msg, max_frame_size=max_frame_size)
-
-
 # One msgpack Packer per thread, shared by every connection served from that thread.
 _packers = threading.local()
 
 
-class FrameEncoder:
-    """Encodes frames with the calling thread's msgpack buffer.
+def encode_frame(msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE) -> bytes:
+    """Serialize one message as header + msgpack body.
 
-    A fresh msgpack Packer allocates a 1 MiB buffer; per 128 KiB frame that costs more
-    than the packing itself, so the buffer is reused unless a frame grew it past
-    ``MAX_RETAINED_ENCODE_BUFFER``. It is shared by all encoders of a thread rather than
-    kept per connection: once heap pages have been touched, 1 MiB per connection is
-    1 GB of resident memory for an aggregator holding 1,000 clients. Encoding is
-    synchronous, so encoders of one thread never use the buffer at the same time.
+    Raises ``LocalProtocolError`` (code FRAME_TOO_LARGE) if the body exceeds
+    ``max_frame_size``. A fresh msgpack Packer allocates a 1 MiB buffer; per 128 KiB
+    frame that costs more than the packing itself, so each thread keeps one Packer and
+    reuses it unless a frame grew it past ``MAX_RETAINED_ENCODE_BUFFER``. One per thread,
+    not per connection: once heap pages have been touched, 1 MiB per connection is 1 GB
+    of resident memory for an aggregator holding 1,000 clients. Encoding is synchronous,
+    so two connections of one thread never use the buffer at the same time.
     """
-
-    def encode(self, msg: Message, *, max_frame_size: int = ABSOLUTE_MAX_FRAME_SIZE) -> bytes:
-        """Header + msgpack body of ``msg`` (``LocalProtocolError`` if over the limit)."""
-        packer = getattr(_packers, "packer", None) or msgpack.Packer(
-            use_bin_type=True, autoreset=False
-        )
-        _packers.packer = None  # not reused if packing raises half-way
-        packer.pack(msg.to_wire())
-        # join the header with a view of the packer's buffer: a single copy of the body
-        with packer.getbuffer() as body:
-            size = body.nbytes
-            if size > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
-                raise LocalProtocolError(
-                    f"{type(msg).__name__} body is {size} bytes, limit {max_frame_size}",
-                    code=ErrorCode.FRAME_TOO_LARGE,
-                )
-            frame = b"".join((_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, size), body))
-        if size <= MAX_RETAINED_ENCODE_BUFFER:
-            packer.reset()
-            _packers.packer = packer
-        return frame
-
-
-_ENCODER = FrameEncoder()
+    packer = getattr(_packers, "packer", None) or msgpack.Packer(use_bin_type=True, autoreset=False)
+    _packers.packer = None  # not reused if packing raises half-way
+    packer.pack(msg.to_wire())
+    # join the header with a view of the packer's buffer: a single copy of the body
+    with packer.getbuffer() as body:
+        size = body.nbytes
+        if size > min(max_frame_size, ABSOLUTE_MAX_FRAME_SIZE):
+            raise LocalProtocolError(
+                f"{type(msg).__name__} body is {size} bytes, limit {max_frame_size}",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        frame = b"".join((_HEADER.pack(MAGIC, PROTOCOL_VERSION, msg.type_id, size), body))
+    if size <= MAX_RETAINED_ENCODE_BUFFER:
+        packer.reset()
+        _packers.packer = packer
+    return frame
 
 
 class FrameDecoder:

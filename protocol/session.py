@@ -32,8 +32,8 @@ from .framing import (
     CLIENT_MAX_FRAME_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
     FrameDecoder,
-    FrameEncoder,
     Sentinel,
+    encode_frame,
 )
 from .messages import (
     PROTOCOL_VERSION,
@@ -151,7 +151,6 @@ class Session:
         self.role = role
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_size=max_frame_size, max_buffer_size=max_buffer_size)
-        self._encoder = FrameEncoder()
         self.late_frames = 0
         """UpdateChunk/UpdateDone frames for a round already ended by RoundEnd (dropped)."""
         self.round_id: int | None = None
@@ -226,7 +225,7 @@ class Session:
             self._error_sent = True
         elif isinstance(msg, Bye):
             self._bye_sent = True
-        return self._encoder.encode(msg)
+        return encode_frame(msg)
 
     # ------------------------------------------------------------------ the machine
 

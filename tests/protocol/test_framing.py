@@ -30,6 +30,8 @@ from protocol import (
     MalformedFrame,
     Message,
     ProtocolError,
+    Role,
+    Session,
     UnknownMessageType,
     UnsupportedVersion,
     UpdateChunk,
@@ -307,37 +309,39 @@ def test_fuzzed_frames_only_ever_raise_protocol_errors() -> None:
     assert all(outcomes.values()), outcomes
 
 
-def test_frame_encoders_share_one_buffer_per_thread_but_not_a_huge_one() -> None:
-    from protocol import framing
-    from protocol.framing import MAX_RETAINED_ENCODE_BUFFER, FrameEncoder
+def _decoded(frame: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> object:
+    decoder = FrameDecoder(max_frame_size=max_frame_size)
+    decoder.receive_data(frame)
+    return decoder.next_event()
 
-    encoder, other = FrameEncoder(), FrameEncoder()
+
+def test_one_encode_buffer_per_thread_shared_by_sessions_but_not_a_huge_one() -> None:
+    from protocol import framing
+    from protocol.framing import MAX_RETAINED_ENCODE_BUFFER
+
     for msg in [*SAMPLE, *SAMPLE]:
-        assert encoder.encode(msg) == encode_frame(msg)
+        assert _decoded(encode_frame(msg)) == msg
     shared = framing._packers.packer
     assert shared is not None
-    assert other.encode(SAMPLE[1]) == encode_frame(SAMPLE[1])
+    for _ in range(2):  # two connections' sessions
+        hello = SAMPLE[0]  # a client's first message, legal in a fresh session
+        assert _decoded(Session(Role.CLIENT).send(hello)) == hello
     assert framing._packers.packer is shared  # one buffer for every connection
     big = UpdateChunk(round_id=1, seq=0, payload=bytes(MAX_RETAINED_ENCODE_BUFFER + 1))
-    decoder = FrameDecoder(max_frame_size=2 * MAX_RETAINED_ENCODE_BUFFER)
-    decoder.receive_data(encoder.encode(big))
-    assert decoder.next_event() == big
+    assert _decoded(encode_frame(big), 2 * MAX_RETAINED_ENCODE_BUFFER) == big
     assert framing._packers.packer is None  # a frame that large does not pin its buffer
     with pytest.raises(LocalProtocolError):
-        encoder.encode(big, max_frame_size=100)
-    assert encoder.encode(SAMPLE[0]) == encode_frame(SAMPLE[0])
+        encode_frame(big, max_frame_size=100)
+    assert _decoded(encode_frame(SAMPLE[0])) == SAMPLE[0]
 
 
 def test_frame_encoding_from_many_threads_at_once() -> None:
     import concurrent.futures
-
-    from protocol.framing import FrameEncoder
 
     messages = [
         UpdateChunk(round_id=1, seq=i % 100, payload=bytes([i % 256]) * (1000 + i))
         for i in range(400)
     ]
     expected = [encode_frame(m) for m in messages]
-    encoder = FrameEncoder()
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        assert list(pool.map(encoder.encode, messages)) == expected
+        assert list(pool.map(encode_frame, messages)) == expected
