@@ -48,6 +48,23 @@ def digits() -> Dataset:
     return load_digits()
 
 
+def aggregator_argv(pki: Path, keys: Keys, state_dir: Path) -> list[str]:
+    """`fedcore aggregator` arguments for this PKI, public key and state directory."""
+    return [
+        "aggregator",
+        "--public-key",
+        str(keys.public),
+        "--cert",
+        str(pki / "aggregator.pem"),
+        "--key",
+        str(pki / "aggregator.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+        "--state-dir",
+        str(state_dir),
+    ]
+
+
 def aggregator_config(tmp_path: Path, pki: Path, keys: Keys, **changes: Any) -> AggregatorConfig:
     """A small, fast aggregator on an ephemeral port, digits-sized seed MLP."""
     values: dict[str, Any] = {

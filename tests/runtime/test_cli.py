@@ -16,7 +16,7 @@ from fedcore.aggregator import Aggregator
 from fedcore.cli import main
 from fedcore.crypto import PrivateKey, PublicKey
 
-from .conftest import Keys, aggregator_config
+from .conftest import Keys, aggregator_argv, aggregator_config
 
 
 def test_keygen_writes_a_0600_private_key_and_refuses_to_overwrite(
@@ -49,19 +49,7 @@ def test_certs_writes_the_federation_pki(tmp_path: Path) -> None:
 def test_aggregator_bad_settings_are_a_clear_error(
     tmp_path: Path, pki: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = [
-        "aggregator",
-        "--public-key",
-        str(keys.public),
-        "--cert",
-        str(pki / "aggregator.pem"),
-        "--key",
-        str(pki / "aggregator.key"),
-        "--ca",
-        str(pki / "ca.pem"),
-        "--state-dir",
-        str(tmp_path / "state"),
-    ]
+    base = aggregator_argv(pki, keys, tmp_path / "state")
     assert main([*base, "--min-clients", "0"]) == 2
     assert "min_clients must be >= 1" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "nope.json"), *base[3:]]) == 2

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Keys, make_client
+from .conftest import Keys, aggregator_argv, make_client
 
 _WRAPPER = """
 import sys
@@ -144,17 +144,7 @@ async def test_sigterm_stops_the_daemon_cleanly_mid_round(
             sys.executable,
             "-m",
             "fedcore.cli",
-            "aggregator",
-            "--public-key",
-            str(keys.public),
-            "--cert",
-            str(pki / "aggregator.pem"),
-            "--key",
-            str(pki / "aggregator.key"),
-            "--ca",
-            str(pki / "ca.pem"),
-            "--state-dir",
-            str(state),
+            *aggregator_argv(pki, keys, state),
             "--port",
             str(port),
             "--metrics-port",
