@@ -1,7 +1,9 @@
 """Packed-Paillier cryptography: keys, fast encryption, CRT decryption, sums, codecs.
 
 Interoperable with phe (python-paillier) for the same key: ``g = n + 1``, ciphertexts
-in Z*_{n²}. Big-integer work is done with gmpy2. Knows nothing of packing, models or
+in Z*_{n²}. Big-integer work is done with gmpy2, except two loops that run in OpenSSL:
+decryption's constant-time exponentiation (``modexp``) and the aggregator's fold and
+validation (``folding``, a C extension when built). Knows nothing of packing, models or
 the wire protocol.
 """
 

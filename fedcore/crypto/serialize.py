@@ -45,7 +45,9 @@ def serialize_ciphertexts(ciphertexts: Sequence[Any], public_key: PublicKey) -> 
     return _to_fixed_width(ciphertexts, public_key.ciphertext_bytes, "ciphertext")
 
 
-def ciphertext_count(data: bytes, public_key: PublicKey, *, index_offset: int = 0) -> int:
+def ciphertext_count(
+    data: bytes | memoryview, public_key: PublicKey, *, index_offset: int = 0
+) -> int:
     """How many fixed-width ciphertexts ``data`` holds; InvalidCiphertextError if ragged."""
     width = public_key.ciphertext_bytes
     count, remainder = divmod(len(data), width)
@@ -58,7 +60,7 @@ def ciphertext_count(data: bytes, public_key: PublicKey, *, index_offset: int = 
 
 
 def deserialize_ciphertexts(
-    data: bytes, public_key: PublicKey, *, validate: bool = True, index_offset: int = 0
+    data: bytes | memoryview, public_key: PublicKey, *, validate: bool = True, index_offset: int = 0
 ) -> list[mpz]:
     """Split ``data`` into fixed-width ciphertexts; validate them unless told not to.
 
