@@ -1,13 +1,20 @@
-"""Folding complete encrypted updates into the round's sum: inline, or across processes.
+"""Folding complete encrypted updates into the round's sum: inline, in threads, or in processes.
 
-Folding 1,000 seed-MLP updates is ~6.9 M multiplications mod n² (~33 s on one core),
-and validating them costs a good part of that again. With ``workers > 0`` the positions
-of the sum are split into contiguous ranges, one per worker process, so the work runs
-on every core while the event loop keeps serving TLS. Each worker gets only its range
-of each update. A fold is staged everywhere first and committed only if every range
-validated, so a bad update is refused whole and never half-folded. Each worker runs
-its calls in submission order; commits are submitted synchronously, so anything asked
-of the sum afterwards (`result`) sees every commit made before it.
+Folding 1,000 seed-MLP updates is ~6.9 M multiplications mod n², and validating them
+costs a good part of that again. With ``workers > 0`` the positions of the sum are
+split into contiguous ranges, one per worker, so the work runs on every core while the
+event loop keeps serving TLS:
+
+- with the native engine (see :mod:`fedcore.crypto.folding`), each range is a
+  `SliceSum` in this process driven by its own thread; the C loops release the GIL,
+  and each thread reads its range of the update in place (no copy);
+- with the gmpy2 engine, which holds the GIL, each range lives in a worker process
+  and gets a copy of its range of each update.
+
+A fold is staged everywhere first and committed only if every range validated, so a bad
+update is refused whole and never half-folded. Each worker runs its calls in
+submission order; commits are submitted synchronously, so anything asked of the sum
+afterwards (`result`) sees every commit made before it.
 """
 
 from __future__ import annotations
@@ -28,46 +35,84 @@ __all__ = ["FoldEngine"]
 log = logging.getLogger(__name__)
 
 
-class FoldEngine:
-    """The encrypted running sum of a round, for updates of ``item_count`` ciphertexts."""
+class _InProcess:
+    """A `SliceSum`'s calls, made on the one living in a worker process (picklable)."""
 
-    def __init__(self, public_key: PublicKey, item_count: int, *, workers: int = 0) -> None:
+    reset = staticmethod(slices.worker_reset)
+    stage = staticmethod(slices.worker_stage)
+    commit = staticmethod(slices.worker_commit)
+    abort = staticmethod(slices.worker_abort)
+    serialized = staticmethod(slices.worker_result)
+
+
+class FoldEngine:
+    """The encrypted running sum of a round, for updates of ``item_count`` ciphertexts.
+
+    ``native=None`` uses the native engine when it is built (threads), else gmpy2
+    (processes); ``False`` forces gmpy2.
+    """
+
+    def __init__(
+        self,
+        public_key: PublicKey,
+        item_count: int,
+        *,
+        workers: int = 0,
+        native: bool | None = None,
+    ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0; got {workers}")
+        if native is None:
+            native = slices.native_available()
         self.public_key = public_key
         self.item_count = item_count
         self.width = public_key.ciphertext_bytes
+        self.native = native
         self._ids = itertools.count()
         self._inline: slices.SliceSum | None = None
-        self._pools: list[tuple[int, int, concurrent.futures.ProcessPoolExecutor]] = []
+        # (start, stop, executor, the slice's calls: a SliceSum or _InProcess)
+        self._ranges: list[tuple[int, int, concurrent.futures.Executor, Any]] = []
         self._pending: list[concurrent.futures.Future[Any]] = []
+        n = int(public_key.n)
         if workers == 0:
-            self._inline = slices.SliceSum(int(public_key.n), 0, item_count)
+            self._inline = slices.SliceSum(n, 0, item_count, native=native)
             return
         workers = min(workers, max(1, item_count))
-        context = multiprocessing.get_context("spawn")  # no fork of a running event loop
         bounds = [item_count * i // workers for i in range(workers + 1)]
         for start, stop in itertools.pairwise(bounds):
-            pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=context,
-                initializer=slices.worker_init,
-                initargs=(int(public_key.n), start, stop),
-            )
-            self._pools.append((start, stop, pool))
-        log.info("folding across %d worker processes", len(self._pools))
+            executor: concurrent.futures.Executor
+            if native:
+                executor = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix=f"fold-{start}"
+                )
+                calls: Any = slices.SliceSum(n, start, stop, native=True)
+            else:
+                executor = concurrent.futures.ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),  # no fork of a running loop
+                    initializer=slices.worker_init,
+                    initargs=(n, start, stop),
+                )
+                calls = _InProcess
+            self._ranges.append((start, stop, executor, calls))
+        log.info(
+            "folding across %d %s (%s engine)",
+            len(self._ranges),
+            "threads" if native else "worker processes",
+            "native" if native else "gmpy2",
+        )
 
     @property
     def workers(self) -> int:
-        """Worker processes in use (0 = inline in the event loop's process)."""
-        return len(self._pools)
+        """Fold workers in use (0 = inline in the event loop's thread)."""
+        return len(self._ranges)
 
     def reset(self) -> None:
         """A new round: the sum is E(0) again, staged updates are dropped."""
         if self._inline is not None:
             self._inline.reset()
-        for _, _, pool in self._pools:
-            self._track(pool.submit(slices.worker_reset))
+        for _, _, executor, calls in self._ranges:
+            self._track(executor.submit(calls.reset))
 
     async def stage(self, data: bytes) -> int:
         """Validate a complete update everywhere; returns its id for `commit`/`abort`.
@@ -89,12 +134,15 @@ class FoldEngine:
             answers = await asyncio.gather(
                 *(
                     loop.run_in_executor(
-                        pool,
-                        slices.worker_stage,
+                        executor,
+                        calls.stage,
                         update_id,
-                        bytes(view[start * self.width : stop * self.width]),
+                        # a thread reads the update in place; a process needs a copy
+                        view[start * self.width : stop * self.width]
+                        if self.native
+                        else bytes(view[start * self.width : stop * self.width]),
                     )
-                    for start, stop, pool in self._pools
+                    for start, stop, executor, calls in self._ranges
                 )
             )
             failures = [a for a in answers if a is not None]
@@ -108,15 +156,15 @@ class FoldEngine:
         """Fold a staged update into the sum (submitted now, in order, on every range)."""
         if self._inline is not None:
             self._inline.commit(update_id)
-        for _, _, pool in self._pools:
-            self._track(pool.submit(slices.worker_commit, update_id))
+        for _, _, executor, calls in self._ranges:
+            self._track(executor.submit(calls.commit, update_id))
 
     def abort(self, update_id: int) -> None:
         """Drop a staged update everywhere."""
         if self._inline is not None:
             self._inline.abort(update_id)
-        for _, _, pool in self._pools:
-            self._track(pool.submit(slices.worker_abort, update_id))
+        for _, _, executor, calls in self._ranges:
+            self._track(executor.submit(calls.abort, update_id))
 
     async def result(self) -> bytes:
         """The summed ciphertexts, serialized, after every commit submitted so far."""
@@ -124,7 +172,10 @@ class FoldEngine:
             return self._inline.serialized()
         loop = asyncio.get_running_loop()
         parts = await asyncio.gather(
-            *(loop.run_in_executor(pool, slices.worker_result) for _, _, pool in self._pools)
+            *(
+                loop.run_in_executor(executor, calls.serialized)
+                for _, _, executor, calls in self._ranges
+            )
         )
         for future in self._pending:
             future.result()  # surface a failed commit instead of a silently short sum
@@ -132,10 +183,10 @@ class FoldEngine:
         return b"".join(parts)
 
     def close(self) -> None:
-        """Stop the worker processes."""
-        for _, _, pool in self._pools:
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._pools.clear()
+        """Stop the fold workers."""
+        for _, _, executor, _ in self._ranges:
+            executor.shutdown(wait=False, cancel_futures=True)
+        self._ranges.clear()
 
     def _track(self, future: concurrent.futures.Future[Any]) -> None:
         self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]

@@ -1,4 +1,4 @@
-"""The fold engine against phe: inline and across processes, with staged refusals."""
+"""The fold engine against phe: inline, in threads (native) and in processes (gmpy2)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import pytest
 
 from fedcore.aggregator.folding import FoldEngine
 from fedcore.crypto import PrivateKey, PublicKey, serialize_ciphertexts
-from fedcore.crypto.folding import check_ciphertext_bytes
+from fedcore.crypto.folding import BACKEND_ENV, check_ciphertext_bytes, native_available
 from fedcore.errors import InvalidCiphertextError
 
 from .conftest import Keys
 
 ITEMS = 37
+# (workers, native): inline and split, with each engine the machine has
+ENGINES = [
+    pytest.param(workers, native, id=f"{workers}-{'native' if native else 'gmpy2'}")
+    for workers in (0, 2)
+    for native in ((True, False) if native_available() else (False,))
+]
 
 
 def _keys(keys: Keys) -> tuple[PublicKey, PrivateKey]:
@@ -25,12 +31,13 @@ def _update(public: PublicKey, values: list[int]) -> bytes:
     return serialize_ciphertexts(public.encrypt_vector(values), public)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-async def test_fold_engine_sums_like_phe(keys: Keys, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "native"), ENGINES)
+async def test_fold_engine_sums_like_phe(keys: Keys, workers: int, native: bool) -> None:
     public, private = _keys(keys)
     rng = random.Random(workers)
     updates = [[rng.randrange(2**40) for _ in range(ITEMS)] for _ in range(3)]
-    engine = FoldEngine(public, ITEMS, workers=workers)
+    engine = FoldEngine(public, ITEMS, workers=workers, native=native)
+    assert engine.native is native
     try:
         for round_no in range(2):  # reset between rounds really starts again
             engine.reset()
@@ -48,10 +55,10 @@ async def test_fold_engine_sums_like_phe(keys: Keys, workers: int) -> None:
         engine.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-async def test_a_bad_update_is_refused_whole(keys: Keys, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "native"), ENGINES)
+async def test_a_bad_update_is_refused_whole(keys: Keys, workers: int, native: bool) -> None:
     public, private = _keys(keys)
-    engine = FoldEngine(public, ITEMS, workers=workers)
+    engine = FoldEngine(public, ITEMS, workers=workers, native=native)
     try:
         engine.reset()
         engine.commit(await engine.stage(_update(public, [1] * ITEMS)))
@@ -70,7 +77,12 @@ async def test_a_bad_update_is_refused_whole(keys: Keys, workers: int) -> None:
         engine.close()
 
 
-def test_byte_range_check_names_the_bad_index(keys: Keys) -> None:
+@pytest.mark.parametrize("native", [True, False] if native_available() else [False])
+def test_byte_range_check_names_the_bad_index(
+    keys: Keys, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:
+        monkeypatch.setenv(BACKEND_ENV, "gmp")  # the numpy scan
     public, _ = _keys(keys)
     width = public.ciphertext_bytes
     good = _update(public, [3] * 4)
