@@ -27,6 +27,7 @@ from fedcore.crypto import (
     serialize_ciphertexts,
     validate_ciphertexts,
 )
+from fedcore.crypto.folding import SliceSum, native_available
 from fedcore.crypto.modexp import constant_time_backend
 from fedcore.packing import PackingSpec, decode_sum, encode_update
 
@@ -53,6 +54,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _progress(message: str) -> None:
     print(f"[micro] {message}", file=sys.stderr, flush=True)
+
+
+def _aggregator_engines(pk: Any, first: bytes, second: bytes, repeats: int) -> dict[str, float]:
+    """Seconds for what the aggregator does per update, from wire bytes: stage + commit.
+
+    Staging parses and validates (0 < c < n², one gcd for the product mod n); committing
+    folds. Both engines of fedcore.crypto.folding, timed alternately (same load).
+    """
+    engines = {"gmpy2": False, "native": True} if native_available() else {"gmpy2": False}
+    best = dict.fromkeys(engines, float("inf"))
+    count = len(first) // pk.ciphertext_bytes
+    for _ in range(max(3, repeats)):
+        for name, native in engines.items():
+            part = SliceSum(int(pk.n), 0, count, native=native)
+            part.stage(0, first)
+            part.commit(0)  # a running sum that is not 1, as after the first update
+            started = time.perf_counter()
+            if part.stage(1, second) is not None:
+                raise RuntimeError(f"{name}: a valid update did not stage")
+            part.commit(1)
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def _best_of(repeats: int, action: Callable[[], object]) -> float:
@@ -174,6 +197,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mulmod_s = mulmod_best
     fold_s = fold_best / n_values
     _progress(f"fold: {fold_s * 1e9:.1f} ns/value (floor {mulmod_s / slots * 1e9:.1f})")
+    engines = _aggregator_engines(pk, wire, serialize_ciphertexts(second, pk), repeats)
+    for name, seconds in engines.items():
+        _progress(
+            f"aggregator, one update from bytes ({name}): {seconds / n_values * 1e9:.1f} ns/value"
+        )
 
     _progress(
         f"decrypting {n_ct:,} ciphertexts on one core ({constant_time_backend()}, constant-time)"
@@ -236,6 +264,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["decrypt_speedup_vs_phe"] = phe_decrypt_s / decrypt_s
     result["decrypt_variable_time_speedup_vs_phe"] = phe_decrypt_s / decrypt_fast_s
     result["fold_vs_floor"] = fold_s / (mulmod_s / slots)
+    for name, seconds in engines.items():
+        result[f"aggregator_update_{name}_s_per_value"] = seconds / n_values
+    if len(engines) == 2:
+        result["aggregator_native_speedup"] = engines["gmpy2"] / engines["native"]
     result["mulmod_floor_s_per_value"] = mulmod_s / slots
     result.update(_tenseal_figures(updates[0]))
     result["gmpy2"] = gmpy2.version()

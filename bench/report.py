@@ -354,6 +354,20 @@ def _micro_section(
             f"{_fmt(data.get('decrypt_variable_time_speedup_vs_phe'))}x with GMP's "
             "variable-time powmod.",
         ]
+    gmp = data.get("aggregator_update_gmpy2_s_per_value")
+    native = data.get("aggregator_update_native_s_per_value")
+    if isinstance(gmp, float):
+        lines += [
+            "",
+            f"The aggregator's work per update from wire bytes (validate, then fold): "
+            f"gmpy2 engine {_fmt(gmp)} s per value"
+            + (
+                f", native engine (OpenSSL Montgomery, no GIL) {_fmt(native)} s, "
+                f"{_fmt(data.get('aggregator_native_speedup'))}x faster."
+                if isinstance(native, float)
+                else " (native engine not built)."
+            ),
+        ]
     if name == "micro" and plot_micro_costs(data, out / "micro-costs.png", larger_keys):
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")

@@ -588,6 +588,15 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _fold_engine() -> str:
+    """Which engine the aggregator folds with (it inherits this environment)."""
+    try:
+        from fedcore.crypto.folding import native_available
+    except ImportError:  # an aggregator from before the native engine
+        return "gmpy2"
+    return "native" if native_available() else "gmpy2"
+
+
 def _fold_workers_supported() -> bool:
     from fedcore.aggregator import AggregatorConfig
 
@@ -1220,6 +1229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "decrypt_workers": args.decrypt_workers,
             "fold_workers": args.fold_workers if fold_supported else None,
             "fold_workers_supported": fold_supported,
+            "fold_engine": _fold_engine(),
             "model_kwargs": setup.model_kwargs,
             "re_randomized": False,
             "round_seconds_is": "checkpoint phase_seconds collect + decrypt + update",
