@@ -145,8 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-sndbuf",
         type=int,
-        default=64 * 1024,
-        help="SO_SNDBUF of each load-generator socket, bytes (0 = kernel autotuning)",
+        default=0,
+        help="SO_SNDBUF of each load-generator socket, bytes (default 0 = kernel autotuning)",
     )
     parser.add_argument("--workdir", type=Path, help="keep keys, certificates and logs here")
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
@@ -507,12 +507,13 @@ class _LoadGenerator:
 
 
 def _cap_send_buffer(conn: Connection, size: int) -> None:
-    """Cap the kernel send queue of a load-generator socket.
+    """Cap the kernel send queue of a load-generator socket (``--client-sndbuf``).
 
-    Waiting for an upload slot, a client's socket buffers up to tcp_wmem's max (4 MiB)
-    of chunks. On a real deployment that queue is on each client's own machine; here a
-    thousand of them share this host's tcp_mem with the aggregator, push it into memory
-    pressure, and the kernel then drops and retransmits on every connection.
+    Before upload grants, a thousand clients streaming at once each queued up to
+    tcp_wmem's max (4 MiB) on this one host and pushed tcp_mem into memory pressure, so
+    the load generator capped it. Clients now stream only once granted, so the default
+    leaves the kernel's autotuning, as on a real client's own machine; a cap costs the
+    load generator CPU (more, smaller writes).
     """
     if size <= 0:
         return

@@ -79,7 +79,7 @@ def check_ciphertext_bytes(
     if count == 0:
         return 0
     bound = int(public_key.nsquare).to_bytes(width, "big")
-    if native_available():
+    if _montfold is not None:  # the same check either way; FEDCORE_FOLD picks the fold
         bad = int(_montfold.first_out_of_range(data, bound))
     else:
         bad = _first_out_of_range_numpy(data, count, bound)
