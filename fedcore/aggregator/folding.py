@@ -35,11 +35,15 @@ __all__ = ["FoldEngine"]
 log = logging.getLogger(__name__)
 
 
+# Updates staged together at most (their data is kept until each commits or aborts).
+MAX_BATCH = 8
+
+
 class _InProcess:
     """A `SliceSum`'s calls, made on the one living in a worker process (picklable)."""
 
     reset = staticmethod(slices.worker_reset)
-    stage = staticmethod(slices.worker_stage)
+    stage_batch = staticmethod(slices.worker_stage_batch)
     commit = staticmethod(slices.worker_commit)
     abort = staticmethod(slices.worker_abort)
     serialized = staticmethod(slices.worker_result)
@@ -73,6 +77,9 @@ class FoldEngine:
         # (start, stop, executor, the slice's calls: a SliceSum or _InProcess)
         self._ranges: list[tuple[int, int, concurrent.futures.Executor, Any]] = []
         self._pending: list[concurrent.futures.Future[Any]] = []
+        # updates waiting to be staged, and the task staging them a batch at a time
+        self._queue: list[tuple[int, bytes, asyncio.Future[list[Any]]]] = []
+        self._batcher: asyncio.Task[None] | None = None
         n = int(public_key.n)
         if workers == 0:
             self._inline = slices.SliceSum(n, 0, item_count, native=native)
@@ -118,6 +125,8 @@ class FoldEngine:
         """Validate a complete update everywhere; returns its id for `commit`/`abort`.
 
         Raises InvalidCiphertextError (naming the index) after aborting every range.
+        Updates that arrive while workers are busy are staged together, up to
+        `MAX_BATCH` at a time (one validation for all; see fedcore.crypto.folding).
         """
         expected = self.item_count * self.width
         if len(data) != expected:
@@ -129,28 +138,64 @@ class FoldEngine:
             failure = self._inline.stage(update_id, data)
             failures = [failure] if failure is not None else []
         else:
-            loop = asyncio.get_running_loop()
-            view = memoryview(data)
-            answers = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        executor,
-                        calls.stage,
-                        update_id,
-                        # a thread reads the update in place; a process needs a copy
-                        view[start * self.width : stop * self.width]
-                        if self.native
-                        else bytes(view[start * self.width : stop * self.width]),
-                    )
-                    for start, stop, executor, calls in self._ranges
-                )
-            )
-            failures = [a for a in answers if a is not None]
+            waiter: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._queue.append((update_id, data, waiter))
+            if self._batcher is None or self._batcher.done():
+                self._batcher = asyncio.create_task(self._stage_queued())
+            failures = await waiter
         if failures:
             self.abort(update_id)
             index, reason = min(failures, key=lambda f: -1 if f[0] is None else f[0])
             raise InvalidCiphertextError(reason, index=index)
         return update_id
+
+    async def _stage_queued(self) -> None:
+        """Stage what is queued, a batch at a time, until the queue is empty."""
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch = [q for q in self._queue[:MAX_BATCH] if not q[2].done()]
+            del self._queue[:MAX_BATCH]
+            if not batch:
+                continue
+            try:
+                answers = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            executor,
+                            calls.stage_batch,
+                            [(u, self._part(data, start, stop)) for u, data, _ in batch],
+                        )
+                        for start, stop, executor, calls in self._ranges
+                    )
+                )
+            except Exception as exc:  # a worker failed: these updates fail, the next go on
+                self._fail(batch, exc)
+                continue
+            except BaseException:  # cancelled (close): nobody waits for these any more
+                self._fail(batch, None)
+                raise
+            for k, (update_id, _, waiter) in enumerate(batch):
+                if waiter.done():  # its caller went away: never commit it
+                    self.abort(update_id)
+                else:
+                    waiter.set_result([a[k] for a in answers if a[k] is not None])
+
+    def _fail(
+        self, batch: list[tuple[int, bytes, asyncio.Future[list[Any]]]], exc: Exception | None
+    ) -> None:
+        for update_id, _, waiter in batch:
+            self.abort(update_id)
+            if waiter.done():
+                continue
+            if exc is None:
+                waiter.cancel()
+            else:
+                waiter.set_exception(exc)
+
+    def _part(self, data: bytes, start: int, stop: int) -> bytes | memoryview:
+        """A range of an update: read in place by a thread; a process needs a copy."""
+        view = memoryview(data)[start * self.width : stop * self.width]
+        return view if self.native else bytes(view)
 
     def commit(self, update_id: int) -> None:
         """Fold a staged update into the sum (submitted now, in order, on every range)."""
@@ -184,6 +229,8 @@ class FoldEngine:
 
     def close(self) -> None:
         """Stop the fold workers."""
+        if self._batcher is not None:
+            self._batcher.cancel()
         for _, _, executor, _ in self._ranges:
             executor.shutdown(wait=False, cancel_futures=True)
         self._ranges.clear()

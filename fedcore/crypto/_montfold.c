@@ -289,11 +289,21 @@ fold_loop(SliceFolder *self, const unsigned char *data)
 }
 
 static PyObject *
-folder_fold(SliceFolder *self, PyObject *data)
+folder_fold(SliceFolder *self, PyObject *args, PyObject *kwds)
 {
+    static char *kwlist[] = {"data", "updates", NULL};
+    PyObject *data;
+    unsigned long long updates = 1;
     Py_buffer view;
     Py_ssize_t bad;
     int status;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|K", kwlist, &data, &updates)) {
+        return NULL;
+    }
+    if (updates < 1) {
+        PyErr_SetString(PyExc_ValueError, "updates must be >= 1");
+        return NULL;
+    }
     if (self->broken) {
         PyErr_SetString(PyExc_RuntimeError, "SliceFolder is broken by an earlier failure");
         return NULL;
@@ -316,8 +326,97 @@ folder_fold(SliceFolder *self, PyObject *data)
         PyErr_SetString(PyExc_RuntimeError, "an OpenSSL BIGNUM call failed during a fold");
         return NULL;
     }
-    self->folds++;
+    self->folds += updates;
     Py_RETURN_NONE;
+}
+
+/* out[i] = MontMul(...MontMul(c_0[i], c_1[i])..., c_{k-1}[i]) = prod_u c_u[i] R^-(k-1). */
+static int
+product_loop(SliceFolder *self, Py_buffer *views, Py_ssize_t k, unsigned char *out)
+{
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        const Py_ssize_t at = i * self->width;
+        if (!BN_bin2bn((const unsigned char *)views[0].buf + at, (int)self->width, self->t)) {
+            return LOOP_OPENSSL;
+        }
+        for (Py_ssize_t u = 1; u < k; u++) {
+            if (!BN_bin2bn((const unsigned char *)views[u].buf + at, (int)self->width, self->c) ||
+                !BN_mod_mul_montgomery(self->t, self->t, self->c, self->mont_n2, self->ctx)) {
+                return LOOP_OPENSSL;
+            }
+        }
+        if (BN_bn2binpad(self->t, out + at, (int)self->width) < 0) {
+            return LOOP_OPENSSL;
+        }
+    }
+    return LOOP_OK;
+}
+
+static PyObject *
+folder_product(SliceFolder *self, PyObject *datas)
+{
+    PyObject *seq = PySequence_Fast(datas, "product() takes a sequence of byte buffers");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
+    Py_buffer *views = NULL;
+    Py_ssize_t held = 0;
+    PyObject *out = NULL;
+    int status;
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "product() needs at least one update");
+        goto done;
+    }
+    if (self->ctx == NULL || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "SliceFolder is not initialized, or in use");
+        goto done;
+    }
+    views = PyMem_Calloc((size_t)k, sizeof(Py_buffer));
+    if (views == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < k; held++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, held);
+        if (PyObject_GetBuffer(item, &views[held], PyBUF_SIMPLE) < 0) {
+            goto done;
+        }
+        if (views[held].len != self->count * self->width) {
+            PyErr_Format(PyExc_ValueError, "update %zd is %zd bytes; %zd ciphertexts are %zd",
+                         held, views[held].len, self->count, self->count * self->width);
+            held++;
+            goto done;
+        }
+        Py_ssize_t bad = first_out_of_range(self, (const unsigned char *)views[held].buf);
+        if (bad >= 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "update %zd: ciphertext at index %zd is outside 0 < c < n^2", held, bad);
+            held++;
+            goto done;
+        }
+    }
+    out = PyBytes_FromStringAndSize(NULL, self->count * self->width);
+    if (out == NULL) {
+        goto done;
+    }
+    unsigned char *buf = (unsigned char *)PyBytes_AS_STRING(out);
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    status = product_loop(self, views, k, buf);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (status != LOOP_OK) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_RuntimeError, "an OpenSSL BIGNUM call failed in a product");
+    }
+done:
+    for (Py_ssize_t u = 0; u < held; u++) {
+        PyBuffer_Release(&views[u]);
+    }
+    PyMem_Free(views);
+    Py_DECREF(seq);
+    return out;
 }
 
 static int
@@ -390,8 +489,12 @@ folder_reset(SliceFolder *self, PyObject *Py_UNUSED(ignored))
 static PyMethodDef folder_methods[] = {
     {"validate", (PyCFunction)folder_validate, METH_O,
      "validate(data) -> int: -1 when every ciphertext is in Z*_{n²}, else the first bad index."},
-    {"fold", (PyCFunction)folder_fold, METH_O,
-     "fold(data): multiply one update's ciphertexts into the running products, mod n²."},
+    {"fold", (PyCFunction)(void (*)(void))folder_fold, METH_VARARGS | METH_KEYWORDS,
+     "fold(data, updates=1): multiply ciphertexts into the running products, mod n². "
+     "`updates` > 1 folds a product() of that many updates."},
+    {"product", (PyCFunction)folder_product, METH_O,
+     "product(datas) -> bytes: the slot-wise product of k updates (Montgomery form, "
+     "R^-(k-1)); validate() it, then fold(it, updates=k) adds all k at once."},
     {"result", (PyCFunction)folder_result, METH_NOARGS,
      "result() -> bytes: the running products, fixed-width big-endian."},
     {"reset", (PyCFunction)folder_reset, METH_NOARGS,

@@ -194,3 +194,105 @@ def test_first_out_of_range(public_key: PublicKey) -> None:
         scan(good[:-1], bound)
     with pytest.raises(ValueError, match="multiple"):
         scan(good, b"")
+
+
+def test_product_folds_like_its_members(public_key: PublicKey) -> None:
+    rng = random.Random(5)
+    updates = [
+        serialize_ciphertexts(_random_ciphertexts(public_key, rng, 6), public_key) for _ in range(4)
+    ]
+    one_by_one, batched = _folder(public_key, 6), _folder(public_key, 6)
+    for data in updates:
+        one_by_one.fold(data)
+    assert batched.product(updates[:1]) == updates[0]  # one update: itself
+    product = batched.product(updates[1:])
+    assert batched.validate(product) == -1
+    batched.fold(updates[0])
+    batched.fold(product, updates=3)
+    assert batched.folds == one_by_one.folds == 4
+    assert batched.result() == one_by_one.result()
+    with pytest.raises(ValueError, match="update 1: ciphertext at index 2"):
+        bad = bytearray(updates[1])
+        width = public_key.ciphertext_bytes
+        bad[2 * width : 3 * width] = bytes(width)
+        batched.product([updates[0], bytes(bad)])
+    with pytest.raises(ValueError, match="at least one"):
+        batched.product([])
+    with pytest.raises(ValueError, match="updates"):
+        batched.fold(updates[0], updates=0)
+
+
+def _batch_sums(private_key: PrivateKey, rows: int) -> tuple[list[bytes], list[list[int]]]:
+    public = private_key.public_key
+    rng = random.Random(rows)
+    values = [[rng.randrange(2**30) for _ in range(5)] for _ in range(rows)]
+    return [serialize_ciphertexts(public.encrypt_vector(v), public) for v in values], values
+
+
+def _decrypted(private_key: PrivateKey, summed: bytes) -> list[int]:
+    width = private_key.public_key.ciphertext_bytes
+    phe_key = private_key.to_phe()
+    return [
+        phe_key.raw_decrypt(int.from_bytes(summed[i : i + width], "big"))
+        for i in range(0, len(summed), width)
+    ]
+
+
+def test_stage_batch_commits_abort_and_partial_sums(private_key: PrivateKey) -> None:
+    """A batch folds its product once; an abort or a read of the sum mid-batch is exact."""
+    updates, values = _batch_sums(private_key, 4)
+    n = int(private_key.public_key.n)
+    part = slices.SliceSum(n, 0, 5, native=True)
+    assert part.stage_batch(list(enumerate(updates))) == [None] * 4
+    part.commit(0)
+    part.commit(1)
+    # a read now holds exactly updates 0 and 1, whatever becomes of 2 and 3
+    assert _decrypted(private_key, part.serialized()) == [
+        a + b for a, b in zip(*values[:2], strict=True)
+    ]
+    part.abort(2)
+    part.commit(3)
+    expected = [a + b + d for a, b, _, d in zip(*values, strict=True)]
+    assert _decrypted(private_key, part.serialized()) == expected
+
+    whole = slices.SliceSum(n, 0, 5, native=True)
+    assert whole.stage_batch(list(enumerate(updates))) == [None] * 4
+    for update_id in (3, 1, 0, 2):
+        whole.commit(update_id)
+    assert _decrypted(private_key, whole.serialized()) == [
+        sum(c) for c in zip(*values, strict=True)
+    ]
+
+    aborted = slices.SliceSum(n, 0, 5, native=True)
+    aborted.stage_batch(list(enumerate(updates)))
+    aborted.commit(0)
+    aborted.abort(1)  # breaks the batch: 0 folds alone now, 2 and 3 when they commit
+    aborted.commit(2)
+    aborted.abort(3)
+    assert _decrypted(private_key, aborted.serialized()) == [
+        a + c for a, _, c, _ in zip(*values, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("bad", ["multiple_of_p", "zero", "short"])
+def test_stage_batch_finds_the_bad_update(private_key: PrivateKey, bad: str) -> None:
+    updates, values = _batch_sums(private_key, 4)
+    public = private_key.public_key
+    width = public.ciphertext_bytes
+    broken = bytearray(updates[2])
+    if bad == "short":
+        broken = broken[:-width]
+    else:
+        value = int(private_key.p) * 7 if bad == "multiple_of_p" else 0
+        broken[3 * width : 4 * width] = value.to_bytes(width, "big")
+    updates[2] = bytes(broken)
+    part = slices.SliceSum(int(public.n), 10, 15, native=True)
+    answers = part.stage_batch(list(enumerate(updates)))
+    assert answers[:2] == [None, None] and answers[3] is None
+    index, reason = answers[2]  # type: ignore[misc]
+    assert index == (None if bad == "short" else 13)
+    assert ("shares a factor" in reason) == (bad == "multiple_of_p")
+    for update_id in (0, 1, 3):
+        part.commit(update_id)
+    expected = [a + b + d for a, b, _, d in zip(*values, strict=True)]
+    assert _decrypted(private_key, part.serialized()) == expected

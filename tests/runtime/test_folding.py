@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -98,3 +99,37 @@ def test_byte_range_check_names_the_bad_index(
     assert check_ciphertext_bytes(nsq_minus_one, public) == 1
     with pytest.raises(InvalidCiphertextError, match="multiple"):
         check_ciphertext_bytes(good[:-1], public)
+
+
+@pytest.mark.parametrize(("workers", "native"), [e for e in ENGINES if e.values[0] > 0])
+async def test_updates_staged_together_are_judged_one_by_one(
+    keys: Keys, workers: int, native: bool
+) -> None:
+    """Updates arriving while the workers are busy are staged as batches; a bad one among
+    them is refused alone, and the sum holds exactly the good ones."""
+    public, private = _keys(keys)
+    rng = random.Random(9)
+    rows = [[rng.randrange(2**40) for _ in range(ITEMS)] for _ in range(11)]
+    datas = [_update(public, values) for values in rows]
+    width = public.ciphertext_bytes
+    bad = bytearray(datas[6])
+    bad[20 * width : 21 * width] = (int(private.q) * 3).to_bytes(width, "big")
+    datas[6] = bytes(bad)
+    engine = FoldEngine(public, ITEMS, workers=workers, native=native)
+    try:
+        engine.reset()
+        staged = await asyncio.gather(*(engine.stage(d) for d in datas), return_exceptions=True)
+        assert isinstance(staged[6], InvalidCiphertextError) and staged[6].index == 20
+        good = [k for k in range(len(datas)) if k != 6]
+        for k in good:
+            assert isinstance(staged[k], int)
+            engine.commit(staged[k])
+        summed = await engine.result()
+        phe_key = private.to_phe()
+        got = [
+            phe_key.raw_decrypt(int.from_bytes(summed[i * width : (i + 1) * width], "big"))
+            for i in range(ITEMS)
+        ]
+        assert got == [sum(rows[k][i] for k in good) for i in range(ITEMS)]
+    finally:
+        engine.close()
