@@ -356,21 +356,64 @@ def _micro_section(
         ]
     gmp = data.get("aggregator_update_gmpy2_s_per_value")
     native = data.get("aggregator_update_native_s_per_value")
+    batch4 = data.get("aggregator_update_native_batch4_s_per_value")
     if isinstance(gmp, float):
-        lines += [
-            "",
-            f"The aggregator's work per update from wire bytes (validate, then fold): "
-            f"gmpy2 engine {_fmt(gmp)} s per value"
-            + (
-                f", native engine (OpenSSL Montgomery, no GIL) {_fmt(native)} s, "
-                f"{_fmt(data.get('aggregator_native_speedup'))}x faster."
-                if isinstance(native, float)
-                else " (native engine not built)."
-            ),
-        ]
+        text = (
+            "The aggregator's work per update from wire bytes (validate, then fold): gmpy2 "
+            f"engine {_fmt(gmp)} s per value"
+        )
+        if isinstance(native, float):
+            text += (
+                f"; native engine (OpenSSL Montgomery, no GIL) {_fmt(native)} s "
+                f"({_fmt(data.get('aggregator_native_speedup'))}x)"
+            )
+        if isinstance(batch4, float):
+            text += (
+                f", and {_fmt(batch4)} s with 4 updates validated together "
+                f"({_fmt(data.get('aggregator_native_batch4_speedup'))}x)"
+            )
+        lines += ["", text + "."]
     if name == "micro" and plot_micro_costs(data, out / "micro-costs.png", larger_keys):
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")
+    return lines
+
+
+def _scale_section(data: dict[str, Any]) -> list[str]:
+    """The generic table, then the targets and the client-count curve, when present."""
+    lines = _other_section("scale", data)
+    targets = data.get("targets")
+    if isinstance(targets, dict) and targets:
+        lines += ["| target | verdict |", "|---|---|"]
+        lines += [f"| {key} | {_verdict(met)} |" for key, met in targets.items()]
+        lines.append("")
+    workload = data.get("workload")
+    if isinstance(workload, dict):
+        shown = ("fold_engine", "fold_workers", "max_inflight_uploads", "committee_size")
+        lines += [
+            "Workload: " + ", ".join(f"{k} {workload[k]}" for k in shown if k in workload) + ".",
+            "",
+        ]
+    curve = [row for row in data.get("curve") or [] if isinstance(row, dict)]
+    if curve:
+        lines += [
+            "| clients | folded | round (s) | collect (s) | decrypt (s) | peak RSS (MB) "
+            "| CPU (s) |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in curve:
+            phases = row.get("phase_seconds") or {}
+            cells = [
+                row.get("clients"),
+                row.get("updates_folded"),
+                row.get("round_seconds"),
+                phases.get("collect"),
+                phases.get("decrypt"),
+                row.get("aggregator_peak_rss_mb"),
+                row.get("aggregator_cpu_s"),
+            ]
+            lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        lines.append("")
     return lines
 
 
@@ -426,6 +469,8 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
                 section = _micro_section(data, results, name, [o for o in others if o])
             elif name.startswith("micro-"):
                 section = _micro_section(data, results, name)
+            elif name == "scale":
+                section = _scale_section(data)
             else:
                 section = _other_section(name, data)
             date = (data.get("machine") or {}).get("date")
