@@ -124,8 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fold-workers",
         type=int,
-        default=None,
-        help="aggregator fold_workers (passed through when the aggregator has the setting)",
+        default=os.cpu_count() or 1,
+        help="aggregator fold_workers (default: this machine's cores; passed through when the "
+        "aggregator has the setting)",
     )
     parser.add_argument(
         "--model-kwargs", default="{}", help='JSON keyword arguments of fedcore.model:mlp ("{}")'
