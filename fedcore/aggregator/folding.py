@@ -228,9 +228,12 @@ class FoldEngine:
         return b"".join(parts)
 
     def close(self) -> None:
-        """Stop the fold workers."""
+        """Stop the fold workers; whoever still waits for a stage gets CancelledError."""
         if self._batcher is not None:
             self._batcher.cancel()
+        for _, _, waiter in self._queue:
+            waiter.cancel()
+        self._queue.clear()
         for _, _, executor, _ in self._ranges:
             executor.shutdown(wait=False, cancel_futures=True)
         self._ranges.clear()

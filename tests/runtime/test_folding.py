@@ -133,3 +133,30 @@ async def test_updates_staged_together_are_judged_one_by_one(
         assert got == [sum(rows[k][i] for k in good) for i in range(ITEMS)]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("workers", "native"), [e for e in ENGINES if e.values[0] > 0])
+async def test_a_cancelled_stage_is_never_folded(keys: Keys, workers: int, native: bool) -> None:
+    public, private = _keys(keys)
+    rows = [[k + 1] * ITEMS for k in range(4)]
+    engine = FoldEngine(public, ITEMS, workers=workers, native=native)
+    try:
+        engine.reset()
+        tasks = [asyncio.create_task(engine.stage(_update(public, values))) for values in rows]
+        await asyncio.sleep(0)  # every stage is queued; the batch is on its way
+        tasks[1].cancel()
+        staged = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(staged[1], asyncio.CancelledError)
+        for k in (0, 2, 3):
+            engine.commit(staged[k])  # type: ignore[arg-type]
+        summed = await engine.result()
+        first = int.from_bytes(summed[: public.ciphertext_bytes], "big")
+        assert private.to_phe().raw_decrypt(first) == 1 + 3 + 4
+        # close() while stages wait: they are cancelled, not left hanging
+        pending = [asyncio.create_task(engine.stage(_update(public, row))) for row in rows]
+        await asyncio.sleep(0)
+        engine.close()
+        outcomes = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 30)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+    finally:
+        engine.close()
