@@ -195,33 +195,22 @@ class SliceSum:
         here is kept by reference until it commits or aborts.
         """
         if self._native is None or len(updates) < 2:
-            return [self.stage(update_id, data) for update_id, data in updates]
-        answers: list[tuple[int | None, str] | None] = [None] * len(updates)
-        fit: list[int] = []  # positions whose length and byte range are right
-        for k, (_, data) in enumerate(updates):
-            try:
-                count = ciphertext_count(data, self.public_key, index_offset=self.start)
-                if count != self.count:
-                    answers[k] = None, f"slice holds {count} ciphertexts, expected {self.count}"
-                    continue
-                check_ciphertext_bytes(data, self.public_key, index_offset=self.start)
-            except InvalidCiphertextError as exc:
-                answers[k] = exc.index, str(exc)
-                continue
-            fit.append(k)
-        if len(fit) < 2:
-            for k in fit:
-                answers[k] = self.stage(*updates[k])
-            return answers
-        product = self._native.product([updates[k][1] for k in fit])
+            return self._stage_each(updates)
+        try:  # checks every member's size and byte range before multiplying
+            product = self._native.product([data for _, data in updates])
+        except ValueError:  # a member is the wrong size or out of range: judge each alone
+            return self._stage_each(updates)
         if self._native.validate(product) >= 0:  # some member is bad: find it, alone
-            for k in fit:
-                answers[k] = self.stage(*updates[k])
-            return answers
-        batch = _Batch(product=product, waiting={updates[k][0]: updates[k][1] for k in fit})
+            return self._stage_each(updates)
+        batch = _Batch(product=product, waiting=dict(updates))
         for update_id in batch.waiting:
             self._staged[update_id] = batch
-        return answers
+        return [None] * len(updates)
+
+    def _stage_each(
+        self, updates: Sequence[tuple[int, bytes | memoryview]]
+    ) -> list[tuple[int | None, str] | None]:
+        return [self.stage(update_id, data) for update_id, data in updates]
 
     def _check_native(self, data: bytes | memoryview) -> None:
         bad = self._native.validate(data)
