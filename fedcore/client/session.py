@@ -1,42 +1,44 @@
-"""The embeddable federated-learning client.
+"""The client's session driver: connect, join, run rounds, serve the committee, reconnect.
 
 An edge app builds `Client(model, train_fn, evaluate_fn, config)` and awaits
 `client.run("host:port")` (or calls the blocking `client.run_forever(...)`). Each round
-the client loads the global weights, trains locally, encrypts its update (packed
-Paillier, or float32 in a plaintext comparison run) and streams it in chunks; a client
-that holds the private key also serves decryption shards of round sums. After a network
-loss it reconnects with backoff and resumes the round if it is still open, reusing the
-update it already encrypted. Sockets are `protocol.transport`'s business; arithmetic is
-`fedcore.codec`'s.
+the pipeline (`fedcore.client.pipeline`) loads the global weights, trains locally and
+encrypts the update; this module streams it in chunks; a client that holds the private
+key also serves decryption shards of round sums (`fedcore.client.committee`). After a
+network loss it reconnects with backoff and resumes the round if it is still open,
+reusing the update it already encrypted. Sockets are `protocol.transport`'s business.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
+from fedcore.client.committee import decrypt_shard
+from fedcore.client.config import (
+    FATAL_CODES,
+    FEDERATION_COMPLETE,
+    ClientConfig,
+    ClientResult,
+    EvaluateFn,
+    TrainFn,
+    parse_server,
+)
+from fedcore.client.pipeline import PreparedUpdate, UpdatePipeline
 from fedcore.codec import EncryptedCodec, UpdateCodec, codec_from_session_config
 from fedcore.crypto import PrivateKey, PublicKey
 from fedcore.errors import ConfigError, FedcoreError
-from fedcore.model import ModelLayout, flatten_state_dict, load_flat_into
-from protocol.errors import ConnectionClosed, ErrorCode, ErrorReceived, ProtocolError
+from fedcore.model import ModelLayout
+from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Bye,
     DecryptRequest,
-    DecryptResult,
     Hello,
     RoundEnd,
     RoundStart,
@@ -56,95 +58,9 @@ from protocol.transport import (
     tune_allocator,
 )
 
-__all__ = [
-    "FEDERATION_COMPLETE",
-    "Client",
-    "ClientConfig",
-    "ClientResult",
-    "EvaluateFn",
-    "TrainFn",
-    "decrypt_shard",
-    "parse_server",
-]
+__all__ = ["Client"]
 
 log = logging.getLogger(__name__)
-
-#: The ``Bye`` reason with which the aggregator ends a finished federation; any other
-#: goodbye (a restart, a shutdown) makes the client reconnect.
-FEDERATION_COMPLETE = "federation complete"
-
-TrainFn = Callable[[torch.nn.Module, dict[str, Any]], int]
-EvaluateFn = Callable[[torch.nn.Module], dict[str, float]]
-
-# Errors after which reconnecting cannot help: the federation does not want this client.
-_FATAL_CODES = {ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_CLIENT}
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientConfig:
-    """Where the client's credentials are and how it behaves on the network."""
-
-    cert: Path
-    key: Path
-    ca: Path
-    private_key: Path | None = None
-    server_hostname: str | None = None
-    sample_count: int = 1
-    reconnect_attempts: int | None = 20
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    decrypt_workers: int = 1
-    # Constant-time modular exponentiation with the secret CRT exponents: OpenSSL's
-    # (faster than GMP's variable-time powmod, which phe uses) or, without a usable
-    # libcrypto, GMP's powm_sec (~1.3x slower). False = GMP's variable-time powmod; only
-    # where nobody who should not learn the key can observe decryption timing.
-    constant_time_decrypt: bool = True
-    seed: int = 0
-    idle_timeout: float = 300.0
-    heartbeat_interval: float = 15.0
-    write_timeout: float = 600.0
-
-    def __post_init__(self) -> None:
-        if self.sample_count < 1:
-            raise ConfigError(f"sample_count must be >= 1; got {self.sample_count}")
-        if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
-            raise ConfigError(
-                f"reconnect_attempts must be >= 0 or None; got {self.reconnect_attempts}"
-            )
-        if not 0 < self.backoff_base <= self.backoff_max:
-            raise ConfigError("backoff_base must be > 0 and <= backoff_max")
-        if self.decrypt_workers < 1:
-            raise ConfigError(f"decrypt_workers must be >= 1; got {self.decrypt_workers}")
-
-
-@dataclass(slots=True)
-class ClientResult:
-    """What a client did by the time the federation ended."""
-
-    rounds_contributed: int = 0
-    shards_decrypted: int = 0
-    reconnects: int = 0
-    bytes_uploaded: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class _PreparedUpdate:
-    round_id: int
-    payloads: list[bytes]
-    item_count: int
-    digest: bytes
-    sample_count: int
-    timings: dict[str, float]
-    metrics: dict[str, float]
-
-
-def parse_server(server: str) -> tuple[str, int]:
-    """'host:port' (or '[v6]:port') -> (host, port), with a clear error otherwise."""
-    host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"server must be HOST:PORT, got {server!r}")
-    return host.strip("[]"), int(port)
 
 
 class Client:
@@ -158,18 +74,14 @@ class Client:
         config: ClientConfig,
     ) -> None:
         self.model = model
-        self.train_fn = train_fn
-        self.evaluate_fn = evaluate_fn
         self.config = config
-        self.layout = ModelLayout.of(model.state_dict())
+        self.pipeline = UpdatePipeline(model, train_fn, evaluate_fn, config)
+        self.layout = self.pipeline.layout
         self.private_key: PrivateKey | None = (
             PrivateKey.load(config.private_key) if config.private_key is not None else None
         )
         self.result = ClientResult()
-        self._prepared: _PreparedUpdate | None = None
-        # A cancelled round's thread runs on until it finishes; the next round must not
-        # train the same model at the same time.
-        self._model_lock = threading.Lock()
+        self._prepared: PreparedUpdate | None = None
         self._ssl = client_context(config.cert, config.key, config.ca)
 
     # ------------------------------------------------------------------ entry points
@@ -209,7 +121,7 @@ class Client:
                 await self._session(conn)
             except ErrorReceived as exc:
                 log.warning("aggregator refused us: %s", exc)
-                if exc.code in _FATAL_CODES:
+                if exc.code in FATAL_CODES:
                     raise FedcoreError(f"aggregator refused this client: {exc}") from exc
             except ConnectionClosed as exc:
                 bye = exc.peer_message
@@ -323,7 +235,7 @@ class Client:
         try:
             prepared = self._prepared
             if prepared is None or prepared.round_id != start.round_id:
-                prepared = await asyncio.to_thread(self._prepare_update, codec, start)
+                prepared = await asyncio.to_thread(self.pipeline.prepare, codec, start)
                 self._prepared = prepared
             else:
                 log.info(
@@ -370,58 +282,6 @@ class Client:
             with contextlib.suppress(Exception):
                 await conn.close(reason="client error")
 
-    def _prepare_update(self, codec: UpdateCodec, start: RoundStart) -> _PreparedUpdate:
-        """Evaluate the global model, train, and encode the update (runs in a thread)."""
-        with self._model_lock:
-            return self._prepare_update_locked(codec, start)
-
-    def _prepare_update_locked(self, codec: UpdateCodec, start: RoundStart) -> _PreparedUpdate:
-        global_weights = np.frombuffer(start.weights, dtype=np.float32)
-        if global_weights.shape[0] != self.layout.numel:
-            raise ConfigError(
-                f"RoundStart carries {global_weights.shape[0]} weights; model has "
-                f"{self.layout.numel}"
-            )
-        load_flat_into(self.model, global_weights)
-        metrics: dict[str, float] = {}
-        timings: dict[str, float] = {}
-        if self.evaluate_fn is not None:
-            t0 = time.perf_counter()
-            metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
-            timings["evaluate_s"] = time.perf_counter() - t0
-        round_config = dict(start.config)
-        t0 = time.perf_counter()
-        samples = int(self.train_fn(self.model, round_config))
-        timings["train_s"] = time.perf_counter() - t0
-        metrics["iterations"] = float(round_config.get("epochs", 1))
-        update = flatten_state_dict(self.model.state_dict()) - global_weights
-        weight = int(round_config.get("weight", 1))
-        rng = np.random.default_rng([self.config.seed, start.round_id])
-        t0 = time.perf_counter()
-        encoded = codec.encode(update, weight=weight, rng=rng)
-        t1 = time.perf_counter()
-        if isinstance(codec, EncryptedCodec):
-            items: Any = codec.public_key.encrypt_vector(list(encoded))
-        else:
-            items = encoded
-        t2 = time.perf_counter()
-        payloads = list(codec.chunk_payloads(items))
-        timings["encode_s"] = t1 - t0
-        timings["encrypt_s"] = t2 - t1
-        timings["serialize_s"] = time.perf_counter() - t2
-        digest = hashlib.sha256()
-        for payload in payloads:
-            digest.update(payload)
-        return _PreparedUpdate(
-            round_id=start.round_id,
-            payloads=payloads,
-            item_count=len(items),
-            digest=digest.digest(),
-            sample_count=max(1, samples),
-            timings=timings,
-            metrics=metrics,
-        )
-
     # ------------------------------------------------------------------ committee work
     async def _decrypt(
         self,
@@ -442,29 +302,3 @@ class Client:
         async with send_lock:
             await conn.send(result)
         self.result.shards_decrypted += 1
-
-
-async def decrypt_shard(
-    codec: EncryptedCodec,
-    private_key: PrivateKey,
-    request: DecryptRequest,
-    *,
-    workers: int = 1,
-    constant_time: bool = True,
-) -> DecryptResult:
-    """A committee member's answer to one DecryptRequest (decrypts in a worker thread)."""
-    t0 = time.perf_counter()
-    payload, count = await asyncio.to_thread(
-        codec.decrypt_payload,
-        request.payload,
-        private_key,
-        workers=workers,
-        constant_time=constant_time,
-    )
-    return DecryptResult(
-        round_id=request.round_id,
-        shard_id=request.shard_id,
-        item_count=count,
-        payload=payload,
-        seconds=time.perf_counter() - t0,
-    )

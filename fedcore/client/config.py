@@ -1,0 +1,89 @@
+"""The client's settings and results: one validated dataclass each, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcore.errors import ConfigError
+from protocol.errors import ErrorCode
+
+__all__ = [
+    "FATAL_CODES",
+    "FEDERATION_COMPLETE",
+    "ClientConfig",
+    "ClientResult",
+    "EvaluateFn",
+    "TrainFn",
+    "parse_server",
+]
+
+#: The ``Bye`` reason with which the aggregator ends a finished federation; any other
+#: goodbye (a restart, a shutdown) makes the client reconnect.
+FEDERATION_COMPLETE = "federation complete"
+
+TrainFn = Callable[[torch.nn.Module, dict[str, Any]], int]
+EvaluateFn = Callable[[torch.nn.Module], dict[str, float]]
+
+# Errors after which reconnecting cannot help: the federation does not want this client.
+FATAL_CODES = {ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_CLIENT}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Where the client's credentials are and how it behaves on the network."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    private_key: Path | None = None
+    server_hostname: str | None = None
+    sample_count: int = 1
+    reconnect_attempts: int | None = 20
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    decrypt_workers: int = 1
+    # Constant-time modular exponentiation with the secret CRT exponents: OpenSSL's
+    # (faster than GMP's variable-time powmod, which phe uses) or, without a usable
+    # libcrypto, GMP's powm_sec (~1.3x slower). False = GMP's variable-time powmod; only
+    # where nobody who should not learn the key can observe decryption timing.
+    constant_time_decrypt: bool = True
+    seed: int = 0
+    idle_timeout: float = 300.0
+    heartbeat_interval: float = 15.0
+    write_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.sample_count < 1:
+            raise ConfigError(f"sample_count must be >= 1; got {self.sample_count}")
+        if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
+            raise ConfigError(
+                f"reconnect_attempts must be >= 0 or None; got {self.reconnect_attempts}"
+            )
+        if not 0 < self.backoff_base <= self.backoff_max:
+            raise ConfigError("backoff_base must be > 0 and <= backoff_max")
+        if self.decrypt_workers < 1:
+            raise ConfigError(f"decrypt_workers must be >= 1; got {self.decrypt_workers}")
+
+
+@dataclass(slots=True)
+class ClientResult:
+    """What a client did by the time the federation ended."""
+
+    rounds_contributed: int = 0
+    shards_decrypted: int = 0
+    reconnects: int = 0
+    bytes_uploaded: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port), with a clear error otherwise."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"server must be HOST:PORT, got {server!r}")
+    return host.strip("[]"), int(port)
