@@ -14,26 +14,27 @@ import collections
 import contextlib
 import importlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedcore.aggregator.checkpoint import Checkpoint
+from fedcore.aggregator.committee import CommitteeDecryption
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.folding import FoldEngine
+from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes, send_quietly
 from fedcore.aggregator.rounds import (
     RejectedUpdate,
     RoundPhase,
     RoundState,
-    Upload,
     assign_weights,
     select_clients,
 )
+from fedcore.aggregator.uploads import UploadGate
 from fedcore.client import FEDERATION_COMPLETE
 from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
 from fedcore.crypto import PublicKey
@@ -42,11 +43,9 @@ from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
 from fedcore.packing import PackingSpec
 from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    DecryptRequest,
     DecryptResult,
     Error,
     Hello,
@@ -54,7 +53,6 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
-    UploadGrant,
     UploadRequest,
     Welcome,
 )
@@ -114,22 +112,6 @@ class RoundReport:
     client_timings: dict[str, float]
     bytes_received: int
     fold_seconds: float
-
-
-@dataclass(slots=True, eq=False)
-class _ClientHandle:
-    client_id: str
-    conn: Connection
-    sample_count: int
-    can_decrypt: bool
-    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    decrypt_waiter: asyncio.Future[DecryptResult] | None = None
-    counted_in: int = 0
-    counted_out: int = 0
-
-    async def send(self, message: Any) -> None:
-        async with self.send_lock:
-            await self.conn.send(message)
 
 
 class Aggregator:
@@ -195,11 +177,23 @@ class Aggregator:
             )
             self.metrics.restore(checkpoint.metrics)
         self.checkpoint = checkpoint
-        self.clients: dict[str, _ClientHandle] = {}
+        self.clients: dict[str, ClientHandle] = {}
         self.round: RoundState | None = None
-        self._uploads: dict[str, Upload] = {}
-        self._upload_slots = asyncio.Semaphore(config.max_inflight_uploads)
-        self._holding_slot: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.uploads = UploadGate(
+            codec=self.codec,
+            max_inflight=config.max_inflight_uploads,
+            resume_grace=config.resume_grace,
+            metrics=self.metrics,
+            round_for=self._round_for,
+            clients=self.clients,
+            tasks=self._tasks,
+        )
+        self._committee: CommitteeDecryption | None = None
+        if isinstance(self.codec, EncryptedCodec):
+            self._committee = CommitteeDecryption(
+                config=config, codec=self.codec, metrics=self.metrics, clients=self.clients
+            )
         self._client_reports: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
         self._round_bytes = 0
         self._round_fold_s = 0.0
@@ -208,7 +202,6 @@ class Aggregator:
         self._stop = asyncio.Event()
         self._server: Server | None = None
         self._metrics_server: MetricsServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._started = asyncio.Event()
         self._folder: FoldEngine | None = None
         self._weights_blob = b""  # this round's global model, encoded once for everyone
@@ -387,12 +380,11 @@ class Aggregator:
         state.phase = RoundPhase.DECRYPTING
         self._ended_rounds.append(round_id)
         phases["collect"] = time.monotonic() - t_collect
-        for cid in list(self._uploads):
-            self._drop_upload(cid)
+        self.uploads.drop_all()
         for cid in state.pending:
             handle = self.clients.get(cid)
             if handle is not None:
-                await self._send_quietly(
+                await send_quietly(
                     handle, RoundEnd(round_id=round_id, status="closed", reason="round closed")
                 )
         if self._stop.is_set():
@@ -486,8 +478,7 @@ class Aggregator:
         handle = self.clients.get(client_id)
         if state is None or handle is None:
             return
-        upload = self._uploads.get(client_id)
-        held = len(upload.chunks) if upload is not None and upload.round_id == state.round_id else 0
+        held = self.uploads.held_chunks(client_id, state.round_id)
         message = RoundStart(
             round_id=state.round_id,
             weights=self._weights_blob,
@@ -502,14 +493,7 @@ class Aggregator:
                 "seed": self.config.seed * 1_000_003 + state.round_id,
             },
         )
-        await self._send_quietly(handle, message)
-
-    async def _send_quietly(self, handle: _ClientHandle, message: Any) -> None:
-        """Send; a client that has gone away is simply gone (its handler cleans up)."""
-        try:
-            await handle.send(message)
-        except (ProtocolError, OSError, ConnectionError) as exc:
-            log.info("could not send %s to %s: %s", type(message).__name__, handle.client_id, exc)
+        await send_quietly(handle, message)
 
     # ------------------------------------------------------------------ decryption
     async def _finish_sum(self, state: RoundState) -> np.ndarray:
@@ -517,101 +501,10 @@ class Aggregator:
             raise RoundError("refusing to decrypt a sum of fewer than min_clients updates")
         if isinstance(self.codec, PlaintextCodec):
             return self.codec.mean_update(state.running_sum, state.total_weight)
-        plaintexts = await self._committee_decrypt(state)
-        return self.codec.mean_update(plaintexts, state.total_weight)
-
-    async def _committee_decrypt(self, state: RoundState) -> list[int]:
-        assert isinstance(self.codec, EncryptedCodec)
-        c = self.config
-        members = [h for h in self.clients.values() if h.can_decrypt]
-        if not members:
-            raise RoundError("no key-holding client is connected to decrypt the sum")
-        rng = random.Random(f"{c.seed}:committee:{state.round_id}")
-        rng.shuffle(members)
-        members = members[: c.committee_size]
-        assert self._folder is not None
+        assert self._committee is not None and self._folder is not None
         summed = await self._folder.result()
-        width = self.codec.public_key.ciphertext_bytes
-        # a shard travels in one DecryptRequest frame: use at most half the frame limit
-        max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
-        shard_count = max(len(members), -(-(len(summed) // width) // max_items))
-        shards = self.codec.sum_to_payloads(summed, shard_count)
-        free: asyncio.Queue[_ClientHandle] = asyncio.Queue()
-        for member in members:
-            free.put_nowait(member)
-        results: dict[int, list[int]] = {}
-
-        async def decrypt_shard(shard_id: int, start: int, payload: bytes, count: int) -> None:
-            for _attempt in range(3 * len(members) + 3):
-                try:
-                    member = await asyncio.wait_for(free.get(), c.decrypt_shard_timeout)
-                except TimeoutError:
-                    break
-                if self.clients.get(member.client_id) is not member:
-                    continue  # disconnected while queued; it never comes back to the queue
-                ok = await self._request_shard(member, state.round_id, shard_id, payload, count)
-                if ok is not None:
-                    results[start] = ok
-                    free.put_nowait(member)
-                    return
-                if self.clients.get(member.client_id) is member:
-                    free.put_nowait(member)
-            raise RoundError(f"no committee member decrypted shard {shard_id}")
-
-        t0 = time.monotonic()
-        tasks = [
-            asyncio.create_task(decrypt_shard(i, start, payload, count))
-            for i, (start, payload, count) in enumerate(shards)
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:  # one shard failed the round: stop waiting for the others
-                task.cancel()
-        log.info(
-            "round %d: %d shards decrypted by %d committee members in %.2f s",
-            state.round_id,
-            len(shards),
-            len(members),
-            time.monotonic() - t0,
-        )
-        out: list[int] = []
-        for start in sorted(results):
-            out.extend(results[start])
-        return out
-
-    async def _request_shard(
-        self, member: _ClientHandle, round_id: int, shard_id: int, payload: bytes, count: int
-    ) -> list[int] | None:
-        assert isinstance(self.codec, EncryptedCodec)
-        loop = asyncio.get_running_loop()
-        member.decrypt_waiter = loop.create_future()
-        try:
-            await member.send(
-                DecryptRequest(
-                    round_id=round_id, shard_id=shard_id, item_count=count, payload=payload
-                )
-            )
-            result = await asyncio.wait_for(
-                member.decrypt_waiter, self.config.decrypt_shard_timeout
-            )
-        except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
-            log.warning("committee member %s failed shard %d: %r", member.client_id, shard_id, exc)
-            if isinstance(exc, TimeoutError):
-                await self._close_client(member, ErrorCode.TIMEOUT, "decrypt shard timed out")
-            return None
-        finally:
-            member.decrypt_waiter = None
-        if result.shard_id != shard_id or result.round_id != round_id:
-            return None
-        try:
-            values = self.codec.parse_plaintexts(result.payload, count)
-        except (InvalidCiphertextError, ValueError) as exc:
-            self.metrics.updates_rejected_total.labels(reason="bad_decrypt_result").inc()
-            await self._close_client(member, ErrorCode.BAD_DECRYPT_RESULT, str(exc))
-            return None
-        self.metrics.decryption_time_seconds.observe(result.seconds)
-        return values
+        plaintexts = await self._committee.decrypt(state.round_id, summed)
+        return self.codec.mean_update(plaintexts, state.total_weight)
 
     # ------------------------------------------------------------------ connections
     async def _handle_connection(self, conn: Connection) -> None:
@@ -644,8 +537,8 @@ class Aggregator:
         previous = self.clients.get(client_id)
         if previous is not None:
             log.info("%s reconnected; closing its previous connection", client_id)
-            await self._close_client(previous, None, "replaced by a newer connection")
-        handle = _ClientHandle(
+            await close_client(previous, None, "replaced by a newer connection")
+        handle = ClientHandle(
             client_id=client_id,
             conn=conn,
             sample_count=hello.sample_count,
@@ -671,7 +564,7 @@ class Aggregator:
         try:
             while True:
                 message = await conn.receive()
-                self._count_bytes(handle)
+                count_bytes(handle, self.metrics)
                 await self._dispatch(handle, message)
         except ConnectionClosed:
             pass
@@ -680,10 +573,10 @@ class Aggregator:
             reason = _CODE_REASONS.get(exc.code, "protocol_error")
             self.metrics.updates_rejected_total.labels(reason=reason).inc()
         finally:
-            self._count_bytes(handle)
+            count_bytes(handle, self.metrics)
             if self.clients.get(client_id) is handle:
                 del self.clients[client_id]
-                self._keep_or_drop_partial(client_id)
+                self.uploads.keep_or_drop_partial(client_id)
             if handle.decrypt_waiter is not None and not handle.decrypt_waiter.done():
                 handle.decrypt_waiter.set_exception(ConnectionError(f"{client_id} disconnected"))
             self.metrics.connected_clients.set(len(self.clients))
@@ -716,19 +609,12 @@ class Aggregator:
             session_config=session,
         )
 
-    def _count_bytes(self, handle: _ClientHandle) -> None:
-        received = handle.conn.bytes_received
-        sent = handle.conn.bytes_sent
-        self.metrics.bytes_received_total.inc(max(0, received - handle.counted_in))
-        self.metrics.bytes_sent_total.inc(max(0, sent - handle.counted_out))
-        handle.counted_in, handle.counted_out = received, sent
-
-    async def _dispatch(self, handle: _ClientHandle, message: Any) -> None:
+    async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
         try:
             if isinstance(message, UpdateChunk):
-                await self._on_chunk(handle, message)
+                self.uploads.add_chunk(handle, message)
             elif isinstance(message, UploadRequest):
-                await self._on_upload_request(handle, message)
+                await self.uploads.grant(handle, message)
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
             elif isinstance(message, DecryptResult):
@@ -744,73 +630,16 @@ class Aggregator:
                 log.debug(
                     "%s: late %s for round %s", handle.client_id, type(message).__name__, round_id
                 )
-                self._drop_upload(handle.client_id)
+                self.uploads.drop(handle.client_id)
                 return
             await self._reject(handle, exc.reason, str(exc))
         except InvalidCiphertextError as exc:
             await self._reject(handle, "invalid_ciphertext", str(exc))
 
-    async def _on_upload_request(self, handle: _ClientHandle, request: UploadRequest) -> None:
-        """Grant an upload slot, waiting for one when ``max_inflight_uploads`` are taken.
-
-        Waiting here stops reading this connection, and the client sends nothing until
-        the grant: a waiting client costs an idle connection, not a buffered update.
-        A partial upload kept from before a reconnect still holds its slot and resumes.
-        """
-        cid = handle.client_id
-        self._round_for(request.round_id).check_can_upload(cid)
-        upload = self._uploads.get(cid)
-        if upload is not None and upload.round_id != request.round_id:
-            self._drop_upload(cid)
-            upload = None
-        if upload is None:
-            await self._upload_slots.acquire()
-            if self.clients.get(cid) is not handle or cid in self._holding_slot:
-                # replaced by a newer connection while we waited: that one owns the upload
-                self._upload_slots.release()
-                return
-            self._holding_slot.add(cid)
-            self.metrics.inflight_uploads.set(len(self._holding_slot))
-            # the round may have closed while we waited (then the slot is released)
-            self._round_for(request.round_id).check_can_upload(cid)
-            upload = Upload(
-                client_id=cid,
-                round_id=request.round_id,
-                expected_items=self.codec.item_count,
-                chunk_items=self.codec.chunk_items,
-            )
-            self._uploads[cid] = upload
-        grant = UploadGrant(round_id=request.round_id, start_seq=len(upload.chunks))
-        async with handle.send_lock:
-            # A closing round sends its RoundEnd under this lock, after closing: checked
-            # here, a grant never follows the RoundEnd (the client's session refuses that).
-            self._round_for(request.round_id)
-            try:
-                await handle.conn.send(grant)
-            except (ProtocolError, OSError, ConnectionError) as exc:
-                log.info("could not grant %s its upload: %s", cid, exc)
-
-    async def _on_chunk(self, handle: _ClientHandle, chunk: UpdateChunk) -> None:
-        cid = handle.client_id
-        self._round_for(chunk.round_id).check_can_upload(cid)
-        upload = self._uploads.get(cid)
-        if upload is None or upload.round_id != chunk.round_id:
-            # the session admits chunks only after our grant, which created the upload
-            raise RejectedUpdate("wrong_chunk_count", f"chunk {chunk.seq} without a granted upload")
-        items, count = self.codec.parse_chunk(chunk.payload, index_offset=upload.items)
-        upload.add_chunk(chunk.seq, chunk.payload, items, count)
-
-    async def _on_done(self, handle: _ClientHandle, done: UpdateDone) -> None:
+    async def _on_done(self, handle: ClientHandle, done: UpdateDone) -> None:
         cid = handle.client_id
         state = self._round_for(done.round_id)
-        upload = self._uploads.get(cid)
-        if upload is None or upload.round_id != done.round_id:
-            raise RejectedUpdate(
-                "wrong_chunk_count", f"UpdateDone for round {done.round_id} without its chunks"
-            )
-        chunks = upload.finish(
-            chunk_count=done.chunk_count, item_count=done.item_count, digest=done.digest
-        )
+        upload, chunks = self.uploads.finish(handle, done)
         update = self.codec.join(chunks, state.weights[cid])
         t0 = time.monotonic()
         if self._folder is not None:
@@ -821,7 +650,7 @@ class Aggregator:
             except RejectedUpdate as exc:
                 self._folder.abort(update_id)
                 if exc.reason == "stale_round":  # RoundEnd already told the client
-                    self._drop_upload(cid)
+                    self.uploads.drop(cid)
                     return
                 raise
             self._folder.commit(update_id)
@@ -832,11 +661,11 @@ class Aggregator:
         self._round_fold_s += fold_s
         self.metrics.fold_seconds.observe(fold_s)
         self._round_bytes += upload.bytes_received
-        self._drop_upload(cid)
+        self.uploads.drop(cid)
         self.metrics.updates_accepted_total.inc()
         self.metrics.observe_client_report(dict(done.timings), dict(done.metrics))
         self._client_reports[cid] = (dict(done.timings), dict(done.metrics))
-        await self._send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
+        await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
         if not state.pending:
             self._round_full.set()
 
@@ -851,42 +680,8 @@ class Aggregator:
             raise RejectedUpdate("stale_round", f"round {round_id} is closed")
         return state
 
-    def _drop_upload(self, client_id: str) -> None:
-        self._uploads.pop(client_id, None)
-        if client_id in self._holding_slot:
-            self._holding_slot.discard(client_id)
-            self._upload_slots.release()
-        self.metrics.inflight_uploads.set(len(self._holding_slot))
-
-    def _keep_or_drop_partial(self, client_id: str) -> None:
-        """A client gone mid-upload: keep its chunks briefly so it can resume, else drop."""
-        upload = self._uploads.get(client_id)
-        if upload is None:
-            return
-        if self.config.resume_grace <= 0 or not upload.chunks:
-            self._drop_upload(client_id)
-            return
-
-        async def expire() -> None:
-            await asyncio.sleep(self.config.resume_grace)
-            if client_id not in self.clients and self._uploads.get(client_id) is upload:
-                log.info("%s did not come back: its partial upload is discarded", client_id)
-                self._drop_upload(client_id)
-
-        task = asyncio.create_task(expire())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reject(self, handle: _ClientHandle, reason: str, message: str) -> None:
+    async def _reject(self, handle: ClientHandle, reason: str, message: str) -> None:
         log.warning("%s: update refused (%s): %s", handle.client_id, reason, message)
         self.metrics.updates_rejected_total.labels(reason=reason).inc()
-        self._drop_upload(handle.client_id)
-        await self._close_client(handle, _REASON_CODES.get(reason, ErrorCode.INTERNAL), message)
-
-    async def _close_client(
-        self, handle: _ClientHandle, code: ErrorCode | None, reason: str
-    ) -> None:
-        error = None if code is None else Error(code=int(code), reason=reason[:1000])
-        with contextlib.suppress(Exception):
-            async with handle.send_lock:
-                await asyncio.wait_for(handle.conn.close(reason=reason[:1000], error=error), 5)
+        self.uploads.drop(handle.client_id)
+        await close_client(handle, _REASON_CODES.get(reason, ErrorCode.INTERNAL), message)

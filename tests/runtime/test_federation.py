@@ -114,12 +114,12 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
     await rogues[2].send(UploadRequest(round_id=starts[2].round_id))
     with pytest.raises(TimeoutError):  # no grant while both slots are taken
         await asyncio.wait_for(rogues[2].receive(), 1.0)
-    assert sorted(aggregator._uploads) == ["client-0", "client-1"]
+    assert sorted(aggregator.uploads.uploads) == ["client-0", "client-1"]
     assert aggregator.metrics.registry.get_sample_value("fedcore_inflight_uploads") == 2
     rogues[0].abort()  # a slot frees (its partial upload has chunks, so after resume_grace)
     grant = await rogues[2].expect(UploadGrant, timeout=config.resume_grace + 30)
     assert grant.start_seq == 0
-    assert sorted(aggregator._uploads) == ["client-1", "client-2"]
+    assert sorted(aggregator.uploads.uploads) == ["client-1", "client-2"]
     aggregator.request_stop()
     await asyncio.wait_for(task, 30)
     for rogue in rogues[1:]:

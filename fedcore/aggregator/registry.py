@@ -1,0 +1,68 @@
+"""Connected clients: one handle per certificate identity, and how to talk to them safely.
+
+A handle serialises writes on its connection (a round task and a committee task may
+both send), remembers the committee request it is waiting on, and counts the bytes
+already reported to metrics. Sending never raises for a client that went away: its
+connection handler cleans up. Knows nothing of rounds, folding or decryption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcore.metrics import AggregatorMetrics
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import DecryptResult, Error
+from protocol.transport import Connection
+
+__all__ = ["ClientHandle", "close_client", "count_bytes", "send_quietly"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class ClientHandle:
+    """One connected client: its identity, connection and per-connection bookkeeping."""
+
+    client_id: str
+    conn: Connection
+    sample_count: int
+    can_decrypt: bool
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    decrypt_waiter: asyncio.Future[DecryptResult] | None = None
+    counted_in: int = 0
+    counted_out: int = 0
+
+    async def send(self, message: Any) -> None:
+        """Send one message, never interleaved with another task's frame."""
+        async with self.send_lock:
+            await self.conn.send(message)
+
+
+async def send_quietly(handle: ClientHandle, message: Any) -> None:
+    """Send; a client that has gone away is simply gone (its handler cleans up)."""
+    try:
+        await handle.send(message)
+    except (ProtocolError, OSError, ConnectionError) as exc:
+        log.info("could not send %s to %s: %s", type(message).__name__, handle.client_id, exc)
+
+
+async def close_client(handle: ClientHandle, code: ErrorCode | None, reason: str) -> None:
+    """Close a client's connection, with an Error frame carrying ``code`` when given."""
+    error = None if code is None else Error(code=int(code), reason=reason[:1000])
+    with contextlib.suppress(Exception):
+        async with handle.send_lock:
+            await asyncio.wait_for(handle.conn.close(reason=reason[:1000], error=error), 5)
+
+
+def count_bytes(handle: ClientHandle, metrics: AggregatorMetrics) -> None:
+    """Add the bytes moved on the handle's connection since the last call to metrics."""
+    received = handle.conn.bytes_received
+    sent = handle.conn.bytes_sent
+    metrics.bytes_received_total.inc(max(0, received - handle.counted_in))
+    metrics.bytes_sent_total.inc(max(0, sent - handle.counted_out))
+    handle.counted_in, handle.counted_out = received, sent
