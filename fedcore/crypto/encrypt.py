@@ -48,45 +48,34 @@ __all__ = [
 DEFAULT_WINDOW_BITS = 8
 """Window width of the fixed-base table: 2^8 - 1 powers per window, ≈ 3.6 MB at 2048 bits."""
 
-# (minimum key bits, security bits) from NIST SP 800-57 part 1, table 2 (RSA moduli,
-# which Paillier moduli are): 1024 -> 80, 2048 -> 112, 3072 -> 128, 7680 -> 192,
-# 15360 -> 256. Keys under 1024 bits (tests only) get the 80-bit row anyway.
-_SECURITY_BITS: tuple[tuple[int, int], ...] = (
-    (15360, 256),
-    (7680, 192),
-    (3072, 128),
-    (2048, 112),
-    (0, 80),
-)
-
 
 def short_exponent_bits(key_bits: int) -> int:
-    """Length of the secret exponent ``a`` in ``hs^a``: twice the key's security level.
+    """Length of the secret exponent ``a`` in ``hs^a``: ``ceil(key_bits / 2)``.
 
-    ===========  ==============  =============
-    key bits     security bits   exponent bits
-    ===========  ==============  =============
-    < 2048       80 (tests)      160
-    2048         112             224
-    3072         128             256
-    7680         192             384
-    15360        256             512
-    ===========  ==============  =============
+    ===========  =============
+    key bits     exponent bits
+    ===========  =============
+    512          256 (tests)
+    1024         512 (tests)
+    2048         1024
+    3072         1536
+    ===========  =============
 
-    Why twice: the best generic attack on an exponent known to lie in [0, 2^t) is
-    Pollard's kangaroo / baby-step giant-step, which costs about 2^(t/2) group
-    operations, so t = 2·s bits give s bits of security. That matches the key's own
-    security level (factoring n), so the short exponent is not the weak link. DJN
-    (section 4.2) argue that ``hs^a`` for such ``a`` is computationally
-    indistinguishable from a uniformly random n-th power under DCR plus this
-    short-exponent assumption, so ciphertexts stay semantically secure.
+    This is the length Damgård, Jurik and Nielsen give for the fixed-base randomizer
+    (DJN 2010, "A generalization of Paillier's public-key system with applications to
+    electronic voting", IJIS 9(6), section 4.2), and the one SecretFlow's HEU uses for
+    its DJN scheme (``r <- {0,1}^ceil(k/2)``). Under DCR, ``hs^a`` for such ``a`` is
+    indistinguishable from a uniform n-th power, so ciphertexts stay semantically
+    secure. An exponent of twice the key's security level (224 bits at 2048) would be
+    4.6x cheaper and is out of reach of the generic kangaroo attack (2^112 steps), but
+    its indistinguishability rests on a short-exponent assumption in a group of
+    unknown order that we found no published analysis of for Paillier; fedcore does
+    not use it. The cost is paid off the round's critical path: a client keeps an
+    :class:`EncryptionPool` of factors made between rounds.
     """
     if key_bits <= 0:
         raise ValueError(f"key_bits must be positive, got {key_bits}")
-    for minimum, security in _SECURITY_BITS:
-        if key_bits >= minimum:
-            return 2 * security
-    raise AssertionError("unreachable: the last row has minimum 0")
+    return -(-key_bits // 2)
 
 
 class FixedBaseTable:
@@ -94,9 +83,9 @@ class FixedBaseTable:
 
     For w-bit windows, ``table[i][d - 1] = base^(d · 2^(w·i)) mod modulus`` for
     ``d = 1 .. 2^w - 1``. Writing ``a = Σ d_i · 2^(w·i)`` gives
-    ``base^a = Π table[i][d_i - 1]`` over the non-zero digits: for a 224-bit exponent
-    and w = 8 that is at most 28 multiplications (versus ≈ 270 for square-and-multiply),
-    at the price of 28 · 255 precomputed entries.
+    ``base^a = Π table[i][d_i - 1]`` over the non-zero digits: for the 1024-bit exponents
+    of a 2048-bit key and w = 8 that is at most 128 multiplications (versus ≈ 1,500 for
+    square-and-multiply), at the price of 128 · 255 precomputed entries (16 MiB).
     """
 
     __slots__ = ("_modulus", "_table", "exponent_bits", "window_bits")
@@ -304,7 +293,15 @@ class EncryptionPool:
         n, hs = int(randomizer.n), int(randomizer.hs)
         while missing > 0:
             count = min(self._BATCH, missing)
-            self._pending[executor.submit(_make_factor_batch, n, hs, count)] = count
+            try:
+                future = executor.submit(_make_factor_batch, n, hs, count)
+            except (AssertionError, RuntimeError, OSError) as exc:
+                # e.g. a daemonic process may not start children: compute factors here
+                _logger.warning("no background random-factor worker (%r); computing here", exc)
+                self._executor = None
+                executor.shutdown(wait=False, cancel_futures=True)
+                return
+            self._pending[future] = count
             missing -= count
 
     def _collect(self, *, wait: bool) -> None:

@@ -26,12 +26,25 @@ from phe import paillier
 
 from fedcore.crypto.decrypt import CrtConstants, parallel_crt_decrypt
 from fedcore.crypto.encrypt import ShortExponentRandomizer, check_plaintexts, encrypt_with_factors
-from fedcore.errors import InvalidCiphertextError, KeyFileError
+from fedcore.errors import KeyFileError
 
-__all__ = ["MAX_KEY_BITS", "MIN_KEY_BITS", "PrivateKey", "PublicKey", "generate_keypair"]
+__all__ = [
+    "MAX_KEY_BITS",
+    "MIN_KEY_BITS",
+    "MIN_SECURE_KEY_BITS",
+    "PrivateKey",
+    "PublicKey",
+    "check_modulus",
+    "generate_keypair",
+]
 
 MIN_KEY_BITS = 512
-"""Smallest modulus accepted anywhere (512 is for tests only; use 2048 or more)."""
+"""Smallest modulus the arithmetic accepts (512 and 1024 are for tests only)."""
+MIN_SECURE_KEY_BITS = 2048
+"""Smallest modulus a federation accepts unless a test explicitly allows less."""
+# Trial division bound for check_modulus: every prime below it (one gcd with their product).
+_SMALL_PRIME_BOUND = 1 << 16
+_small_primes_product: Any = None
 MAX_KEY_BITS = 16384
 """Largest modulus accepted from bytes or files: bounds the work a peer can ask of us."""
 _MAX_KEY_DOCUMENT = 64 * 1024
@@ -47,6 +60,36 @@ def _parse_int(document: dict[str, Any], field: str) -> mpz:
     if not isinstance(text, str) or not text.isdigit() or len(text) > MAX_KEY_BITS:
         raise ValueError(f"field {field!r} must be a decimal string")
     return mpz(text)
+
+
+def check_modulus(n: int, *, min_bits: int = MIN_SECURE_KEY_BITS) -> None:
+    """Raise ValueError unless ``n`` is a plausible Paillier modulus p·q.
+
+    A product of two large primes is odd, at least ``min_bits`` long, not prime, not a
+    perfect power, and has no prime factor below 2^16. These checks cost a few
+    milliseconds and stop an aggregator from handing clients a modulus whose factors it
+    knows trivially (3^323, 3·5·7·P, a prime). They cannot prove n = p·q with p, q
+    large: a federation pins the key it was given by its key authority for that.
+    """
+    global _small_primes_product
+    n_ = mpz(operator.index(n))
+    bits = n_.bit_length()
+    if bits < min_bits:
+        raise ValueError(
+            f"n has {bits} bits; at least {min_bits} are required "
+            f"(2048 is the minimum for real use)"
+        )
+    if n_ % 2 == 0:
+        raise ValueError("n is even; a Paillier modulus is a product of two odd primes")
+    if gmpy2.is_prime(n_):
+        raise ValueError("n is prime; a Paillier modulus is a product of two primes")
+    if gmpy2.is_power(n_):
+        raise ValueError("n is a perfect power; a Paillier modulus is p·q with p != q")
+    if _small_primes_product is None:
+        _small_primes_product = gmpy2.primorial(_SMALL_PRIME_BOUND)
+    small = gmpy2.gcd(n_, _small_primes_product)
+    if small != 1:
+        raise ValueError(f"n has a small prime factor (gcd with primes below 2^16 is {small})")
 
 
 def _parse_document(data: bytes, expected_type: str) -> dict[str, Any]:
@@ -143,9 +186,21 @@ class PublicKey:
         """Width of one serialized ciphertext: 2 · ceil(bits / 8) (n² fits)."""
         return 2 * self.plaintext_bytes
 
+    def sha256(self) -> str:
+        """SHA-256 over n's big-endian bytes (``plaintext_bytes`` long), 64 hex digits.
+
+        This is the federation's key identity: clients pin it, and the key file and
+        the federation file carry it.
+        """
+        return hashlib.sha256(self._n.to_bytes(self.plaintext_bytes, "big")).hexdigest()
+
     def fingerprint(self) -> str:
-        """First 16 hex digits of SHA-256 over n's minimal big-endian bytes."""
-        return hashlib.sha256(self._n.to_bytes(self.plaintext_bytes, "big")).hexdigest()[:16]
+        """The first 16 hex digits of :meth:`sha256`, for logs (never for pinning)."""
+        return self.sha256()[:16]
+
+    def check(self, *, min_bits: int = MIN_SECURE_KEY_BITS) -> None:
+        """Raise ValueError unless n is a plausible modulus (see :func:`check_modulus`)."""
+        check_modulus(self._n, min_bits=min_bits)
 
     # --- conversion -------------------------------------------------------------
 
@@ -159,14 +214,31 @@ class PublicKey:
         return paillier.PaillierPublicKey(int(self._n))
 
     def to_bytes(self) -> bytes:
-        """Canonical JSON: ``{"n": "<decimal>", "type": ..., "version": 1}``."""
-        return _dump_document({"type": _PUBLIC_TYPE, "version": _FORMAT_VERSION, "n": str(self._n)})
+        """Canonical JSON: ``{"n": "<decimal>", "sha256": ..., "type": ..., "version": 1}``."""
+        return _dump_document(
+            {
+                "type": _PUBLIC_TYPE,
+                "version": _FORMAT_VERSION,
+                "n": str(self._n),
+                "sha256": self.sha256(),
+            }
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PublicKey:
-        """Parse :meth:`to_bytes` output; ValueError names what is wrong."""
+        """Parse :meth:`to_bytes` output; ValueError names what is wrong.
+
+        A document that carries ``sha256`` must match its ``n`` (a file edited by hand,
+        or two keys mixed up, is refused).
+        """
         document = _parse_document(data, _PUBLIC_TYPE)
-        return cls(_parse_int(document, "n"))
+        key = cls(_parse_int(document, "n"))
+        stated = document.get("sha256")
+        if stated is not None and stated != key.sha256():
+            raise ValueError(
+                f"field 'sha256' says {str(stated)[:16]}..., but n hashes to {key.fingerprint()}..."
+            )
+        return key
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the public key file (world readable is fine: it is public)."""
@@ -199,7 +271,7 @@ class PublicKey:
 
         ``g^m = (1 + n)^m = 1 + m·n mod n²`` needs no exponentiation, and the random
         factor ``hs^a`` (fresh secrets-random short exponent ``a`` per ciphertext) costs
-        ≈ 28 table multiplications at 2048 bits instead of a 2048-bit ``powmod``; see
+        ≈ 128 table multiplications at 2048 bits instead of a 2048-bit ``powmod``; see
         :mod:`fedcore.crypto.encrypt` for the security argument. Raises ValueError
         naming the first plaintext out of range.
         """
@@ -317,18 +389,16 @@ class PrivateKey:
         (OpenSSL's when libcrypto is usable, else GMP's ``powm_sec``: see
         :func:`fedcore.crypto.modexp.constant_time_backend`); ``constant_time=False``
         uses GMP's variable-time ``powm``, as phe does.
-        Raises InvalidCiphertextError for a value outside ``0 < c < n²`` (gcd is not
-        checked here: see ``validate_ciphertexts``).
+        Raises InvalidCiphertextError for a value outside Z*_{n²} (``0 < c < n²`` and
+        ``gcd(c, n) = 1``, checked with one batched gcd, see ``validate_ciphertexts``):
+        a "ciphertext" such as n, 2n or p is refused, never decrypted.
         """
+        from fedcore.crypto.vector import validate_ciphertexts
+
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        nsquare = self.public_key.nsquare
         values = [mpz(operator.index(c)) for c in ciphertexts]
-        for index, c in enumerate(values):
-            if not 0 < c < nsquare:
-                raise InvalidCiphertextError(
-                    f"ciphertext at index {index} is outside 0 < c < n²", index=index
-                )
+        validate_ciphertexts(values, self.public_key)
         return parallel_crt_decrypt(values, self._crt, workers, constant_time=constant_time)
 
     def __eq__(self, other: object) -> bool:

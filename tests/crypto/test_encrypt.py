@@ -96,9 +96,9 @@ def test_decrypt_refuses_bad_workers(private_key: PrivateKey) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key_bits", "exponent_bits"), [(512, 160), (1024, 160), (2048, 224), (3072, 256)]
+    ("key_bits", "exponent_bits"), [(512, 256), (1024, 512), (2048, 1024), (3072, 1536)]
 )
-def test_short_exponent_table(key_bits: int, exponent_bits: int) -> None:
+def test_randomizer_exponents_are_half_the_key_as_in_djn(key_bits: int, exponent_bits: int) -> None:
     assert short_exponent_bits(key_bits) == exponent_bits
 
 
@@ -118,7 +118,7 @@ def test_fixed_base_table_refuses_long_exponent() -> None:
 
 def test_random_factors_are_fresh_nth_powers(private_key: PrivateKey) -> None:
     randomizer = ShortExponentRandomizer(private_key.public_key.n)
-    assert randomizer.exponent_bits == 160
+    assert randomizer.exponent_bits == 256  # ceil(512 / 2)
     assert randomizer.hs != ShortExponentRandomizer(private_key.public_key.n).hs
     factors = randomizer.factors(20)
     assert len({int(f) for f in factors}) == 20

@@ -26,6 +26,7 @@ _VECTORS: dict[str, Any] = json.loads(
 def test_key_vector(private_key: PrivateKey, paillier_vectors: dict[str, Any]) -> None:
     pk = private_key.public_key
     assert pk.fingerprint() == paillier_vectors["fingerprint"]
+    assert pk.sha256() == paillier_vectors["sha256"]
     assert pk.to_bytes().decode() == paillier_vectors["public_key_bytes"]
     assert PublicKey.from_bytes(paillier_vectors["public_key_bytes"].encode()) == pk
 

@@ -6,6 +6,7 @@ it for anything but tests. Usage: ``python3 tests/vectors/make_paillier_vectors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -58,6 +59,7 @@ def main() -> None:
         "description": "Paillier (g = n + 1) known-answer vectors; the key is a public test vector",
         "key": {"n": str(n), "p": str(sk.p), "q": str(sk.q)},
         "fingerprint": pk.fingerprint(),
+        "sha256": hashlib.sha256(n.to_bytes((n.bit_length() + 7) // 8, "big")).hexdigest(),
         "public_key_bytes": pk.to_bytes().decode(),
         "valid": valid,
         "invalid": invalid,
