@@ -55,6 +55,8 @@ class ErrorCode(IntEnum):
     INVALID_CIPHERTEXT = 25
     DIGEST_MISMATCH = 26
     BAD_DECRYPT_RESULT = 27
+    BAD_TOKEN = 28  # a contributor token or committee credential does not verify
+    REQUEST_REFUSED = 29  # a committee member refused a decrypt/unmask request
     INTERNAL = 99
 
 

@@ -21,13 +21,17 @@ __all__ = [
     "MAX_BYTES_FIELD_LEN",
     "MAX_CHUNKS_PER_UPDATE",
     "MAX_CLIENT_ID_LEN",
+    "MAX_COMMITTEE_ENTRIES",
     "MAX_CONFIG_ENTRIES",
     "MAX_CONFIG_KEY_LEN",
     "MAX_CONFIG_STR_LEN",
+    "MAX_CONTRIBUTORS_LEN",
+    "MAX_FEDERATION_LEN",
     "MAX_INT",
     "MAX_METRIC_ENTRIES",
     "MAX_PUBLIC_KEY_LEN",
     "MAX_REASON_LEN",
+    "MAX_STATEMENT_LEN",
     "MAX_STATUS_LEN",
     "MAX_VALUE_BITS",
     "MESSAGE_TYPES",
@@ -44,6 +48,8 @@ __all__ = [
     "Message",
     "RoundEnd",
     "RoundStart",
+    "UnmaskRequest",
+    "UnmaskResult",
     "UpdateChunk",
     "UpdateDone",
     "UploadGrant",
@@ -53,7 +59,8 @@ __all__ = [
 ]
 
 # 2: uploads wait for an UploadGrant (UploadRequest -> UploadGrant -> UpdateChunk ...).
-PROTOCOL_VERSION = 2
+# 3: clients pin the federation and sign a token per upload; the committee unmasks.
+PROTOCOL_VERSION = 3
 
 # Named limits. Frame-size limits live in framing.py; these bound single fields.
 MAX_INT = 2**63 - 1
@@ -69,6 +76,12 @@ MAX_METRIC_ENTRIES = 256
 MAX_CHUNKS_PER_UPDATE = 1_000_000
 MAX_VALUE_BITS = 64
 SHA256_DIGEST_LEN = 32
+# Signed statements (committee credentials, contributor tokens) are opaque bytes here.
+MAX_STATEMENT_LEN = 16 * 1024
+MAX_COMMITTEE_ENTRIES = 16
+# A packed list of contributor tokens: one per contributor of a round.
+MAX_CONTRIBUTORS_LEN = 64 * 1024 * 1024
+MAX_FEDERATION_LEN = 64 * 1024
 
 ConfigValue: TypeAlias = int | float | str | bool
 
@@ -115,6 +128,16 @@ def _bytes(name: str, value: object, max_len: int, exact_len: int | None = None)
         raise ValueError(f"{name} must be exactly {exact_len} bytes, got {len(value)}")
     if len(value) > max_len:
         raise ValueError(f"{name} must be at most {max_len} bytes, got {len(value)}")
+
+
+def _bytes_tuple(obj: object, name: str, value: object, max_items: int, max_len: int) -> None:
+    if not isinstance(value, list | tuple):
+        raise TypeError(f"{name} must be a list of bytes, got {type(value).__name__}")
+    if len(value) > max_items:
+        raise ValueError(f"{name} must have at most {max_items} entries, got {len(value)}")
+    for index, item in enumerate(value):
+        _bytes(f"{name}[{index}]", item, max_len)
+    object.__setattr__(obj, name, tuple(value))
 
 
 def _config(obj: object, name: str, value: object) -> None:
@@ -174,49 +197,49 @@ def _fields(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Hello:
-    """Client -> aggregator: first message on a connection."""
+    """Client -> aggregator: first message on a connection.
+
+    ``committee`` is a key holder's signed committee credential (empty for a client
+    that does not hold the private key). Nothing about the client's data is sent.
+    """
 
     type_id: ClassVar[int] = 1
     version: int
-    sample_count: int
-    can_decrypt: bool
+    committee: bytes = b""
 
     def __post_init__(self) -> None:
         _int("version", self.version, 0, 255)
-        _int("sample_count", self.sample_count)
-        _bool("can_decrypt", self.can_decrypt)
+        _bytes("committee", self.committee, MAX_STATEMENT_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
-        return {
-            "version": self.version,
-            "sample_count": self.sample_count,
-            "can_decrypt": self.can_decrypt,
-        }
+        return {"version": self.version, "committee": self.committee}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Hello:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("version", "sample_count", "can_decrypt"))
-        return cls(
-            version=f["version"], sample_count=f["sample_count"], can_decrypt=f["can_decrypt"]
-        )
+        f = _fields(wire, cls, ("version",), ("committee",))
+        return cls(version=f["version"], committee=f.get("committee", b""))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Welcome:
-    """Aggregator -> client: handshake answer with the public key and session settings."""
+    """Aggregator -> client: handshake answer with the federation and session settings.
+
+    ``federation`` is the federation document (public key and the parameters that
+    decide what a sum reveals), which the client compares with the one it pinned.
+    """
 
     type_id: ClassVar[int] = 2
     version: int
     client_id: str
-    public_key: bytes
+    federation: bytes
     session_config: dict[str, ConfigValue]
 
     def __post_init__(self) -> None:
         _int("version", self.version, 0, 255)
         _str("client_id", self.client_id, MAX_CLIENT_ID_LEN, nonempty=True)
-        _bytes("public_key", self.public_key, MAX_PUBLIC_KEY_LEN)
+        _bytes("federation", self.federation, MAX_FEDERATION_LEN)
         _config(self, "session_config", self.session_config)
 
     def to_wire(self) -> dict[str, Any]:
@@ -224,18 +247,18 @@ class Welcome:
         return {
             "version": self.version,
             "client_id": self.client_id,
-            "public_key": self.public_key,
+            "federation": self.federation,
             "session_config": self.session_config,
         }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Welcome:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("version", "client_id", "public_key", "session_config"))
+        f = _fields(wire, cls, ("version", "client_id", "federation", "session_config"))
         return cls(
             version=f["version"],
             client_id=f["client_id"],
-            public_key=f["public_key"],
+            federation=f["federation"],
             session_config=f["session_config"],
         )
 
@@ -246,6 +269,7 @@ class RoundStart:
 
     ``chunks_received`` is how many chunks of this round's upload the aggregator
     already holds from this client (non-zero when resuming after a reconnect).
+    ``committee`` carries the signed credentials of the round's unmaskers.
     """
 
     type_id: ClassVar[int] = 3
@@ -256,6 +280,7 @@ class RoundStart:
     deadline_s: float
     chunks_received: int = 0
     config: dict[str, ConfigValue] = field(default_factory=dict)
+    committee: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         _int("round_id", self.round_id)
@@ -267,6 +292,7 @@ class RoundStart:
         _float(self, "deadline_s", self.deadline_s, 0.0)
         _int("chunks_received", self.chunks_received, 0, MAX_CHUNKS_PER_UPDATE)
         _config(self, "config", self.config)
+        _bytes_tuple(self, "committee", self.committee, MAX_COMMITTEE_ENTRIES, MAX_STATEMENT_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -278,6 +304,7 @@ class RoundStart:
             "deadline_s": self.deadline_s,
             "chunks_received": self.chunks_received,
             "config": self.config,
+            "committee": list(self.committee),
         }
 
     @classmethod
@@ -287,7 +314,7 @@ class RoundStart:
             wire,
             cls,
             ("round_id", "weights", "clip", "value_bits", "deadline_s"),
-            ("chunks_received", "config"),
+            ("chunks_received", "config", "committee"),
         )
         return cls(
             round_id=f["round_id"],
@@ -297,6 +324,7 @@ class RoundStart:
             deadline_s=f["deadline_s"],
             chunks_received=f.get("chunks_received", 0),
             config=f.get("config", {}),
+            committee=f.get("committee", ()),
         )
 
 
@@ -379,14 +407,19 @@ class UpdateChunk:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UpdateDone:
-    """Client -> aggregator: the upload is complete (count, sha256 digest, stats)."""
+    """Client -> aggregator: the upload is complete (count, sha256 digest, signed token).
+
+    ``token`` is the client's signed contributor token (empty in plaintext federations);
+    ``timings`` and ``metrics`` carry operational figures only (seconds per phase,
+    local iterations), nothing about the client's data.
+    """
 
     type_id: ClassVar[int] = 5
     round_id: int
     chunk_count: int
     item_count: int
     digest: bytes
-    sample_count: int
+    token: bytes = b""
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -395,7 +428,7 @@ class UpdateDone:
         _int("chunk_count", self.chunk_count, 0, MAX_CHUNKS_PER_UPDATE)
         _int("item_count", self.item_count)
         _bytes("digest", self.digest, SHA256_DIGEST_LEN, SHA256_DIGEST_LEN)
-        _int("sample_count", self.sample_count)
+        _bytes("token", self.token, MAX_STATEMENT_LEN)
         _metrics(self, "timings", self.timings)
         _metrics(self, "metrics", self.metrics)
 
@@ -406,7 +439,7 @@ class UpdateDone:
             "chunk_count": self.chunk_count,
             "item_count": self.item_count,
             "digest": self.digest,
-            "sample_count": self.sample_count,
+            "token": self.token,
             "timings": self.timings,
             "metrics": self.metrics,
         }
@@ -417,15 +450,15 @@ class UpdateDone:
         f = _fields(
             wire,
             cls,
-            ("round_id", "chunk_count", "item_count", "digest", "sample_count"),
-            ("timings", "metrics"),
+            ("round_id", "chunk_count", "item_count", "digest"),
+            ("token", "timings", "metrics"),
         )
         return cls(
             round_id=f["round_id"],
             chunk_count=f["chunk_count"],
             item_count=f["item_count"],
             digest=f["digest"],
-            sample_count=f["sample_count"],
+            token=f.get("token", b""),
             timings=f.get("timings", {}),
             metrics=f.get("metrics", {}),
         )
@@ -486,38 +519,54 @@ class RoundEnd:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DecryptRequest:
-    """Aggregator -> key-holding client: decrypt one shard of the summed ciphertexts."""
+    """Aggregator -> key holder: decrypt summed ciphertexts ``[start, start + item_count)``.
+
+    ``contributors`` is the packed list of the round's contributor tokens: the member
+    decrypts only for a named set of at least the federation's quorum.
+    """
 
     type_id: ClassVar[int] = 8
     round_id: int
     shard_id: int
+    start: int
     item_count: int
     payload: bytes
+    contributors: bytes
 
     def __post_init__(self) -> None:
         _int("round_id", self.round_id)
         _int("shard_id", self.shard_id)
+        _int("start", self.start)
         _int("item_count", self.item_count)
         _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        _bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
         return {
             "round_id": self.round_id,
             "shard_id": self.shard_id,
+            "start": self.start,
             "item_count": self.item_count,
             "payload": self.payload,
+            "contributors": self.contributors,
         }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> DecryptRequest:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "shard_id", "item_count", "payload"))
+        f = _fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "start", "item_count", "payload", "contributors"),
+        )
         return cls(
             round_id=f["round_id"],
             shard_id=f["shard_id"],
+            start=f["start"],
             item_count=f["item_count"],
             payload=f["payload"],
+            contributors=f["contributors"],
         )
 
 
@@ -551,6 +600,92 @@ class DecryptResult:
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> DecryptResult:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = _fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            item_count=f["item_count"],
+            payload=f["payload"],
+            seconds=f["seconds"],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskRequest:
+    """Aggregator -> unmasker: the mask sums of the named contributors for a range.
+
+    The unmasker answers for one contributor set per model version, and only when
+    ``contributors`` (packed signed tokens) names at least the federation's quorum.
+    """
+
+    type_id: ClassVar[int] = 15
+    round_id: int
+    shard_id: int
+    start: int
+    item_count: int
+    contributors: bytes
+
+    def __post_init__(self) -> None:
+        _int("round_id", self.round_id)
+        _int("shard_id", self.shard_id)
+        _int("start", self.start)
+        _int("item_count", self.item_count)
+        _bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "start": self.start,
+            "item_count": self.item_count,
+            "contributors": self.contributors,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = _fields(wire, cls, ("round_id", "shard_id", "start", "item_count", "contributors"))
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            start=f["start"],
+            item_count=f["item_count"],
+            contributors=f["contributors"],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskResult:
+    """Unmasker -> aggregator: the mask sums of one range, as fixed-width integers."""
+
+    type_id: ClassVar[int] = 16
+    round_id: int
+    shard_id: int
+    item_count: int
+    payload: bytes
+    seconds: float
+
+    def __post_init__(self) -> None:
+        _int("round_id", self.round_id)
+        _int("shard_id", self.shard_id)
+        _int("item_count", self.item_count)
+        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        _float(self, "seconds", self.seconds, 0.0)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "item_count": self.item_count,
+            "payload": self.payload,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskResult:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
         f = _fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
         return cls(
@@ -644,6 +779,8 @@ Message: TypeAlias = (
     | RoundEnd
     | DecryptRequest
     | DecryptResult
+    | UnmaskRequest
+    | UnmaskResult
     | Heartbeat
     | Error
     | Bye
@@ -667,6 +804,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         Bye,
         UploadRequest,
         UploadGrant,
+        UnmaskRequest,
+        UnmaskResult,
     )
 }
 

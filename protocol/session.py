@@ -47,6 +47,8 @@ from .messages import (
     Message,
     RoundEnd,
     RoundStart,
+    UnmaskRequest,
+    UnmaskResult,
     UpdateChunk,
     UpdateDone,
     UploadGrant,
@@ -86,7 +88,7 @@ class State(Enum):
     AWAIT_GRANT = "await_grant"  # UploadRequest seen, waiting for UploadGrant
     UPLOADING = "uploading"  # UploadGrant seen: UpdateChunks may flow
     AWAIT_ACK = "await_ack"  # UpdateDone seen, waiting for Ack
-    DECRYPTING = "decrypting"  # DecryptRequest seen, waiting for DecryptResult
+    DECRYPTING = "decrypting"  # Decrypt/UnmaskRequest seen, waiting for its result
     CLOSED = "closed"  # Bye seen (terminal)
     ERROR = "error"  # Error seen or a violation (terminal)
 
@@ -106,6 +108,8 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     (State.READY, RoundEnd, _A): State.READY,  # status broadcast
     (State.READY, DecryptRequest, _A): State.DECRYPTING,
     (State.DECRYPTING, DecryptResult, _C): State.READY,
+    (State.READY, UnmaskRequest, _A): State.DECRYPTING,
+    (State.DECRYPTING, UnmaskResult, _C): State.READY,
     # Nothing is streamed before the grant: the aggregator's upload cap is enforced here.
     (State.ROUND, UploadRequest, _C): State.AWAIT_GRANT,
     (State.ROUND, RoundEnd, _A): State.READY,
@@ -157,8 +161,8 @@ class Session:
         """The round of the current RoundStart (None before the first)."""
         self.next_seq = 0
         """The seq the next UpdateChunk of the current round must carry."""
-        self.decrypt_ids: tuple[int, int] | None = None
-        """(round_id, shard_id) of the DecryptRequest being answered."""
+        self.decrypt_ids: tuple[type[Message], int, int] | None = None
+        """(result type, round_id, shard_id) of the committee request being answered."""
         self._ended_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
         self._acked_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
         self._error_sent = False
@@ -291,12 +295,22 @@ class Session:
             if self.state is not State.READY:
                 self._check_round(msg.round_id, direction)
         elif isinstance(msg, DecryptRequest):
-            self.decrypt_ids = (msg.round_id, msg.shard_id)
-        elif isinstance(msg, DecryptResult) and (msg.round_id, msg.shard_id) != self.decrypt_ids:
+            self.decrypt_ids = (DecryptResult, msg.round_id, msg.shard_id)
+        elif isinstance(msg, UnmaskRequest):
+            self.decrypt_ids = (UnmaskResult, msg.round_id, msg.shard_id)
+        elif (
+            isinstance(msg, DecryptResult | UnmaskResult)
+            and (type(msg), msg.round_id, msg.shard_id) != self.decrypt_ids
+        ):
+            expected = (
+                "nothing"
+                if self.decrypt_ids is None
+                else (f"{self.decrypt_ids[0].__name__} for (round, shard) {self.decrypt_ids[1:]}")
+            )
             self._violate(
                 direction,
-                f"DecryptResult for (round, shard) {(msg.round_id, msg.shard_id)}, "
-                f"requested {self.decrypt_ids}",
+                f"{type(msg).__name__} for (round, shard) {(msg.round_id, msg.shard_id)}, "
+                f"expected {expected}",
             )
 
     def _check_round(self, round_id: int, direction: Direction) -> None:

@@ -18,6 +18,8 @@ from protocol import (
     Message,
     RoundEnd,
     RoundStart,
+    UnmaskRequest,
+    UnmaskResult,
     UpdateChunk,
     UpdateDone,
     UploadGrant,
@@ -39,12 +41,12 @@ float_maps = st.dictionaries(keys, finite, max_size=6)
 reasons = st.text(max_size=200)
 
 messages: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Hello, version=st.integers(0, 255), sample_count=uints, can_decrypt=st.booleans()),
+    st.builds(Hello, version=st.integers(0, 255), committee=payloads),
     st.builds(
         Welcome,
         version=st.integers(0, 255),
         client_id=st.text(min_size=1, max_size=64),
-        public_key=payloads,
+        federation=payloads,
         session_config=configs,
     ),
     st.builds(
@@ -56,6 +58,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         deadline_s=nonneg,
         chunks_received=st.integers(0, MAX_CHUNKS_PER_UPDATE),
         config=configs,
+        committee=st.lists(payloads, max_size=3).map(tuple),
     ),
     st.builds(UploadRequest, round_id=ids),
     st.builds(UploadGrant, round_id=ids, start_seq=st.integers(0, MAX_CHUNKS_PER_UPDATE)),
@@ -68,7 +71,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         chunk_count=st.integers(0, MAX_CHUNKS_PER_UPDATE),
         item_count=uints,
         digest=st.binary(min_size=32, max_size=32),
-        sample_count=uints,
+        token=payloads,
         timings=float_maps,
         metrics=float_maps,
     ),
@@ -79,7 +82,31 @@ messages: st.SearchStrategy[Message] = st.one_of(
         status=st.sampled_from(["completed", "failed", "closed"]),
         reason=reasons,
     ),
-    st.builds(DecryptRequest, round_id=ids, shard_id=ids, item_count=uints, payload=payloads),
+    st.builds(
+        DecryptRequest,
+        round_id=ids,
+        shard_id=ids,
+        start=uints,
+        item_count=uints,
+        payload=payloads,
+        contributors=payloads,
+    ),
+    st.builds(
+        UnmaskRequest,
+        round_id=ids,
+        shard_id=ids,
+        start=uints,
+        item_count=uints,
+        contributors=payloads,
+    ),
+    st.builds(
+        UnmaskResult,
+        round_id=ids,
+        shard_id=ids,
+        item_count=uints,
+        payload=payloads,
+        seconds=nonneg,
+    ),
     st.builds(
         DecryptResult,
         round_id=ids,

@@ -45,7 +45,7 @@ except ImportError:
     from protocol_strategies import messages  # type: ignore[no-redef]
 
 SAMPLE: list[Message] = [
-    Hello(version=PROTOCOL_VERSION, sample_count=10, can_decrypt=True),
+    Hello(version=PROTOCOL_VERSION, committee=b"credential"),
     UpdateChunk(round_id=3, seq=0, payload=bytes(range(256)) * 40),
     Heartbeat(sent_at=12.5),
     Ack(round_id=3, accepted=True),

@@ -27,6 +27,8 @@ from protocol import (
     RoundStart,
     Session,
     State,
+    UnmaskRequest,
+    UnmaskResult,
     UnsupportedVersion,
     UpdateChunk,
     UpdateDone,
@@ -37,9 +39,12 @@ from protocol import (
 )
 from protocol.framing import NEED_DATA
 
-HELLO = Hello(version=PROTOCOL_VERSION, sample_count=100, can_decrypt=True)
+HELLO = Hello(version=PROTOCOL_VERSION, committee=b"credential")
 WELCOME = Welcome(
-    version=PROTOCOL_VERSION, client_id="client-0", public_key=b"pk", session_config={"k": 1}
+    version=PROTOCOL_VERSION,
+    client_id="client-0",
+    federation=b"federation",
+    session_config={"k": 1},
 )
 DIGEST = bytes(32)
 
@@ -68,9 +73,7 @@ def chunk(seq: int, round_id: int = 7) -> UpdateChunk:
 
 
 def done(count: int, round_id: int = 7) -> UpdateDone:
-    return UpdateDone(
-        round_id=round_id, chunk_count=count, item_count=count, digest=DIGEST, sample_count=100
-    )
+    return UpdateDone(round_id=round_id, chunk_count=count, item_count=count, digest=DIGEST)
 
 
 class Pair:
@@ -103,6 +106,23 @@ class Pair:
         return self
 
 
+def decrypt_request(round_id: int, shard_id: int) -> DecryptRequest:
+    return DecryptRequest(
+        round_id=round_id,
+        shard_id=shard_id,
+        start=0,
+        item_count=5,
+        payload=b"x",
+        contributors=b"tokens",
+    )
+
+
+def unmask_request(round_id: int, shard_id: int) -> UnmaskRequest:
+    return UnmaskRequest(
+        round_id=round_id, shard_id=shard_id, start=0, item_count=5, contributors=b"tokens"
+    )
+
+
 def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
     pair = Pair()
     assert pair.client.state is State.HANDSHAKE
@@ -121,9 +141,14 @@ def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
         (done(3), State.AWAIT_ACK),
         (Ack(round_id=7, accepted=True), State.READY),
         (RoundEnd(round_id=7, status="completed"), State.READY),
-        (DecryptRequest(round_id=7, shard_id=2, item_count=5, payload=b"x"), State.DECRYPTING),
+        (decrypt_request(7, 2), State.DECRYPTING),
         (
             DecryptResult(round_id=7, shard_id=2, item_count=5, payload=b"y", seconds=0.1),
+            State.READY,
+        ),
+        (unmask_request(7, 3), State.DECRYPTING),
+        (
+            UnmaskResult(round_id=7, shard_id=3, item_count=5, payload=b"m", seconds=0.1),
             State.READY,
         ),
         (Bye(reason="bye"), State.CLOSED),
@@ -193,8 +218,16 @@ ILLEGAL_FROM_CLIENT = [
     # the grant's start_seq, not RoundStart.chunks_received, says where a resume starts
     ([HELLO, WELCOME, start(chunks_received=2), request(), grant(0)], chunk(2)),
     (
-        [HELLO, WELCOME, DecryptRequest(round_id=1, shard_id=1, item_count=1, payload=b"")],
+        [HELLO, WELCOME, decrypt_request(1, 1)],
         DecryptResult(round_id=1, shard_id=2, item_count=1, payload=b"", seconds=0.0),
+    ),
+    (  # an unmask answer to a decryption request
+        [HELLO, WELCOME, decrypt_request(1, 1)],
+        UnmaskResult(round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0),
+    ),
+    (  # a decryption answer to an unmask request
+        [HELLO, WELCOME, unmask_request(1, 1)],
+        DecryptResult(round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0),
     ),
     (
         [HELLO, WELCOME],
@@ -247,7 +280,9 @@ ILLEGAL_FROM_AGGREGATOR = [
     ([HELLO, WELCOME, start(), request()], grant(round_id=8)),  # for another round
     ([HELLO, WELCOME, start(), request(), grant()], grant()),  # granted twice
     ([HELLO, WELCOME, start()], RoundEnd(round_id=6, status="failed")),  # not the current round
-    ([HELLO, WELCOME, start()], DecryptRequest(round_id=1, shard_id=0, item_count=0, payload=b"")),
+    ([HELLO, WELCOME, start()], decrypt_request(1, 0)),
+    ([HELLO, WELCOME, start()], unmask_request(1, 0)),  # committee work only between rounds
+    ([HELLO, WELCOME, decrypt_request(1, 0)], unmask_request(1, 1)),  # one request at a time
 ]
 
 
@@ -272,9 +307,7 @@ def test_sending_illegally_is_a_local_error_and_permanent() -> None:
 
 def test_wrong_hello_version_is_unsupported() -> None:
     aggregator = Session(Role.AGGREGATOR)
-    aggregator.receive_data(
-        encode_frame(Hello(version=PROTOCOL_VERSION + 1, sample_count=1, can_decrypt=False))
-    )
+    aggregator.receive_data(encode_frame(Hello(version=PROTOCOL_VERSION + 1)))
     with pytest.raises(UnsupportedVersion):
         aggregator.next_event()
     assert aggregator.state is State.ERROR
@@ -371,12 +404,8 @@ def test_frames_in_flight_to_the_side_that_said_bye_are_ignored() -> None:
 
 def test_session_uses_role_frame_limits() -> None:
     aggregator = Session(Role.AGGREGATOR, max_frame_size=100)
-    aggregator.receive_data(
-        encode_frame(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
-    )
-    assert aggregator.next_event() == Hello(
-        version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False
-    )
+    aggregator.receive_data(encode_frame(Hello(version=PROTOCOL_VERSION)))
+    assert aggregator.next_event() == Hello(version=PROTOCOL_VERSION)
     aggregator.receive_data(encode_frame(Bye(reason="x" * 200)))
     with pytest.raises(RemoteProtocolError) as info:
         aggregator.next_event()

@@ -90,7 +90,7 @@ async def _serve(server_ctx: ssl.SSLContext, seen: list[str]) -> Server:
             Welcome(
                 version=PROTOCOL_VERSION,
                 client_id=conn.peer_identity,
-                public_key=b"",
+                federation=b"",
                 session_config={},
             )
         )
@@ -111,7 +111,7 @@ async def test_valid_client_is_served_and_identified_by_cn(
         ctx = client_context(pki.clients[1].cert, pki.clients[1].key, pki.ca.cert)
         conn = await connect("127.0.0.1", server.port, ctx, config=FAST)
         assert conn.peer_identity == "aggregator"
-        await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
+        await conn.send(Hello(version=PROTOCOL_VERSION))
         welcome = await conn.receive()
         assert isinstance(welcome, Welcome) and welcome.client_id == "client-1"
         await conn.close()
@@ -134,7 +134,7 @@ async def _assert_refused(port: int, ctx: ssl.SSLContext, seen: list[str]) -> No
         pass
     else:
         with pytest.raises(ProtocolError):
-            await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
+            await conn.send(Hello(version=PROTOCOL_VERSION))
             await conn.receive()
         await conn.close()
     assert seen == []
@@ -194,7 +194,7 @@ async def test_invalid_clients_are_refused(
             client_context(pki.clients[0].cert, pki.clients[0].key, pki.ca.cert),
             config=FAST,
         )
-        await good.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
+        await good.send(Hello(version=PROTOCOL_VERSION))
         assert isinstance(await good.receive(), Welcome)
         await good.close()
     finally:

@@ -62,7 +62,7 @@ FAST = TransportConfig(
     heartbeat_interval=1.0,
     close_timeout=1.0,
 )
-HELLO = Hello(version=PROTOCOL_VERSION, sample_count=10, can_decrypt=False)
+HELLO = Hello(version=PROTOCOL_VERSION)
 DIGEST = bytes(32)
 
 
@@ -88,7 +88,7 @@ class AckApp:
                 Welcome(
                     version=PROTOCOL_VERSION,
                     client_id=conn.peer_identity,
-                    public_key=b"",
+                    federation=b"",
                     session_config={},
                 )
             )
@@ -146,7 +146,6 @@ async def good_client(
                     chunk_count=chunks,
                     item_count=chunks,
                     digest=DIGEST,
-                    sample_count=10,
                 )
             )
             ack = await conn.receive()
@@ -303,9 +302,7 @@ async def test_heartbeats_keep_an_idle_connection_open_past_idle_timeout(
         await conn.send(UploadRequest(round_id=start.round_id))
         assert isinstance(await conn.receive(), UploadGrant)
         await conn.send(
-            UpdateDone(
-                round_id=start.round_id, chunk_count=0, item_count=0, digest=DIGEST, sample_count=1
-            )
+            UpdateDone(round_id=start.round_id, chunk_count=0, item_count=0, digest=DIGEST)
         )
         assert isinstance(await conn.receive(), Ack)
         assert conn.bytes_received > 0 and conn.bytes_sent > 0
@@ -378,7 +375,7 @@ async def test_send_times_out_when_the_peer_stops_reading(
     async def flood_round_ends(conn: Connection) -> None:
         await conn.receive()
         await conn.send(
-            Welcome(version=PROTOCOL_VERSION, client_id="c", public_key=b"", session_config={})
+            Welcome(version=PROTOCOL_VERSION, client_id="c", federation=b"", session_config={})
         )
         try:
             for i in range(200_000):  # bounded
@@ -536,7 +533,7 @@ def test_500_concurrent_connections_under_uvloop(
                 Welcome(
                     version=PROTOCOL_VERSION,
                     client_id=conn.peer_identity,
-                    public_key=b"",
+                    federation=b"",
                     session_config={},
                 )
             )
@@ -622,9 +619,7 @@ async def test_server_survives_malformed_frames_and_keeps_serving(
         encode_frame(HELLO),
         encode_frame(UploadRequest(round_id=1)),
         encode_frame(UpdateChunk(round_id=1, seq=0, payload=b"abcdef")),
-        encode_frame(
-            UpdateDone(round_id=1, chunk_count=1, item_count=1, digest=DIGEST, sample_count=1)
-        ),
+        encode_frame(UpdateDone(round_id=1, chunk_count=1, item_count=1, digest=DIGEST)),
         encode_frame(Bye(reason="x")),
     ]
     cases = [(rng.random() < 0.5, _malformed(rng, seeds)) for _ in range(MALFORMED_FRAMES)]
