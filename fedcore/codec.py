@@ -1,10 +1,12 @@
-"""How an update travels: the encrypted (packed Paillier) and the plaintext encodings.
+"""How an update travels: the encrypted (packed, masked Paillier) and the plaintext encodings.
 
-Both sides of a round use the same `UpdateCodec`: the client turns a flat float update
-into chunk payloads, the aggregator parses and checks chunk payloads, folds complete
-updates into a running sum, and finally turns the sum into the FedAvg mean update.
-The plaintext codec exists for comparison runs (`fedcore demo --plaintext`): same
-protocol, float32 updates, no privacy. No sockets here.
+Both sides of a round build the same `UpdateCodec` from the federation parameters and
+the session settings (`codec_for`): the client turns a flat float update, its own
+FedAvg weight and its evaluation report into chunk payloads; the aggregator range-checks
+chunk payloads, folds complete updates, and turns the decrypted, unmasked sum into a
+`ContributionSum` (the weighted mean, the total weight, the mean report). The plaintext
+codec exists for comparison runs (`fedcore demo --plaintext`): same protocol, float
+slots, no privacy. No sockets here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedcore.contracts import FederationParams, SessionInfo
 from fedcore.crypto import (
     PrivateKey,
     PublicKey,
@@ -25,14 +28,20 @@ from fedcore.crypto import (
     serialize_plaintexts,
 )
 from fedcore.crypto.folding import check_ciphertext_bytes
-from fedcore.errors import InvalidCiphertextError
-from fedcore.packing import PackingSpec, decode_sum, encode_update
+from fedcore.errors import InvalidCiphertextError, PackingError
+from fedcore.packing import (
+    CONTRIBUTION_TAIL_SLOTS,
+    ContributionSum,
+    PackingSpec,
+    decode_contribution_sum,
+    encode_contribution,
+)
 
 __all__ = [
     "EncryptedCodec",
     "PlaintextCodec",
     "UpdateCodec",
-    "codec_from_session_config",
+    "codec_for",
 ]
 
 PLAINTEXT_CHUNK_FLOATS = 32_768  # 128 KiB of float32 per chunk
@@ -40,19 +49,30 @@ PLAINTEXT_CHUNK_FLOATS = 32_768  # 128 KiB of float32 per chunk
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncryptedCodec:
-    """Packed Paillier: ``spec.slots_per_ciphertext`` quantized values per ciphertext."""
+    """Packed Paillier: ``spec.slots_per_ciphertext`` quantized slots per ciphertext.
+
+    The slots of one update are its ``n_values`` model values, then its weight, its
+    evaluated weight and one slot per report metric (see `encode_contribution`).
+    """
 
     public_key: PublicKey
     spec: PackingSpec
     n_values: int
     chunk_items: int
+    report_bounds: tuple[float, ...] = ()
+    min_total_weight: int = 1
 
     encrypted = True
 
     @property
+    def slot_count(self) -> int:
+        """Slots in one update: model values, weight, evaluated weight, report metrics."""
+        return self.n_values + CONTRIBUTION_TAIL_SLOTS + len(self.report_bounds)
+
+    @property
     def item_count(self) -> int:
         """Ciphertexts in one complete update."""
-        return self.spec.ciphertexts_for(self.n_values)
+        return self.spec.ciphertexts_for(self.slot_count)
 
     @property
     def chunk_count(self) -> int:
@@ -60,9 +80,23 @@ class EncryptedCodec:
         return -(-self.item_count // self.chunk_items)
 
     # -- client side -------------------------------------------------------------------
-    def encode(self, update: np.ndarray, *, weight: int, rng: np.random.Generator) -> list[int]:
-        """Clip, quantize, weight and pack ``update`` into plaintext integers."""
-        return encode_update(update, self.spec, weight=weight, rng=rng)
+    def encode(
+        self,
+        update: np.ndarray,
+        *,
+        weight: int,
+        report: Sequence[float] | None,
+        rng: Any,
+    ) -> list[int]:
+        """Clip, quantize, weight and pack ``update`` (and weight, report) into plaintexts."""
+        return encode_contribution(
+            update,
+            self.spec,
+            weight=weight,
+            report=report,
+            report_bounds=self.report_bounds,
+            rng=rng,
+        )
 
     def chunk_payloads(self, ciphertexts: Sequence[Any], start: int = 0) -> Iterator[bytes]:
         """Serialize ciphertexts chunk by chunk, from chunk index ``start``."""
@@ -76,20 +110,20 @@ class EncryptedCodec:
         """Range-check one chunk's ciphertexts as bytes (the gcd check comes at fold time)."""
         return payload, check_ciphertext_bytes(payload, self.public_key, index_offset=index_offset)
 
-    def join(self, chunks: list[Any], weight: int) -> bytes:
-        """One update from its chunks (the client already applied its weight)."""
-        del weight
+    def join(self, chunks: list[Any]) -> bytes:
+        """One update from its chunks (the client already applied its own weight)."""
         return b"".join(chunks)
 
-    def sum_to_payloads(self, summed: bytes, shards: int) -> list[tuple[int, bytes, int]]:
-        """Split the serialized sum into ``shards`` (start index, bytes, count) pieces."""
-        width = self.public_key.ciphertext_bytes
-        total = len(summed) // width
+    def shard_ranges(self, shards: int) -> list[tuple[int, int]]:
+        """``(start, count)`` of ``shards`` contiguous ranges covering every ciphertext."""
+        total = self.item_count
         size = max(1, math.ceil(total / max(1, shards)))
-        return [
-            (first, summed[first * width : (first + size) * width], min(size, total - first))
-            for first in range(0, total, size)
-        ]
+        return [(first, min(size, total - first)) for first in range(0, total, size)]
+
+    def shard_payload(self, summed: bytes, start: int, count: int) -> bytes:
+        """The serialized ciphertexts ``[start, start + count)`` of a serialized sum."""
+        width = self.public_key.ciphertext_bytes
+        return summed[start * width : (start + count) * width]
 
     def decrypt_payload(
         self,
@@ -111,38 +145,67 @@ class EncryptedCodec:
         values = deserialize_plaintexts(payload, self.public_key)
         if len(values) != count:
             raise InvalidCiphertextError(
-                f"decrypt result holds {len(values)} plaintexts, expected {count}"
+                f"committee answer holds {len(values)} values, expected {count}"
             )
         return values
 
-    def mean_update(self, plaintexts: Sequence[int], total_weight: int) -> np.ndarray:
-        """Unpack the decrypted sum into the weighted mean update (float32)."""
-        return decode_sum(plaintexts, self.spec, n_values=self.n_values, total_weight=total_weight)
+    def decode(self, plaintexts: Sequence[int]) -> ContributionSum:
+        """The weighted mean and totals from the unmasked sum (PackingError if impossible)."""
+        return decode_contribution_sum(
+            plaintexts,
+            self.spec,
+            n_values=self.n_values,
+            report_bounds=self.report_bounds,
+            min_total_weight=self.min_total_weight,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PlaintextCodec:
-    """float32 updates in the clear, for comparison runs only: the aggregator sees each one."""
+    """float32 slots in the clear, for comparison runs only: the aggregator sees each one.
+
+    An update is ``[w·u_1 .. w·u_V, w, e, e·r_1 .. e·r_K]`` as float32, the same layout
+    the encrypted codec packs, so both runs aggregate the same way.
+    """
 
     n_values: int
     chunk_items: int = PLAINTEXT_CHUNK_FLOATS
+    report_bounds: tuple[float, ...] = ()
+    clip: float = 0.5
+    max_weight: int = 1 << 20
 
     encrypted = False
 
     @property
+    def slot_count(self) -> int:
+        """Floats in one update: model values, weight, evaluated weight, report metrics."""
+        return self.n_values + CONTRIBUTION_TAIL_SLOTS + len(self.report_bounds)
+
+    @property
     def item_count(self) -> int:
         """Floats in one complete update."""
-        return self.n_values
+        return self.slot_count
 
     @property
     def chunk_count(self) -> int:
         """Chunks in one complete update."""
         return -(-self.item_count // self.chunk_items)
 
-    def encode(self, update: np.ndarray, *, weight: int, rng: np.random.Generator) -> np.ndarray:
-        """The update itself as float32 (the aggregator applies the weight)."""
-        del weight, rng
-        return np.ascontiguousarray(update, dtype=np.float32)
+    def encode(
+        self, update: np.ndarray, *, weight: int, report: Sequence[float] | None, rng: Any
+    ) -> np.ndarray:
+        """The clipped, weighted update and its tail as float32 (no quantization)."""
+        del rng
+        k = len(self.report_bounds)
+        tail = np.zeros(CONTRIBUTION_TAIL_SLOTS + k, dtype=np.float64)
+        tail[0] = weight
+        if report is not None:
+            tail[1] = weight
+            tail[CONTRIBUTION_TAIL_SLOTS:] = weight * np.clip(
+                np.asarray(report, dtype=np.float64), 0.0, self.report_bounds
+            )
+        values = weight * np.clip(np.asarray(update, dtype=np.float64), -self.clip, self.clip)
+        return np.concatenate([values, tail]).astype(np.float32)
 
     def chunk_payloads(self, values: np.ndarray, start: int = 0) -> Iterator[bytes]:
         """float32 bytes chunk by chunk, from chunk index ``start``."""
@@ -164,35 +227,52 @@ class PlaintextCodec:
             )
         return values, len(values)
 
-    def join(self, chunks: list[Any], weight: int) -> np.ndarray:
-        """One weighted update (float64, so the sum is exact enough to compare)."""
-        return np.concatenate(chunks).astype(np.float64) * weight
+    def join(self, chunks: list[Any]) -> np.ndarray:
+        """One update (float64, so the sum is exact enough to compare)."""
+        return np.concatenate(chunks).astype(np.float64)
 
     def fold(self, running: np.ndarray, update: np.ndarray) -> None:
         """running += update."""
         running += update
 
-    def mean_update(self, running: np.ndarray, total_weight: int) -> np.ndarray:
-        """The weighted mean update."""
-        return (running / total_weight).astype(np.float32)
+    def decode(self, running: np.ndarray) -> ContributionSum:
+        """The weighted mean and totals from the summed float slots."""
+        v = self.n_values
+        weight = round(float(running[v]))
+        evaluated = round(float(running[v + 1]))
+        if not 1 <= weight <= self.max_weight:
+            raise PackingError(f"the sum's total weight {weight} is out of range")
+        means = None
+        if evaluated:
+            means = tuple(float(x) / evaluated for x in running[v + CONTRIBUTION_TAIL_SLOTS :])
+        return ContributionSum(
+            mean_update=(running[:v] / weight).astype(np.float32),
+            total_weight=weight,
+            evaluated_weight=evaluated,
+            report_means=means,
+        )
 
 
 UpdateCodec = EncryptedCodec | PlaintextCodec
 
 
-def codec_from_session_config(config: dict[str, Any], public_key: PublicKey | None) -> UpdateCodec:
-    """Rebuild the aggregator's codec from a Welcome's session_config (client side)."""
-    n_values = int(config["num_values"])
-    if not config.get("encrypted", True):
-        return PlaintextCodec(n_values=n_values, chunk_items=int(config["chunk_items"]))
-    if public_key is None:
-        raise ValueError("an encrypted federation needs the public key from Welcome")
-    spec = PackingSpec(
-        key_bits=int(config["key_bits"]),
-        value_bits=int(config["value_bits"]),
-        headroom_bits=int(config["headroom_bits"]),
-        clip=float(config["clip"]),
-    )
+def codec_for(federation: FederationParams, session: SessionInfo) -> UpdateCodec:
+    """The codec both sides use for this federation and session."""
+    bounds = tuple(bound for _, bound in federation.report_metrics)
+    if not federation.encrypted:
+        return PlaintextCodec(
+            n_values=session.num_values,
+            chunk_items=session.chunk_items,
+            report_bounds=bounds,
+            clip=federation.clip,
+            max_weight=federation.max_contributors * federation.max_weight,
+        )
+    assert federation.public_key is not None
     return EncryptedCodec(
-        public_key=public_key, spec=spec, n_values=n_values, chunk_items=int(config["chunk_items"])
+        public_key=federation.public_key,
+        spec=federation.packing_spec(),
+        n_values=session.num_values,
+        chunk_items=session.chunk_items,
+        report_bounds=bounds,
+        min_total_weight=federation.min_clients,
     )

@@ -33,13 +33,17 @@ import numpy.typing as npt
 from fedcore.errors import PackingError
 
 __all__ = [
+    "CONTRIBUTION_TAIL_SLOTS",
     "MAX_HEADROOM_BITS",
     "MAX_KEY_BITS",
     "MAX_VALUE_BITS",
     "MIN_VALUE_BITS",
+    "ContributionSum",
     "PackingSpec",
+    "decode_contribution_sum",
     "decode_sum",
     "dequantize_mean",
+    "encode_contribution",
     "encode_update",
     "pack_slots",
     "quantize",
@@ -52,6 +56,8 @@ MAX_HEADROOM_BITS = 32
 MAX_KEY_BITS = 16384
 # Ciphertexts packed per numpy block: bounds the temporary bit arrays (≈ 64 bytes per value).
 _BLOCK_CIPHERTEXTS = 512
+CONTRIBUTION_TAIL_SLOTS = 2
+"""Slots after the model values in a contribution: the weight, then the evaluated weight."""
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -318,3 +324,116 @@ def decode_sum(
             "wrong total_weight, or an update weighted more than declared"
         )
     return dequantize_mean(summed, spec, weight).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class ContributionSum:
+    """What a decrypted sum of contributions says: the FedAvg mean and its totals.
+
+    ``total_weight`` is ``W = Σ w_i``; ``evaluated_weight`` ``E = Σ w_i`` over the
+    clients that reported metrics; ``report_means`` the weighted mean of each reported
+    metric (``None`` when no client reported).
+    """
+
+    mean_update: npt.NDArray[np.float32]
+    total_weight: int
+    evaluated_weight: int
+    report_means: tuple[float, ...] | None
+
+
+def encode_contribution(
+    update: npt.ArrayLike,
+    spec: PackingSpec,
+    *,
+    weight: int,
+    report: Sequence[float] | None,
+    report_bounds: Sequence[float],
+    rng: Any,
+) -> list[int]:
+    """One client's plaintexts: its weighted update, its weight, and its weighted report.
+
+    The slot vector is ``[w·q_1 .. w·q_V, w, e, e·r_1 .. e·r_K]`` where ``q`` is the
+    quantized update (:func:`quantize`), ``e = w`` when the client evaluated the
+    global model (``report`` is given) and 0 otherwise, and ``r_k`` is metric k clipped
+    to ``[0, bound_k]`` and quantized to ``[0, 2^b - 1]`` with the same unbiased
+    stochastic rounding. Summed over clients, the slots hold ``Σ w·q``, ``W``, ``E``
+    and ``Σ e·r``: the decoder recovers the weighted mean and the totals from the sum
+    alone, so the weights are the clients' own and need not be sent in the clear.
+    ``rng`` provides ``random(shape)`` (a CSPRNG in clients: `SecureUniform`).
+    """
+    w = _require_int("weight", weight, 1, spec.max_total_weight)
+    values = np.asarray(update)
+    if values.ndim != 1:
+        raise PackingError(f"update must be 1-D, got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.floating):
+        raise PackingError(f"update must be a float array, got dtype {values.dtype}")
+    k = len(report_bounds)
+    q = quantize(values, spec, rng)
+    tail = np.zeros(CONTRIBUTION_TAIL_SLOTS + k, dtype=np.uint64)
+    tail[0] = w
+    if report is not None:
+        if len(report) != k:
+            raise PackingError(f"report has {len(report)} values, expected {k}")
+        metrics = np.asarray(report, dtype=np.float64)
+        if not np.isfinite(metrics).all():
+            raise PackingError("report values must be finite")
+        bounds = np.asarray(report_bounds, dtype=np.float64)
+        x = np.clip(metrics, 0.0, bounds) / bounds * spec.levels
+        floor = np.floor(x)
+        r = (floor + (rng.random(x.shape) < (x - floor))).astype(np.uint64)
+        tail[1] = w
+        tail[CONTRIBUTION_TAIL_SLOTS:] = r
+    slots = np.concatenate([q, tail])
+    if w != 1:
+        slots[: values.size] *= np.uint64(w)
+        slots[values.size + CONTRIBUTION_TAIL_SLOTS :] *= np.uint64(w)
+    return pack_slots(slots, spec)
+
+
+def decode_contribution_sum(
+    plaintexts: Sequence[int],
+    spec: PackingSpec,
+    *,
+    n_values: int,
+    report_bounds: Sequence[float],
+    min_total_weight: int = 1,
+) -> ContributionSum:
+    """Decode a decrypted sum of :func:`encode_contribution` vectors.
+
+    Raises PackingError when the sum cannot be one of honest contributions: bits
+    outside the slots, non-zero padding, ``W`` below ``min_total_weight`` or above
+    ``2^headroom_bits``, a model slot above ``W·(2^b - 1)``, ``E > W``, or a report
+    slot above ``E·(2^b - 1)``. A decryption of anything but the exact sum of the named
+    contributors (noise after unmasking) fails these checks with overwhelming
+    probability.
+    """
+    k = len(report_bounds)
+    total_slots = n_values + CONTRIBUTION_TAIL_SLOTS + k
+    slots = unpack_slots(plaintexts, spec, total_slots)
+    weight = int(slots[n_values])
+    evaluated = int(slots[n_values + 1])
+    if not min_total_weight <= weight <= spec.max_total_weight:
+        raise PackingError(
+            f"the sum's total weight {weight} is outside "
+            f"{min_total_weight}..{spec.max_total_weight} (not a sum of honest contributions)"
+        )
+    model = slots[:n_values]
+    limit = weight * spec.levels
+    if model.size and int(model.max()) > limit:
+        bad = int(np.flatnonzero(model > np.uint64(limit))[0])
+        raise PackingError(f"slot sum at index {bad} exceeds W·(2^b - 1) = {limit}")
+    if evaluated > weight:
+        raise PackingError(f"evaluated weight {evaluated} exceeds the total weight {weight}")
+    report = slots[n_values + CONTRIBUTION_TAIL_SLOTS :]
+    if report.size and int(report.max()) > evaluated * spec.levels:
+        raise PackingError("a report slot exceeds E·(2^b - 1)")
+    means: tuple[float, ...] | None = None
+    if evaluated:
+        means = tuple(
+            float(int(r) / evaluated / spec.levels * bound)
+            for r, bound in zip(report, report_bounds, strict=True)
+        )
+    mean = dequantize_mean(model, spec, weight).astype(np.float32)
+    return ContributionSum(
+        mean_update=mean, total_weight=weight, evaluated_weight=evaluated, report_means=means
+    )
