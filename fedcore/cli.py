@@ -63,7 +63,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"{args.bits}-bit Paillier keypair in {time.perf_counter() - t0:.1f} s")
     print(f"  public key  {public_path}  (aggregator and clients)")
     print(f"  private key {private_path}  (0600; key-holding clients only, never the aggregator)")
-    print(f"  fingerprint {public_key.fingerprint()}")
+    print(f"  SHA-256     {public_key.sha256()}  (clients pin this key)")
     return 0
 
 
@@ -101,6 +101,8 @@ _AGG_FLAGS: dict[str, tuple[type, str]] = {
     "value_bits": (int, "quantization bits per value"),
     "clip": (float, "clip bound for each update value"),
     "seed": (int, "seed for model init and client selection"),
+    "max_weight": (int, "largest FedAvg weight a client may give itself"),
+    "min_key_bits": (int, "smallest Paillier modulus accepted (default 2048; tests only lower)"),
 }
 
 
@@ -135,17 +137,39 @@ def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_aggregator(args: argparse.Namespace) -> int:
-    from fedcore.aggregator import Aggregator, AggregatorConfig
-    from protocol.transport import install_uvloop, tune_allocator
+def _aggregator_config(args: argparse.Namespace) -> Any:
+    from fedcore.aggregator import AggregatorConfig
 
     flags = {name: getattr(args, name) for name in _AGG_FLAGS if getattr(args, name) is not None}
     if args.model_arg:
         flags["model_kwargs"] = _model_kwargs(args.model_arg)
     if args.config is not None:
-        config = AggregatorConfig.from_toml(args.config, **flags)
-    else:
-        config = AggregatorConfig.from_mapping(flags)
+        return AggregatorConfig.from_toml(args.config, **flags)
+    return AggregatorConfig.from_mapping(flags)
+
+
+def _cmd_federation(args: argparse.Namespace) -> int:
+    config = _aggregator_config(args)
+    public_key = None if args.plaintext else config.load_public_key()
+    federation = config.federation(public_key)
+    federation.save(args.out)
+    print(f"federation file {args.out}: hand it to every client (fedcore client --federation)")
+    print(f"  digest      {federation.digest().hex()}")
+    if public_key is not None:
+        print(f"  public key  SHA-256 {public_key.sha256()}")
+    print(
+        f"  quorum {federation.min_clients}, {federation.value_bits} value bits, "
+        f"{federation.headroom_bits} headroom bits (up to {federation.max_contributors} clients "
+        f"a round), clip {federation.clip}, weight <= {federation.max_weight}"
+    )
+    return 0
+
+
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from fedcore.aggregator import Aggregator
+    from protocol.transport import install_uvloop, tune_allocator
+
+    config = _aggregator_config(args)
     aggregator = Aggregator(config, encrypted=not args.plaintext)
     tune_allocator()  # frame-sized buffers off mmap: about half the receive CPU
     uvloop = install_uvloop()
@@ -179,10 +203,11 @@ def _cmd_client(args: argparse.Namespace) -> int:
         cert=Path(args.cert),
         key=Path(args.key),
         ca=Path(args.ca),
+        federation=Path(args.federation),
+        public_key=Path(args.public_key) if args.public_key else None,
         private_key=Path(args.private_key) if args.private_key else None,
         server_hostname=args.server_hostname,
-        sample_count=len(x),
-        seed=args.seed * 7919 + index,
+        min_key_bits=args.min_key_bits,
     )
     client = Client(
         model,
@@ -253,12 +278,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_aggregator_flags(p)
     p.set_defaults(func=_cmd_aggregator)
 
+    p = sub.add_parser(
+        "federation",
+        help="write the federation file clients pin (from the aggregator's settings)",
+    )
+    _add_aggregator_flags(p)
+    p.add_argument("--out", required=True, help="where to write the federation file (JSON)")
+    p.set_defaults(func=_cmd_federation)
+
     p = sub.add_parser("client", help="run a ready-made client on a built-in dataset")
     p.add_argument("--server", required=True, help="aggregator HOST:PORT")
     p.add_argument("--cert", required=True, help="client certificate (PEM)")
     p.add_argument("--key", required=True, help="client TLS key (PEM)")
     p.add_argument("--ca", required=True, help="federation CA certificate (PEM)")
+    p.add_argument(
+        "--federation",
+        required=True,
+        help="federation file from the operator (`fedcore federation`): the key and "
+        "parameters this client accepts",
+    )
+    p.add_argument("--public-key", help="also pin this public key file (from the key authority)")
     p.add_argument("--private-key", help="Paillier private key: join the decryption committee")
+    p.add_argument(
+        "--min-key-bits",
+        type=int,
+        default=2048,
+        help="smallest Paillier modulus accepted (default 2048; lower only for tests)",
+    )
     p.add_argument("--server-hostname", help="name to check in the aggregator's certificate")
     p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
     p.add_argument("--partition", default="0/1", help="this client's shard, I/N")

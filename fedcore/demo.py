@@ -55,8 +55,11 @@ class DemoOptions:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        if self.clients < 1:
-            raise ValueError(f"clients must be >= 1; got {self.clients}")
+        if self.clients < 3:
+            raise ValueError(
+                f"clients must be >= 3 (the smallest quorum that hides each update); "
+                f"got {self.clients}"
+            )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1; got {self.rounds}")
 
@@ -67,6 +70,7 @@ def _client_process(
     dataset_name: str,
     port: int,
     pki: str,
+    federation: str,
     private_key: str | None,
 ) -> None:
     """One demo client, in its own process: shard, model, train, upload, until done."""
@@ -87,10 +91,10 @@ def _client_process(
         cert=pki_dir / f"client-{index}.pem",
         key=pki_dir / f"client-{index}.key",
         ca=pki_dir / "ca.pem",
+        federation=Path(federation),
         private_key=Path(private_key) if private_key else None,
         server_hostname="localhost",
-        sample_count=len(x),
-        seed=options.seed * 7919 + index,
+        min_key_bits=min(2048, options.key_bits),
     )
     train_fn = make_train_fn(x, y, TrainConfig(seed=options.seed + index))
     Client(model, train_fn, None, config).run_forever(f"127.0.0.1:{port}")
@@ -143,7 +147,6 @@ def _run(
     write_federation_pki(pki, clients=options.clients, sans=["localhost", "127.0.0.1"])
     out(f"  keys and certificates ready in {time.perf_counter() - t0:.1f} s ({workdir})")
 
-    headroom = max(10, math.ceil(math.log2(2 * options.clients)) + 1)
     config = AggregatorConfig(
         public_key=keys / "public_key.json",
         cert=pki / "aggregator.pem",
@@ -155,16 +158,18 @@ def _run(
         metrics_port=0,
         model="fedcore.model:mlp",
         model_kwargs={"in_features": dataset.num_features, "classes": dataset.num_classes},
-        min_clients=max(1, math.ceil(options.clients / 2)),
+        min_clients=max(3, math.ceil(options.clients / 2)),
         clients_per_round=options.clients,
         rounds=options.rounds,
         round_timeout=options.round_timeout,
         wait_for_clients_timeout=300.0,
         value_bits=options.value_bits,
-        headroom_bits=headroom,
         committee_size=min(options.committee_size, options.clients),
         seed=options.seed,
+        min_key_bits=min(2048, options.key_bits),
     )
+    federation_file = workdir / "federation.json"
+    config.federation(config.load_public_key() if options.encrypted else None).save(federation_file)
     test_model = mlp(dataset.num_features, classes=dataset.num_classes)
     accuracies: list[float] = []
     round_seconds: list[float] = []
@@ -208,8 +213,16 @@ def _run(
             holder = str(keys / "private_key.json") if index < config.committee_size else None
             process = ctx.Process(
                 target=_client_process,
-                args=(index, options, dataset_name, aggregator.port, str(pki), holder),
-                daemon=True,
+                args=(
+                    index,
+                    options,
+                    dataset_name,
+                    aggregator.port,
+                    str(pki),
+                    str(federation_file),
+                    holder,
+                ),
+                daemon=False,  # a client starts its own random-factor worker
             )
             process.start()
             processes.append(process)

@@ -1,9 +1,12 @@
-"""Committee decryption: the round's summed ciphertexts, in shards, to key-holding clients.
+"""Committee decryption: the round's summed ciphertexts to key holders, masks to unmaskers.
 
-Shards go to whichever member is free; a member that drops, times out or answers with
-the wrong shape loses its shard to another, and a shard nobody decrypts fails the
-round. The aggregator holds no private key: this module only sends ciphertexts out and
-checks the shape of what comes back. Knows nothing of folding or checkpoints.
+Each shard of the sum goes to whichever key holder is free; a member that drops, times
+out or answers with the wrong shape loses its shard to another. Meanwhile the round's
+unmasker(s) return the mask sums of exactly the folded contributors, shard by shard.
+The unmasked sum is ``(decrypted - Σ masks) mod n``. Every request carries the signed
+tokens of the contributors, so members can refuse anything but a quorum-sized, named
+set. The aggregator holds no private key and no mask key: this module only moves
+ciphertexts, tokens and plaintexts, and checks the shape of what comes back.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.registry import ClientHandle, close_client
+from fedcore.aggregator.rounds import RoundState
 from fedcore.codec import EncryptedCodec
+from fedcore.contracts import RejectReason
+from fedcore.credentials import pack_tokens
+from fedcore.crypto.masking import remove_masks
 from fedcore.errors import InvalidCiphertextError, RoundError
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from protocol.messages import DecryptRequest
+from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 
 __all__ = ["CommitteeDecryption"]
 
@@ -29,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class CommitteeDecryption:
-    """Spreads one round's sum over the connected key holders and collects plaintexts."""
+    """Spreads one round's sum over the connected key holders and collects the unmasked sum."""
 
     def __init__(
         self,
@@ -44,26 +52,56 @@ class CommitteeDecryption:
         self.metrics = metrics
         self._clients = clients
 
-    async def decrypt(self, round_id: int, summed: bytes) -> list[int]:
-        """The plaintexts of ``summed`` (serialized ciphertexts), shard by shard."""
+    def _shards(self, members: int) -> list[tuple[int, int]]:
+        # a result travels in one frame to us: keep it within half our frame limit
+        width = self.codec.public_key.plaintext_bytes
+        max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
+        count = max(members, -(-self.codec.item_count // max_items))
+        return self.codec.shard_ranges(count)
+
+    async def decrypt(self, state: RoundState, summed: bytes) -> list[int]:
+        """The unmasked plaintexts of ``summed`` (the folded contributors' serialized sum)."""
         c = self.config
+        unmaskers = [self._clients.get(cid) for cid in state.unmaskers]
+        if not all(unmaskers):
+            missing = [cid for cid, h in zip(state.unmaskers, unmaskers, strict=True) if not h]
+            raise RoundError(f"unmasker(s) {', '.join(missing)} left before the round closed")
         members = [h for h in self._clients.values() if h.can_decrypt]
         if not members:
             raise RoundError("no key-holding client is connected to decrypt the sum")
-        rng = random.Random(f"{c.seed}:committee:{round_id}")
-        rng.shuffle(members)
+        random.Random(f"{c.seed}:committee:{state.round_id}").shuffle(members)
         members = members[: c.committee_size]
-        width = self.codec.public_key.ciphertext_bytes
-        # a shard travels in one DecryptRequest frame: use at most half the frame limit
-        max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
-        shard_count = max(len(members), -(-(len(summed) // width) // max_items))
-        shards = self.codec.sum_to_payloads(summed, shard_count)
+        contributors = pack_tokens([state.folded[cid] for cid in sorted(state.folded)])
+        shards = self._shards(len(members))
+        t0 = time.monotonic()
+        masks: dict[int, list[list[int]]] = {start: [] for start, _ in shards}
+        decrypted: dict[int, list[int]] = {}
         free: asyncio.Queue[ClientHandle] = asyncio.Queue()
+        busy_unmasking = {h.client_id for h in unmaskers if h is not None}
         for member in members:
-            free.put_nowait(member)
-        results: dict[int, list[int]] = {}
+            if member.client_id not in busy_unmasking:
+                free.put_nowait(member)
 
-        async def decrypt_shard(shard_id: int, start: int, payload: bytes, count: int) -> None:
+        async def unmask_all(unmasker: ClientHandle) -> None:
+            for shard_id, (start, count) in enumerate(shards):
+                request = UnmaskRequest(
+                    round_id=state.round_id,
+                    shard_id=shard_id,
+                    start=start,
+                    item_count=count,
+                    contributors=contributors,
+                )
+                values = await self._request(unmasker, request, count)
+                if values is None:
+                    raise RoundError(
+                        f"unmasker {unmasker.client_id} did not unmask shard {shard_id}"
+                    )
+                masks[start].append(values)
+            if unmasker in members and self._clients.get(unmasker.client_id) is unmasker:
+                free.put_nowait(unmasker)  # done unmasking: it decrypts shards too
+
+        async def decrypt_one(shard_id: int, start: int, count: int) -> None:
+            payload = self.codec.shard_payload(summed, start, count)
             for _attempt in range(3 * len(members) + 3):
                 try:
                     member = await asyncio.wait_for(free.get(), c.decrypt_shard_timeout)
@@ -71,19 +109,27 @@ class CommitteeDecryption:
                     break
                 if self._clients.get(member.client_id) is not member:
                     continue  # disconnected while queued; it never comes back to the queue
-                ok = await self._request_shard(member, round_id, shard_id, payload, count)
-                if ok is not None:
-                    results[start] = ok
+                request = DecryptRequest(
+                    round_id=state.round_id,
+                    shard_id=shard_id,
+                    start=start,
+                    item_count=count,
+                    payload=payload,
+                    contributors=contributors,
+                )
+                values = await self._request(member, request, count)
+                if values is not None:
+                    decrypted[start] = values
                     free.put_nowait(member)
                     return
                 if self._clients.get(member.client_id) is member:
                     free.put_nowait(member)
             raise RoundError(f"no committee member decrypted shard {shard_id}")
 
-        t0 = time.monotonic()
-        tasks = [
-            asyncio.create_task(decrypt_shard(i, start, payload, count))
-            for i, (start, payload, count) in enumerate(shards)
+        tasks = [asyncio.create_task(unmask_all(h)) for h in unmaskers if h is not None]
+        tasks += [
+            asyncio.create_task(decrypt_one(i, start, count))
+            for i, (start, count) in enumerate(shards)
         ]
         try:
             await asyncio.gather(*tasks)
@@ -91,45 +137,61 @@ class CommitteeDecryption:
             for task in tasks:  # one shard failed the round: stop waiting for the others
                 task.cancel()
         log.info(
-            "round %d: %d shards decrypted by %d committee members in %.2f s",
-            round_id,
+            "round %d: %d shards decrypted by %d committee members and unmasked by %s in %.2f s",
+            state.round_id,
             len(shards),
             len(members),
+            ", ".join(state.unmaskers),
             time.monotonic() - t0,
         )
+        n = self.codec.public_key.n
         out: list[int] = []
-        for start in sorted(results):
-            out.extend(results[start])
+        for start, _count in shards:
+            values = decrypted[start]
+            for mask_sums in masks[start]:
+                values = remove_masks(values, mask_sums, n)
+            out.extend(values)
         return out
 
-    async def _request_shard(
-        self, member: ClientHandle, round_id: int, shard_id: int, payload: bytes, count: int
+    async def _request(
+        self, member: ClientHandle, request: DecryptRequest | UnmaskRequest, count: int
     ) -> list[int] | None:
-        loop = asyncio.get_running_loop()
-        member.decrypt_waiter = loop.create_future()
-        try:
-            await member.send(
-                DecryptRequest(
-                    round_id=round_id, shard_id=shard_id, item_count=count, payload=payload
+        """Send one committee request and check the answer's shape (None on failure)."""
+        kind = "decrypt" if isinstance(request, DecryptRequest) else "unmask"
+        async with member.committee_lock:
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[Any] = loop.create_future()
+            member.committee_waiter = waiter
+            try:
+                await member.send(request)
+                result = await asyncio.wait_for(waiter, self.config.decrypt_shard_timeout)
+            except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
+                log.warning(
+                    "committee member %s failed to %s shard %d: %r",
+                    member.client_id,
+                    kind,
+                    request.shard_id,
+                    exc,
                 )
-            )
-            result = await asyncio.wait_for(
-                member.decrypt_waiter, self.config.decrypt_shard_timeout
-            )
-        except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
-            log.warning("committee member %s failed shard %d: %r", member.client_id, shard_id, exc)
-            if isinstance(exc, TimeoutError):
-                await close_client(member, ErrorCode.TIMEOUT, "decrypt shard timed out")
-            return None
-        finally:
-            member.decrypt_waiter = None
-        if result.shard_id != shard_id or result.round_id != round_id:
+                if isinstance(exc, TimeoutError):
+                    await close_client(member, ErrorCode.TIMEOUT, f"{kind} shard timed out")
+                return None
+            finally:
+                member.committee_waiter = None
+        expected = DecryptResult if kind == "decrypt" else UnmaskResult
+        if (
+            not isinstance(result, expected)
+            or result.shard_id != request.shard_id
+            or result.round_id != request.round_id
+        ):
             return None
         try:
             values = self.codec.parse_plaintexts(result.payload, count)
         except (InvalidCiphertextError, ValueError) as exc:
-            self.metrics.updates_rejected_total.labels(reason="bad_decrypt_result").inc()
+            label = RejectReason.BAD_DECRYPT_RESULT.label
+            self.metrics.updates_rejected_total.labels(reason=label).inc()
             await close_client(member, ErrorCode.BAD_DECRYPT_RESULT, str(exc))
             return None
-        self.metrics.decryption_time_seconds.observe(result.seconds)
+        if kind == "decrypt":
+            self.metrics.decryption_time_seconds.observe(result.seconds)
         return values

@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import ConfigError
+from fedcore.contracts import DEFAULT_REPORT_METRICS, FederationParams
+from fedcore.crypto import PublicKey
+from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
+from fedcore.errors import ConfigError, KeyFileError
 from protocol.transport import SERVER_RECEIVE_BUFFER
 
 __all__ = ["AggregatorConfig"]
@@ -32,7 +35,7 @@ class AggregatorConfig:
     metrics_host: str = "127.0.0.1"
     model: str = "fedcore.model:mlp"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    min_clients: int = 2
+    min_clients: int = 3
     clients_per_round: int | None = None
     clients_fraction: float | None = None
     rounds: int = 10
@@ -46,8 +49,13 @@ class AggregatorConfig:
     # keeps less TLS buffer per connection after an upload, larger costs less CPU per byte.
     receive_buffer: int = SERVER_RECEIVE_BUFFER
     value_bits: int = 16
-    headroom_bits: int = 10
+    # None: the fewest bits that hold max_weight x the most clients a round can select
+    headroom_bits: int | None = None
     clip: float = 0.5
+    max_weight: int = 64
+    samples_per_weight: int = 100
+    report_metrics: tuple[tuple[str, float], ...] = DEFAULT_REPORT_METRICS
+    min_key_bits: int = MIN_SECURE_KEY_BITS
     chunk_ciphertexts: int = 256
     committee_size: int = 3
     decrypt_shard_timeout: float = 120.0
@@ -64,7 +72,12 @@ class AggregatorConfig:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "0..65535", self.port)
         if self.metrics_port is not None:
             _require(0 <= self.metrics_port <= 65535, "metrics_port", "0..65535", self.metrics_port)
-        _require(self.min_clients >= 1, "min_clients", ">= 1", self.min_clients)
+        _require(
+            isinstance(self.min_clients, int) and self.min_clients >= 2,
+            "min_clients",
+            ">= 2 (3 or more recommended: with 2, each contributor can subtract its own update)",
+            self.min_clients,
+        )
         if self.clients_per_round is not None and self.clients_fraction is not None:
             raise ConfigError("set clients_per_round or clients_fraction, not both")
         if self.clients_per_round is not None:
@@ -111,12 +124,40 @@ class AggregatorConfig:
             self.receive_buffer,
         )
         _require(2 <= self.value_bits <= 32, "value_bits", "2..32", self.value_bits)
-        _require(1 <= self.headroom_bits <= 32, "headroom_bits", "1..32", self.headroom_bits)
-        largest = self.clients_per_round or self.min_clients
+        if self.allowed_clients is not None:
+            if isinstance(self.allowed_clients, str) or not all(
+                isinstance(c, str) and c for c in self.allowed_clients
+            ):
+                raise ConfigError("allowed_clients must be a list of certificate common names")
+            object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+        _require(1 <= self.max_weight <= 1 << 20, "max_weight", "1..2^20", self.max_weight)
         _require(
-            2**self.headroom_bits >= 2 * largest,
+            self.samples_per_weight >= 1, "samples_per_weight", ">= 1", self.samples_per_weight
+        )
+        _require(512 <= self.min_key_bits <= 16384, "min_key_bits", "512..16384", self.min_key_bits)
+        object.__setattr__(
+            self, "report_metrics", tuple((str(n), float(b)) for n, b in self.report_metrics)
+        )
+        if self.headroom_bits is None:
+            needed = self.selection_limit() * self.max_weight
+            object.__setattr__(self, "headroom_bits", max(1, (needed - 1).bit_length()))
+        _require(
+            isinstance(self.headroom_bits, int) and 1 <= self.headroom_bits <= 40,
             "headroom_bits",
-            f">= log2(2 x clients per round) = {math.ceil(math.log2(2 * largest))}",
+            "1..40",
+            self.headroom_bits,
+        )
+        if self.clients_per_round is not None and self.clients_per_round > self.max_contributors:
+            raise ConfigError(
+                f"clients_per_round {self.clients_per_round} exceeds what headroom_bits "
+                f"{self.headroom_bits} holds at max_weight {self.max_weight} "
+                f"({self.max_contributors} clients); raise headroom_bits or lower max_weight"
+            )
+        _require(
+            self.max_contributors >= self.min_clients,
+            "headroom_bits",
+            f"large enough for min_clients ({self.min_clients}) clients of weight "
+            f"{self.max_weight}",
             self.headroom_bits,
         )
         _require(math.isfinite(self.clip) and self.clip > 0, "clip", "> 0", self.clip)
@@ -129,22 +170,61 @@ class AggregatorConfig:
         _require(self.committee_size >= 1, "committee_size", ">= 1", self.committee_size)
         _require(self.local_epochs >= 1, "local_epochs", ">= 1", self.local_epochs)
         _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
-        if self.allowed_clients is not None:
-            if isinstance(self.allowed_clients, str) or not all(
-                isinstance(c, str) and c for c in self.allowed_clients
-            ):
-                raise ConfigError("allowed_clients must be a list of certificate common names")
-            object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
         if ":" not in self.model:
             raise ConfigError(f"model must be 'module:factory', got {self.model!r}")
+
+    def selection_limit(self) -> int:
+        """The most clients a round can select: what the slot headroom must hold."""
+        if self.clients_per_round is not None:
+            return self.clients_per_round
+        if self.allowed_clients is not None:
+            return max(self.min_clients, len(self.allowed_clients))
+        return self.max_connections
+
+    @property
+    def max_contributors(self) -> int:
+        """Most clients one sum can hold: ``2^headroom_bits // max_weight``."""
+        assert self.headroom_bits is not None
+        return (1 << self.headroom_bits) // self.max_weight
 
     def target_clients(self, connected: int) -> int:
         """How many clients to select this round, given how many are connected."""
         if self.clients_per_round is not None:
             return self.clients_per_round
         if self.clients_fraction is not None:
-            return max(self.min_clients, math.ceil(self.clients_fraction * connected))
-        return max(self.min_clients, connected)
+            wanted = max(self.min_clients, math.ceil(self.clients_fraction * connected))
+        else:
+            wanted = max(self.min_clients, connected)
+        return min(wanted, self.max_contributors)
+
+    def load_public_key(self) -> PublicKey:
+        """The federation's public key, checked to be a plausible Paillier modulus."""
+        try:
+            public_key = PublicKey.load(self.public_key)
+            public_key.check(min_bits=self.min_key_bits)
+        except KeyFileError as exc:
+            raise ConfigError(str(exc)) from None
+        except ValueError as exc:
+            raise ConfigError(f"public key {self.public_key} refused: {exc}") from None
+        return public_key
+
+    def federation(self, public_key: PublicKey | None) -> FederationParams:
+        """The federation parameters clients pin (``None`` key: a plaintext run)."""
+        assert self.headroom_bits is not None
+        try:
+            return FederationParams(
+                mode="plaintext" if public_key is None else "shared",
+                public_key=public_key,
+                value_bits=self.value_bits,
+                headroom_bits=self.headroom_bits,
+                clip=self.clip,
+                min_clients=self.min_clients,
+                max_weight=self.max_weight,
+                samples_per_weight=self.samples_per_weight,
+                report_metrics=self.report_metrics,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"federation parameters: {exc}") from None
 
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> AggregatorConfig:
@@ -169,6 +249,13 @@ class AggregatorConfig:
             if name not in values:
                 raise ConfigError(f"aggregator setting {name!r} is required")
             values[name] = Path(values[name])
+        if "report_metrics" in values:
+            raw = values["report_metrics"]
+            if not isinstance(raw, list | tuple) or not all(
+                isinstance(p, list | tuple) and len(p) == 2 for p in raw
+            ):
+                raise ConfigError("report_metrics must be a list of [name, bound] pairs")
+            values["report_metrics"] = tuple((str(n), b) for n, b in raw)
         try:
             return cls(**values)
         except TypeError as exc:

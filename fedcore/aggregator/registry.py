@@ -16,7 +16,7 @@ from typing import Any
 
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import DecryptResult, Error
+from protocol.messages import Error
 from protocol.transport import Connection
 
 __all__ = ["ClientHandle", "close_client", "count_bytes", "send_quietly"]
@@ -26,16 +26,28 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True, eq=False)
 class ClientHandle:
-    """One connected client: its identity, connection and per-connection bookkeeping."""
+    """One connected client: its identity, connection and per-connection bookkeeping.
+
+    ``credential`` is a key holder's verified committee credential (its wire bytes, which
+    RoundStart relays to clients) and ``mask_public`` its mask key; both are empty for a
+    client without the private key. One committee request is outstanding per connection
+    at a time (``committee_lock``); its answer resolves ``committee_waiter``.
+    """
 
     client_id: str
     conn: Connection
-    sample_count: int
-    can_decrypt: bool
+    credential: bytes = b""
+    mask_public: bytes = b""
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    decrypt_waiter: asyncio.Future[DecryptResult] | None = None
+    committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    committee_waiter: asyncio.Future[Any] | None = None
     counted_in: int = 0
     counted_out: int = 0
+
+    @property
+    def can_decrypt(self) -> bool:
+        """Whether this client presented a valid committee credential."""
+        return bool(self.credential)
 
     async def send(self, message: Any) -> None:
         """Send one message, never interleaved with another task's frame."""

@@ -31,17 +31,25 @@ from fedcore.aggregator.rounds import (
     RejectedUpdate,
     RoundPhase,
     RoundState,
-    assign_weights,
+    pick_unmaskers,
     select_clients,
 )
 from fedcore.aggregator.uploads import UploadGate
-from fedcore.client import FEDERATION_COMPLETE
-from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
+from fedcore.client.config import FEDERATION_COMPLETE
+from fedcore.client.pipeline import model_digest
+from fedcore.codec import PLAINTEXT_CHUNK_FLOATS, EncryptedCodec, PlaintextCodec, codec_for
+from fedcore.contracts import ClientReport, RejectReason, RoundPlan, SessionInfo
+from fedcore.credentials import (
+    CertificateAuthority,
+    CommitteeCredential,
+    ContributorToken,
+    CredentialError,
+)
 from fedcore.crypto import PublicKey
 from fedcore.errors import ConfigError, InvalidCiphertextError, PackingError, RoundError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
-from fedcore.packing import PackingSpec
+from fedcore.packing import ContributionSum
 from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -51,6 +59,7 @@ from protocol.messages import (
     Hello,
     RoundEnd,
     RoundStart,
+    UnmaskResult,
     UpdateChunk,
     UpdateDone,
     UploadRequest,
@@ -63,22 +72,9 @@ __all__ = ["ROUND_START_CONCURRENCY", "Aggregator", "RoundReport", "build_model"
 
 log = logging.getLogger(__name__)
 
-_REASON_CODES = {
-    "stale_round": ErrorCode.STALE_ROUND,
-    "replay": ErrorCode.REPLAY,
-    "not_selected": ErrorCode.NOT_SELECTED,
-    "unknown_client": ErrorCode.UNKNOWN_CLIENT,
-    "wrong_chunk_count": ErrorCode.WRONG_CHUNK_COUNT,
-    "invalid_ciphertext": ErrorCode.INVALID_CIPHERTEXT,
-    "digest_mismatch": ErrorCode.DIGEST_MISMATCH,
-}
-
 # RoundStart frames carry the whole model (2 MB for the seed MLP); sending them to
 # 1,000 clients at once would buffer gigabytes, so only this many are in flight.
 ROUND_START_CONCURRENCY = 32
-
-# The session refuses some updates before the runtime sees them; count them by name too.
-_CODE_REASONS = {code: reason for reason, code in _REASON_CODES.items()}
 
 
 def build_model(
@@ -105,11 +101,11 @@ class RoundReport:
 
     round_id: int
     rounds_completed: int
-    contributors: dict[str, int]
+    contributors: tuple[str, ...]
     total_weight: int
     phase_seconds: dict[str, float]
-    client_metrics: dict[str, float]
-    client_timings: dict[str, float]
+    client_metrics: dict[str, float]  # weighted mean evaluation, from the encrypted sum
+    client_timings: dict[str, float]  # mean client-reported seconds per phase
     bytes_received: int
     fold_seconds: float
 
@@ -132,31 +128,22 @@ class Aggregator:
         model = build_model(config.model, config.model_kwargs, seed=config.seed)
         state = model.state_dict()
         self.layout = ModelLayout.of(state)
-        n_values = self.layout.numel
-        self.public_key: PublicKey | None = None
-        self.codec: UpdateCodec
-        if encrypted:
-            # Only ever the public key: the aggregator must not be able to decrypt.
-            self.public_key = PublicKey.load(config.public_key)
-            try:
-                spec = PackingSpec(
-                    key_bits=self.public_key.bits,
-                    value_bits=config.value_bits,
-                    headroom_bits=config.headroom_bits,
-                    clip=config.clip,
-                )
-            except PackingError as exc:
-                raise ConfigError(f"packing settings do not fit the key: {exc}") from exc
-            self.codec = EncryptedCodec(
-                public_key=self.public_key,
-                spec=spec,
-                n_values=n_values,
-                chunk_items=config.chunk_ciphertexts,
-            )
-            self.max_total_weight = spec.max_total_weight
-        else:
-            self.codec = PlaintextCodec(n_values=n_values)
-            self.max_total_weight = 2**config.headroom_bits
+        # Only ever the public key: the aggregator must not be able to decrypt.
+        self.public_key: PublicKey | None = config.load_public_key() if encrypted else None
+        self.federation = config.federation(self.public_key)
+        self.session_info = SessionInfo(
+            num_values=self.layout.numel,
+            chunk_items=config.chunk_ciphertexts if encrypted else PLAINTEXT_CHUNK_FLOATS,
+            model_layout=self.layout.to_json(),
+            rounds=config.rounds,
+        )
+        self.codec = codec_for(self.federation, self.session_info)
+        self._federation_bytes = self.federation.to_bytes()
+        self._federation_digest = self.federation.digest()
+        try:
+            self._ca = CertificateAuthority.load(config.ca)
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
         self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
         checkpoint = Checkpoint.load(config.state_dir)
         if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
@@ -194,7 +181,7 @@ class Aggregator:
             self._committee = CommitteeDecryption(
                 config=config, codec=self.codec, metrics=self.metrics, clients=self.clients
             )
-        self._client_reports: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
+        self._client_reports: dict[str, ClientReport] = {}
         self._round_bytes = 0
         self._round_fold_s = 0.0
         self._clients_changed = asyncio.Event()
@@ -205,6 +192,7 @@ class Aggregator:
         self._started = asyncio.Event()
         self._folder: FoldEngine | None = None
         self._weights_blob = b""  # this round's global model, encoded once for everyone
+        self._round_committee: tuple[bytes, ...] = ()  # the unmaskers' credentials
         self._ended_rounds: collections.deque[int] = collections.deque(maxlen=8)
 
     # ------------------------------------------------------------------ lifecycle
@@ -264,6 +252,14 @@ class Aggregator:
             self.codec.n_values,
             self.metrics_port,
         )
+        log.info(
+            "federation %s: quorum %d, %d value bits, %d headroom bits, up to %d clients a round",
+            self._federation_digest.hex()[:16],
+            self.federation.min_clients,
+            self.federation.value_bits,
+            self.federation.headroom_bits,
+            self.federation.max_contributors,
+        )
         self._started.set()
         try:
             await self._round_loop()
@@ -309,8 +305,8 @@ class Aggregator:
                 if self._stop.is_set():
                     return
                 raise RoundError(
-                    f"fewer than {c.min_clients} clients connected within "
-                    f"{c.wait_for_clients_timeout:.0f} s"
+                    f"fewer than {c.min_clients} clients (or no key-holding committee "
+                    f"member) connected within {c.wait_for_clients_timeout:.0f} s"
                 )
             completed = await self._run_one_round()
             if self._stop.is_set():
@@ -327,7 +323,13 @@ class Aggregator:
         deadline = time.monotonic() + c.wait_for_clients_timeout
         while not self._stop.is_set():
             connected = len(self.clients)
-            if connected >= c.target_clients(connected) and connected >= c.min_clients:
+            holders = sum(h.can_decrypt for h in self.clients.values())
+            enough_holders = not self.codec.encrypted or holders >= self.federation.unmaskers
+            if (
+                connected >= c.target_clients(connected)
+                and connected >= c.min_clients
+                and enough_holders
+            ):
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -351,10 +353,22 @@ class Aggregator:
         selected = select_clients(
             candidates, c.target_clients(len(candidates)), seed=c.seed, round_id=round_id
         )
-        weights = assign_weights(
-            {cid: self.clients[cid].sample_count for cid in selected}, self.max_total_weight
+        self._weights_blob = self.checkpoint.global_weights.astype(np.float32).tobytes()
+        digest = model_digest(self._weights_blob)
+        unmaskers: list[str] = []
+        if self.codec.encrypted:
+            holders = {cid: h.mask_public for cid, h in self.clients.items() if h.can_decrypt}
+            unmaskers = pick_unmaskers(holders, self.federation.unmaskers, digest)
+        self._round_committee = tuple(self.clients[cid].credential for cid in unmaskers)
+        unmasker_keys = tuple(self.clients[cid].mask_public for cid in unmaskers)
+        state = RoundState(
+            round_id=round_id,
+            selected=frozenset(selected),
+            deadline=t0 + c.round_timeout,
+            model_digest=digest,
+            unmaskers=tuple(unmaskers),
+            unmasker_keys=unmasker_keys,
         )
-        state = RoundState(round_id=round_id, weights=weights, deadline=t0 + c.round_timeout)
         self.round = state
         if self._folder is not None:
             self._folder.reset()
@@ -367,7 +381,6 @@ class Aggregator:
         log.info("round %d: selected %d of %d clients", round_id, len(selected), len(candidates))
 
         t_collect = time.monotonic()
-        self._weights_blob = self.checkpoint.global_weights.astype(np.float32).tobytes()
         sending = asyncio.Semaphore(ROUND_START_CONCURRENCY)
 
         async def send(cid: str) -> None:
@@ -405,15 +418,20 @@ class Aggregator:
 
         t_decrypt = time.monotonic()
         try:
-            mean_update = await self._finish_sum(state)
+            result = await self._finish_sum(state)
         except RoundError as exc:
             return self._fail_round(state, "decrypt_failed", str(exc))
+        except PackingError as exc:
+            return self._fail_round(
+                state, "decode_failed", f"the decrypted sum does not decode: {exc}"
+            )
+        state.total_weight = result.total_weight
         phases["decrypt"] = time.monotonic() - t_decrypt
 
         t_update = time.monotonic()
-        self.checkpoint.global_weights = (self.checkpoint.global_weights + mean_update).astype(
-            np.float32
-        )
+        self.checkpoint.global_weights = (
+            self.checkpoint.global_weights + result.mean_update
+        ).astype(np.float32)
         phases["update"] = time.monotonic() - t_update
         state.phase = RoundPhase.COMPLETED
         self.checkpoint.rounds_completed += 1
@@ -423,7 +441,7 @@ class Aggregator:
         self.checkpoint.metrics = self.metrics.snapshot()
         self.checkpoint.save(c.state_dir)
         phases["checkpoint"] = time.monotonic() - t_ckpt
-        report = self._round_report(state, phases)
+        report = self._round_report(state, phases, result)
         for phase, seconds in phases.items():
             self.metrics.round_phase_seconds.labels(phase=phase).observe(seconds)
         log.info(
@@ -437,27 +455,30 @@ class Aggregator:
         )
         self.round = None
         if self._on_round_complete is not None:
-            result = self._on_round_complete(report, self.checkpoint.global_weights)
-            if asyncio.iscoroutine(result):
-                await result
+            pending = self._on_round_complete(report, self.checkpoint.global_weights)
+            if asyncio.iscoroutine(pending):
+                await pending
         return True
 
-    def _round_report(self, state: RoundState, phases: dict[str, float]) -> RoundReport:
-        metrics: dict[str, list[float]] = {}
+    def _round_report(
+        self, state: RoundState, phases: dict[str, float], result: ContributionSum
+    ) -> RoundReport:
         timings: dict[str, list[float]] = {}
         for cid in state.folded:
-            t, m = self._client_reports.get(cid, ({}, {}))
-            for k, v in m.items():
-                metrics.setdefault(k, []).append(v)
-            for k, v in t.items():
+            report = self._client_reports.get(cid)
+            for k, v in (report.timings if report is not None else {}).items():
                 timings.setdefault(k, []).append(v)
+        evaluation: dict[str, float] = {}
+        if result.report_means is not None:
+            names = (name for name, _ in self.federation.report_metrics)
+            evaluation = dict(zip(names, result.report_means, strict=True))
         return RoundReport(
             round_id=state.round_id,
             rounds_completed=self.checkpoint.rounds_completed,
-            contributors=dict(state.folded),
-            total_weight=state.total_weight,
+            contributors=tuple(sorted(state.folded)),
+            total_weight=result.total_weight,
             phase_seconds=dict(phases),
-            client_metrics={k: float(np.mean(v)) for k, v in metrics.items()},
+            client_metrics=evaluation,
             client_timings={k: float(np.mean(v)) for k, v in timings.items()},
             bytes_received=self._round_bytes,
             fold_seconds=self._round_fold_s,
@@ -466,7 +487,7 @@ class Aggregator:
     def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:
         state.phase = RoundPhase.FAILED
         self.round = None
-        log.warning("round %d failed: %s; nothing was decrypted", state.round_id, reason)
+        log.warning("round %d failed: %s", state.round_id, reason)
         self.metrics.rounds_failed_total.labels(reason=label).inc()
         self.checkpoint.history.append({**state.summary(), "failure": reason})
         self.checkpoint.metrics = self.metrics.snapshot()
@@ -486,25 +507,25 @@ class Aggregator:
             value_bits=self.config.value_bits,
             deadline_s=max(0.0, state.deadline - time.monotonic()),
             chunks_received=held,
-            config={
-                "weight": state.weights[client_id],
-                "epochs": self.config.local_epochs,
-                "lr": self.config.learning_rate,
-                "seed": self.config.seed * 1_000_003 + state.round_id,
-            },
+            config=RoundPlan(
+                epochs=self.config.local_epochs,
+                learning_rate=self.config.learning_rate,
+                seed=self.config.seed * 1_000_003 + state.round_id,
+            ).config(),
+            committee=self._round_committee,
         )
         await send_quietly(handle, message)
 
     # ------------------------------------------------------------------ decryption
-    async def _finish_sum(self, state: RoundState) -> np.ndarray:
-        if len(state.folded) < self.config.min_clients:  # the privacy promise, checked twice
+    async def _finish_sum(self, state: RoundState) -> ContributionSum:
+        if len(state.folded) < self.config.min_clients:  # the clients check this too
             raise RoundError("refusing to decrypt a sum of fewer than min_clients updates")
         if isinstance(self.codec, PlaintextCodec):
-            return self.codec.mean_update(state.running_sum, state.total_weight)
+            return self.codec.decode(state.running_sum)
         assert self._committee is not None and self._folder is not None
         summed = await self._folder.result()
-        plaintexts = await self._committee.decrypt(state.round_id, summed)
-        return self.codec.mean_update(plaintexts, state.total_weight)
+        plaintexts = await self._committee.decrypt(state, summed)
+        return self.codec.decode(plaintexts)
 
     # ------------------------------------------------------------------ connections
     async def _handle_connection(self, conn: Connection) -> None:
@@ -534,15 +555,33 @@ class Aggregator:
                 )
             )
             return
+        credential = b""
+        mask_public = b""
+        if hello.committee and self.codec.encrypted:
+            try:
+                parsed = CommitteeCredential.from_wire(hello.committee)
+                signer = parsed.verify(self._ca, federation=self._federation_digest)
+                if signer != client_id:
+                    raise CredentialError(f"it is signed by {signer!r}")
+            except CredentialError as exc:
+                log.warning("refused %r: committee credential does not verify: %s", client_id, exc)
+                self.metrics.updates_rejected_total.labels(
+                    reason=RejectReason.BAD_TOKEN.label
+                ).inc()
+                await conn.close(
+                    error=Error(
+                        code=int(ErrorCode.BAD_TOKEN),
+                        reason=f"committee credential refused: {exc}"[:1000],
+                    )
+                )
+                return
+            credential, mask_public = hello.committee, parsed.mask_public
         previous = self.clients.get(client_id)
         if previous is not None:
             log.info("%s reconnected; closing its previous connection", client_id)
             await close_client(previous, None, "replaced by a newer connection")
         handle = ClientHandle(
-            client_id=client_id,
-            conn=conn,
-            sample_count=hello.sample_count,
-            can_decrypt=hello.can_decrypt,
+            client_id=client_id, conn=conn, credential=credential, mask_public=mask_public
         )
         try:
             await handle.send(self._welcome(client_id))
@@ -551,9 +590,7 @@ class Aggregator:
         self.clients[client_id] = handle
         self.metrics.connected_clients.set(len(self.clients))
         self._clients_changed.set()
-        log.info(
-            "%s joined (%d samples, decrypts=%s)", client_id, hello.sample_count, hello.can_decrypt
-        )
+        log.info("%s joined%s", client_id, " (committee member)" if handle.can_decrypt else "")
         state = self.round
         if (
             state is not None
@@ -570,43 +607,26 @@ class Aggregator:
             pass
         except ProtocolError as exc:
             log.info("%s: protocol error: %s", client_id, exc)
-            reason = _CODE_REASONS.get(exc.code, "protocol_error")
-            self.metrics.updates_rejected_total.labels(reason=reason).inc()
+            reason = RejectReason.for_code(exc.code)
+            self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
         finally:
             count_bytes(handle, self.metrics)
             if self.clients.get(client_id) is handle:
                 del self.clients[client_id]
                 self.uploads.keep_or_drop_partial(client_id)
-            if handle.decrypt_waiter is not None and not handle.decrypt_waiter.done():
-                handle.decrypt_waiter.set_exception(ConnectionError(f"{client_id} disconnected"))
+            waiter = handle.committee_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(ConnectionError(f"{client_id} disconnected"))
             self.metrics.connected_clients.set(len(self.clients))
             self._clients_changed.set()
             log.info("%s left", client_id)
 
     def _welcome(self, client_id: str) -> Welcome:
-        codec = self.codec
-        session: dict[str, int | float | str | bool] = {
-            "encrypted": codec.encrypted,
-            "num_values": codec.n_values,
-            "chunk_items": codec.chunk_items,
-            "model_layout": self.layout.to_json(),
-            "rounds": self.config.rounds,
-        }
-        public_key = b""
-        if isinstance(codec, EncryptedCodec):
-            public_key = codec.public_key.to_bytes()
-            session.update(
-                key_bits=codec.spec.key_bits,
-                value_bits=codec.spec.value_bits,
-                headroom_bits=codec.spec.headroom_bits,
-                clip=codec.spec.clip,
-                public_key_fingerprint=codec.public_key.fingerprint(),
-            )
         return Welcome(
             version=PROTOCOL_VERSION,
             client_id=client_id,
-            public_key=public_key,
-            session_config=session,
+            federation=self._federation_bytes,
+            session_config=self.session_info.to_wire(),
         )
 
     async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
@@ -617,15 +637,15 @@ class Aggregator:
                 await self.uploads.grant(handle, message)
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
-            elif isinstance(message, DecryptResult):
-                waiter = handle.decrypt_waiter
+            elif isinstance(message, DecryptResult | UnmaskResult):
+                waiter = handle.committee_waiter
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
             else:
                 log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
         except RejectedUpdate as exc:
             round_id = getattr(message, "round_id", None)
-            if exc.reason == "stale_round" and round_id in self._ended_rounds:
+            if exc.reason is RejectReason.STALE_ROUND and round_id in self._ended_rounds:
                 # Sent before our RoundEnd reached the client: a race, not misbehaviour.
                 log.debug(
                     "%s: late %s for round %s", handle.client_id, type(message).__name__, round_id
@@ -634,22 +654,23 @@ class Aggregator:
                 return
             await self._reject(handle, exc.reason, str(exc))
         except InvalidCiphertextError as exc:
-            await self._reject(handle, "invalid_ciphertext", str(exc))
+            await self._reject(handle, RejectReason.INVALID_CIPHERTEXT, str(exc))
 
     async def _on_done(self, handle: ClientHandle, done: UpdateDone) -> None:
         cid = handle.client_id
         state = self._round_for(done.round_id)
         upload, chunks = self.uploads.finish(handle, done)
-        update = self.codec.join(chunks, state.weights[cid])
+        token = self._check_token(cid, state, done)
+        update = self.codec.join(chunks)
         t0 = time.monotonic()
         if self._folder is not None:
             assert isinstance(update, bytes)
             update_id = await self._folder.stage(update)
             try:
-                state.mark_folded(cid)  # the round may have closed while we validated
+                state.mark_folded(cid, token)  # the round may have closed while we validated
             except RejectedUpdate as exc:
                 self._folder.abort(update_id)
-                if exc.reason == "stale_round":  # RoundEnd already told the client
+                if exc.reason is RejectReason.STALE_ROUND:  # RoundEnd already told the client
                     self.uploads.drop(cid)
                     return
                 raise
@@ -663,25 +684,58 @@ class Aggregator:
         self._round_bytes += upload.bytes_received
         self.uploads.drop(cid)
         self.metrics.updates_accepted_total.inc()
-        self.metrics.observe_client_report(dict(done.timings), dict(done.metrics))
-        self._client_reports[cid] = (dict(done.timings), dict(done.metrics))
+        report = ClientReport.from_wire(done.timings, done.metrics)
+        self.metrics.observe_client_report(*report.to_wire())
+        self._client_reports[cid] = report
         await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
         if not state.pending:
             self._round_full.set()
+
+    def _check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
+        """The client's contributor token, checked: the committee will check it again."""
+        if not self.codec.encrypted:
+            return b""
+        try:
+            token = ContributorToken.from_wire(done.token)
+            signer = token.verify(self._ca)
+        except CredentialError as exc:
+            raise RejectedUpdate(RejectReason.BAD_TOKEN, f"contributor token: {exc}") from None
+        problems = [
+            what
+            for what, ok in (
+                (f"signed by {signer!r}", signer == client_id),
+                ("for another federation", token.federation == self._federation_digest),
+                (f"for round {token.round_id}", token.round_id == state.round_id),
+                ("for another model version", token.model_digest == state.model_digest),
+                ("masked for other unmaskers", token.unmaskers == state.unmasker_keys),
+                (
+                    f"counting {token.item_count} ciphertexts",
+                    token.item_count == self.codec.item_count,
+                ),
+                ("for other bytes", token.upload_digest == done.digest),
+            )
+            if not ok
+        ]
+        if problems:
+            raise RejectedUpdate(
+                RejectReason.BAD_TOKEN, "contributor token is " + ", ".join(problems)
+            )
+        return done.token
 
     def _round_for(self, round_id: int) -> RoundState:
         state = self.round
         if state is None or round_id != state.round_id:
             current = "none" if state is None else str(state.round_id)
             raise RejectedUpdate(
-                "stale_round", f"round {round_id} is not open (current round: {current})"
+                RejectReason.STALE_ROUND,
+                f"round {round_id} is not open (current round: {current})",
             )
         if state.phase is not RoundPhase.COLLECTING:
-            raise RejectedUpdate("stale_round", f"round {round_id} is closed")
+            raise RejectedUpdate(RejectReason.STALE_ROUND, f"round {round_id} is closed")
         return state
 
-    async def _reject(self, handle: ClientHandle, reason: str, message: str) -> None:
-        log.warning("%s: update refused (%s): %s", handle.client_id, reason, message)
-        self.metrics.updates_rejected_total.labels(reason=reason).inc()
+    async def _reject(self, handle: ClientHandle, reason: RejectReason, message: str) -> None:
+        log.warning("%s: update refused (%s): %s", handle.client_id, reason.label, message)
+        self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
         self.uploads.drop(handle.client_id)
-        await close_client(handle, _REASON_CODES.get(reason, ErrorCode.INTERNAL), message)
+        await close_client(handle, reason.code, message)

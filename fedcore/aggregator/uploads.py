@@ -17,6 +17,7 @@ from typing import Any
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import RejectedUpdate, RoundState, Upload
 from fedcore.codec import UpdateCodec
+from fedcore.contracts import RejectReason
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ProtocolError
 from protocol.messages import UpdateChunk, UpdateDone, UploadGrant, UploadRequest
@@ -102,7 +103,9 @@ class UploadGate:
         upload = self.uploads.get(cid)
         if upload is None or upload.round_id != chunk.round_id:
             # the session admits chunks only after our grant, which created the upload
-            raise RejectedUpdate("wrong_chunk_count", f"chunk {chunk.seq} without a granted upload")
+            raise RejectedUpdate(
+                RejectReason.WRONG_CHUNK_COUNT, f"chunk {chunk.seq} without a granted upload"
+            )
         items, count = self.codec.parse_chunk(chunk.payload, index_offset=upload.items)
         upload.add_chunk(chunk.seq, chunk.payload, items, count)
 
@@ -111,7 +114,8 @@ class UploadGate:
         upload = self.uploads.get(handle.client_id)
         if upload is None or upload.round_id != done.round_id:
             raise RejectedUpdate(
-                "wrong_chunk_count", f"UpdateDone for round {done.round_id} without its chunks"
+                RejectReason.WRONG_CHUNK_COUNT,
+                f"UpdateDone for round {done.round_id} without its chunks",
             )
         chunks = upload.finish(
             chunk_count=done.chunk_count, item_count=done.item_count, digest=done.digest

@@ -1,15 +1,280 @@
-"""The committee role of a key-holding client: decrypt shards of round sums."""
+"""The committee role of a key-holding client: decrypt shards and unmask named sums.
+
+A member checks every request before it works on it, and refuses what an honest
+aggregator never asks for:
+
+- the request must name its contributors with signed tokens (`ContributorToken`): at
+  least the federation's ``min_clients`` distinct CA-certified clients, all for this
+  federation, this round, one model version, the model's ciphertext count, and the
+  same unmaskers;
+- decryption: ranges inside the model, each range once per round, round ids never
+  going back;
+- unmasking: only for sets whose tokens name this member's mask key, and one
+  contributor set per model version (a second, different set for the same model
+  version is refused: that is what stops an aggregator from decrypting two
+  overlapping sums, or rerunning a round with another client set).
+
+The cryptographic part is the mask: a decryption of anything but the product of the
+named uploads stays masked by terms only the unmasker can remove, and it removes them
+for one set only (see `fedcore.crypto.masking`). The declarative checks above make an
+attempt visible and cheap to refuse.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcore.codec import EncryptedCodec
-from fedcore.crypto import PrivateKey
-from protocol.messages import DecryptRequest, DecryptResult
+from fedcore.contracts import FederationParams
+from fedcore.credentials import (
+    CertificateAuthority,
+    CommitteeCredential,
+    ContributorToken,
+    CredentialError,
+    Signer,
+    unpack_tokens,
+)
+from fedcore.crypto import PrivateKey, serialize_plaintexts
+from fedcore.crypto.masking import MaskSum, derive_mask_key, public_key_bytes, set_digest
+from fedcore.errors import FedcoreError
+from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 
-__all__ = ["decrypt_shard"]
+__all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "decrypt_shard"]
+
+log = logging.getLogger(__name__)
+
+_MASK_KEY_SALT = b"fedcore committee mask key v1"
+_REMEMBERED_MODELS = 256  # model versions whose unmasked set a member remembers
+_VERIFIED_CACHE = 4
+
+
+class CommitteeRefusal(FedcoreError):
+    """A committee member refused a request; the message says which rule it broke."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSet:
+    """A checked list of contributor tokens: who, for which model version and unmaskers."""
+
+    round_id: int
+    model_digest: bytes
+    unmaskers: tuple[bytes, ...]
+    names: tuple[str, ...]
+    tokens: tuple[ContributorToken, ...]
+    digest: bytes
+
+
+def derive_member_mask_key(
+    private_key: PrivateKey, signer: Signer, federation: bytes
+) -> X25519PrivateKey:
+    """A member's X25519 mask key: HKDF-SHA256 of its Paillier secret, bound to its identity.
+
+    ``ikm = p ‖ q``, ``info = federation ‖ SPKI`` of the member's certificate key: the
+    same member in the same federation gets the same key after a restart (so clients
+    that masked for it can still be unmasked), another member or federation another key.
+    """
+    width = private_key.public_key.plaintext_bytes
+    ikm = int(private_key.p).to_bytes(width, "big") + int(private_key.q).to_bytes(width, "big")
+    seed = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=_MASK_KEY_SALT,
+        info=federation + signer.public_key_der,
+    ).derive(ikm)
+    return X25519PrivateKey.from_private_bytes(seed)
+
+
+class CommitteeMember:
+    """One key holder's committee role for one federation (all checks, then the work)."""
+
+    def __init__(
+        self,
+        private_key: PrivateKey,
+        signer: Signer,
+        ca: CertificateAuthority,
+        federation: FederationParams,
+        *,
+        workers: int = 1,
+        constant_time: bool = True,
+    ) -> None:
+        self.private_key = private_key
+        self.ca = ca
+        self.federation = federation
+        self._federation_digest = federation.digest()
+        self.workers = workers
+        self.constant_time = constant_time
+        self._mask_key = derive_member_mask_key(private_key, signer, self._federation_digest)
+        self.mask_public = public_key_bytes(self._mask_key)
+        self.credential = CommitteeCredential.issue(
+            signer, federation=self._federation_digest, mask_public=self.mask_public
+        )
+        self._unmasked: OrderedDict[bytes, bytes] = OrderedDict()  # model digest -> set digest
+        self._decrypt_round = -1
+        self._decrypt_ranges: list[tuple[int, int]] = []
+        self._verified: OrderedDict[bytes, VerifiedSet] = OrderedDict()
+
+    # ------------------------------------------------------------------ checks
+    def verify_contributors(
+        self, round_id: int, contributors: bytes, codec: EncryptedCodec
+    ) -> VerifiedSet:
+        """Check a request's contributor tokens (CPU-bound: call in a thread)."""
+        key = hashlib.sha256(round_id.to_bytes(8, "big") + contributors).digest()
+        cached = self._verified.get(key)
+        if cached is not None:
+            return cached
+        try:
+            raw = unpack_tokens(contributors)
+            tokens = tuple(ContributorToken.from_wire(item) for item in raw)
+            names = tuple(token.verify(self.ca) for token in tokens)
+        except CredentialError as exc:
+            raise CommitteeRefusal(f"a contributor token does not verify: {exc}") from None
+        if len(set(names)) != len(names):
+            raise CommitteeRefusal("the contributor set names a client twice")
+        quorum = self.federation.min_clients
+        if len(names) < quorum:
+            raise CommitteeRefusal(f"{len(names)} contributors named; the quorum is {quorum}")
+        first = tokens[0]
+        for token, name in zip(tokens, names, strict=True):
+            if token.federation != self._federation_digest:
+                raise CommitteeRefusal(f"{name}'s token is for another federation")
+            if token.round_id != round_id:
+                raise CommitteeRefusal(
+                    f"{name}'s token is for round {token.round_id}, not {round_id}"
+                )
+            if token.model_digest != first.model_digest:
+                raise CommitteeRefusal("the contributors uploaded for different model versions")
+            if token.unmaskers != first.unmaskers:
+                raise CommitteeRefusal("the contributors masked for different unmaskers")
+            if token.item_count != codec.item_count:
+                raise CommitteeRefusal(
+                    f"{name}'s token counts {token.item_count} ciphertexts; the model has "
+                    f"{codec.item_count}"
+                )
+        verified = VerifiedSet(
+            round_id=round_id,
+            model_digest=first.model_digest,
+            unmaskers=first.unmaskers,
+            names=names,
+            tokens=tokens,
+            digest=set_digest(name.encode() for name in names),
+        )
+        self._verified[key] = verified
+        while len(self._verified) > _VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return verified
+
+    @staticmethod
+    def _check_range(start: int, count: int, codec: EncryptedCodec) -> None:
+        if count < 1 or start + count > codec.item_count:
+            raise CommitteeRefusal(
+                f"range [{start}, {start + count}) is outside the model's {codec.item_count} "
+                "ciphertexts"
+            )
+
+    def _claim_decrypt_range(self, round_id: int, start: int, count: int) -> None:
+        if round_id < self._decrypt_round:
+            raise CommitteeRefusal(
+                f"round {round_id} is older than round {self._decrypt_round}, already served"
+            )
+        if round_id > self._decrypt_round:
+            self._decrypt_round, self._decrypt_ranges = round_id, []
+        end = start + count
+        for lo, hi in self._decrypt_ranges:
+            if start < hi and lo < end:
+                raise CommitteeRefusal(
+                    f"ciphertexts [{max(lo, start)}, {min(hi, end)}) of round {round_id} "
+                    "were already decrypted"
+                )
+        self._decrypt_ranges.append((start, end))
+
+    def _claim_unmask(self, verified: VerifiedSet) -> None:
+        if self.mask_public not in verified.unmaskers:
+            raise CommitteeRefusal("the contributors did not mask for this member")
+        served = self._unmasked.get(verified.model_digest)
+        if served is not None and served != verified.digest:
+            raise CommitteeRefusal(
+                "a different contributor set was already unmasked for this model version "
+                "(rerun protection)"
+            )
+        self._unmasked[verified.model_digest] = verified.digest
+        self._unmasked.move_to_end(verified.model_digest)
+        while len(self._unmasked) > _REMEMBERED_MODELS:
+            self._unmasked.popitem(last=False)
+
+    # ------------------------------------------------------------------ work
+    async def decrypt(self, request: DecryptRequest, codec: EncryptedCodec) -> DecryptResult:
+        """Check and answer one DecryptRequest (CommitteeRefusal when a rule is broken)."""
+        t0 = time.perf_counter()
+        await asyncio.to_thread(
+            self.verify_contributors, request.round_id, request.contributors, codec
+        )
+        self._check_range(request.start, request.item_count, codec)
+        width = codec.public_key.ciphertext_bytes
+        if len(request.payload) != request.item_count * width:
+            raise CommitteeRefusal(
+                f"payload holds {len(request.payload) // width} ciphertexts, the request "
+                f"says {request.item_count}"
+            )
+        self._claim_decrypt_range(request.round_id, request.start, request.item_count)
+        payload, count = await asyncio.to_thread(
+            codec.decrypt_payload,
+            request.payload,
+            self.private_key,
+            workers=self.workers,
+            constant_time=self.constant_time,
+        )
+        return DecryptResult(
+            round_id=request.round_id,
+            shard_id=request.shard_id,
+            item_count=count,
+            payload=payload,
+            seconds=time.perf_counter() - t0,
+        )
+
+    async def unmask(self, request: UnmaskRequest, codec: EncryptedCodec) -> UnmaskResult:
+        """Check and answer one UnmaskRequest: the named contributors' mask sums."""
+        t0 = time.perf_counter()
+        verified = await asyncio.to_thread(
+            self.verify_contributors, request.round_id, request.contributors, codec
+        )
+        self._check_range(request.start, request.item_count, codec)
+        self._claim_unmask(verified)
+        payload = await asyncio.to_thread(
+            self._mask_sums, verified, request.start, request.item_count, codec
+        )
+        return UnmaskResult(
+            round_id=request.round_id,
+            shard_id=request.shard_id,
+            item_count=request.item_count,
+            payload=payload,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def _mask_sums(
+        self, verified: VerifiedSet, start: int, count: int, codec: EncryptedCodec
+    ) -> bytes:
+        total = MaskSum(codec.public_key.n, start, count)
+        for token in verified.tokens:
+            total.add(
+                derive_mask_key(
+                    self._mask_key,
+                    token.client_public,
+                    client_public=token.client_public,
+                    unmasker_public=self.mask_public,
+                    federation=self._federation_digest,
+                    model_digest=token.model_digest,
+                )
+            )
+        return serialize_plaintexts(total.result(), codec.public_key)
 
 
 async def decrypt_shard(
@@ -20,7 +285,7 @@ async def decrypt_shard(
     workers: int = 1,
     constant_time: bool = True,
 ) -> DecryptResult:
-    """A committee member's answer to one DecryptRequest (decrypts in a worker thread)."""
+    """Decrypt one shard without any committee checks (benchmarks and tests only)."""
     t0 = time.perf_counter()
     payload, count = await asyncio.to_thread(
         codec.decrypt_payload,

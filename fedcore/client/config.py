@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from fedcore.contracts import FederationParams
+from fedcore.crypto import PublicKey
+from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.errors import ConfigError
 from protocol.errors import ErrorCode
 
@@ -30,19 +33,29 @@ TrainFn = Callable[[torch.nn.Module, dict[str, Any]], int]
 EvaluateFn = Callable[[torch.nn.Module], dict[str, float]]
 
 # Errors after which reconnecting cannot help: the federation does not want this client.
-FATAL_CODES = {ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_CLIENT}
+FATAL_CODES = {ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_CLIENT, ErrorCode.BAD_TOKEN}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientConfig:
-    """Where the client's credentials are and how it behaves on the network."""
+    """Where the client's credentials are, what it pins, and how it behaves on the network.
+
+    ``federation`` is the federation file the operator hands out (or its parsed
+    `FederationParams`): the client refuses an aggregator that offers another public key
+    or other packing, quorum or weight parameters, and uploads nothing then.
+    ``public_key`` optionally pins the key file from the key authority as well (a key
+    holder's ``private_key`` pins it too). ``min_key_bits`` is the smallest modulus the
+    client accepts (2048; tests lower it explicitly).
+    """
 
     cert: Path
     key: Path
     ca: Path
+    federation: Path | FederationParams
+    public_key: Path | None = None
     private_key: Path | None = None
     server_hostname: str | None = None
-    sample_count: int = 1
+    min_key_bits: int = MIN_SECURE_KEY_BITS
     reconnect_attempts: int | None = 20
     backoff_base: float = 0.5
     backoff_max: float = 30.0
@@ -52,14 +65,14 @@ class ClientConfig:
     # libcrypto, GMP's powm_sec (~1.3x slower). False = GMP's variable-time powmod; only
     # where nobody who should not learn the key can observe decryption timing.
     constant_time_decrypt: bool = True
-    seed: int = 0
+    # Make Paillier random factors in a background process between rounds, so that
+    # encrypting an update costs about one multiplication per ciphertext.
+    encryption_pool: bool = True
     idle_timeout: float = 300.0
     heartbeat_interval: float = 15.0
     write_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.sample_count < 1:
-            raise ConfigError(f"sample_count must be >= 1; got {self.sample_count}")
         if self.reconnect_attempts is not None and self.reconnect_attempts < 0:
             raise ConfigError(
                 f"reconnect_attempts must be >= 0 or None; got {self.reconnect_attempts}"
@@ -68,6 +81,25 @@ class ClientConfig:
             raise ConfigError("backoff_base must be > 0 and <= backoff_max")
         if self.decrypt_workers < 1:
             raise ConfigError(f"decrypt_workers must be >= 1; got {self.decrypt_workers}")
+        if not 512 <= self.min_key_bits <= 16384:
+            raise ConfigError(f"min_key_bits must be in 512..16384; got {self.min_key_bits}")
+
+    def load_federation(self) -> FederationParams:
+        """The pinned federation, with its key checked and cross-checked against the key files."""
+        federation = (
+            self.federation
+            if isinstance(self.federation, FederationParams)
+            else FederationParams.load(self.federation)
+        )
+        federation.check_key(min_key_bits=self.min_key_bits)
+        if federation.public_key is not None and self.public_key is not None:
+            pinned = PublicKey.load(self.public_key)
+            if pinned != federation.public_key:
+                raise ConfigError(
+                    f"the federation file's public key ({federation.public_key.fingerprint()}...) "
+                    f"is not the one in {self.public_key} ({pinned.fingerprint()}...)"
+                )
+        return federation
 
 
 @dataclass(slots=True)
@@ -75,7 +107,10 @@ class ClientResult:
     """What a client did by the time the federation ended."""
 
     rounds_contributed: int = 0
+    rounds_refused: int = 0
     shards_decrypted: int = 0
+    shards_unmasked: int = 0
+    requests_refused: int = 0
     reconnects: int = 0
     bytes_uploaded: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)

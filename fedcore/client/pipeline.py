@@ -1,110 +1,209 @@
-"""The update pipeline: load the global model, evaluate, train, encode, encrypt, chunk.
+"""The update pipeline: load the global model, evaluate, train, encode, mask, encrypt, chunk.
 
-Runs in a worker thread, one round at a time (a lock keeps a cancelled round's thread
-from training the model while the next one starts). Knows nothing of sockets: the
-session driver hands it a RoundStart and sends what it returns.
+`UpdatePipeline.train` runs the embedding app's callbacks on one global model (in a
+worker thread, one round at a time: a lock keeps a cancelled round's thread from
+training the model while the next one starts). `seal` turns the trained update into
+what goes on the wire: the client's own FedAvg weight and evaluation report are packed
+with it, the one-time masks of the round's unmaskers are added inside the plaintexts,
+and the result is encrypted with pooled random factors. Knows nothing of sockets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcore.client.config import ClientConfig, EvaluateFn, TrainFn
+from fedcore.client.config import EvaluateFn, TrainFn
 from fedcore.codec import EncryptedCodec, UpdateCodec
+from fedcore.contracts import FederationParams
+from fedcore.crypto import EncryptionPool
+from fedcore.crypto.masking import (
+    SecureUniform,
+    add_masks,
+    derive_mask_key,
+    mask_values,
+    public_key_bytes,
+)
 from fedcore.errors import ConfigError
 from fedcore.model import ModelLayout, flatten_state_dict, load_flat_into
-from protocol.messages import RoundStart
 
-__all__ = ["PreparedUpdate", "UpdatePipeline"]
+__all__ = ["PreparedUpdate", "TrainedUpdate", "UpdatePipeline", "model_digest", "seal"]
+
+log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+def model_digest(weights: bytes) -> bytes:
+    """SHA-256 of a RoundStart's global weights: the model version an update is for."""
+    return hashlib.sha256(weights).digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainedUpdate:
+    """One local training run on one global model version, before any encoding."""
+
+    model_digest: bytes
+    update: np.ndarray
+    samples: int
+    report: tuple[float, ...] | None
+    timings: dict[str, float]
+    iterations: int
+
+
+@dataclass(slots=True, kw_only=True)
 class PreparedUpdate:
-    """One encoded, encrypted update, ready to stream (and to resume)."""
+    """One encoded, masked, encrypted update, ready to stream (and to resume or resend).
 
-    round_id: int
+    It belongs to one model version and one set of unmaskers: the client sends these
+    same bytes for that model version whatever the round id, never a second update.
+    """
+
+    model_digest: bytes
+    unmaskers: tuple[bytes, ...]
+    client_public: bytes
     payloads: list[bytes]
     item_count: int
     digest: bytes
-    sample_count: int
-    timings: dict[str, float]
-    metrics: dict[str, float]
+    weight: int
+    iterations: int
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class UpdatePipeline:
-    """Turns a RoundStart into a `PreparedUpdate` with the embedding app's callbacks."""
+    """Runs the embedding app's train and evaluate callbacks on a global model."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         train_fn: TrainFn,
         evaluate_fn: EvaluateFn | None,
-        config: ClientConfig,
     ) -> None:
         self.model = model
         self.train_fn = train_fn
         self.evaluate_fn = evaluate_fn
-        self.config = config
         self.layout = ModelLayout.of(model.state_dict())
         # A cancelled round's thread runs on until it finishes; the next round must not
         # train the same model at the same time.
         self._model_lock = threading.Lock()
 
-    def prepare(self, codec: UpdateCodec, start: RoundStart) -> PreparedUpdate:
-        """Evaluate the global model, train, and encode the update (call in a thread)."""
+    def train(
+        self, weights: bytes, round_config: dict[str, Any], report_names: tuple[str, ...]
+    ) -> TrainedUpdate:
+        """Evaluate the global model, train it locally, return the update (call in a thread)."""
         with self._model_lock:
-            return self._prepare_locked(codec, start)
+            return self._train_locked(weights, round_config, report_names)
 
-    def _prepare_locked(self, codec: UpdateCodec, start: RoundStart) -> PreparedUpdate:
-        global_weights = np.frombuffer(start.weights, dtype=np.float32)
+    def _train_locked(
+        self, weights: bytes, round_config: dict[str, Any], report_names: tuple[str, ...]
+    ) -> TrainedUpdate:
+        global_weights = np.frombuffer(weights, dtype=np.float32)
         if global_weights.shape[0] != self.layout.numel:
             raise ConfigError(
                 f"RoundStart carries {global_weights.shape[0]} weights; model has "
                 f"{self.layout.numel}"
             )
         load_flat_into(self.model, global_weights)
-        metrics: dict[str, float] = {}
         timings: dict[str, float] = {}
+        report: tuple[float, ...] | None = None
         if self.evaluate_fn is not None:
             t0 = time.perf_counter()
             metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
             timings["evaluate_s"] = time.perf_counter() - t0
-        round_config = dict(start.config)
+            missing = [name for name in report_names if name not in metrics]
+            if missing:
+                log.debug("evaluate_fn gave no %s: this round reports no metrics", missing)
+            else:
+                report = tuple(metrics[name] for name in report_names)
         t0 = time.perf_counter()
-        samples = int(self.train_fn(self.model, round_config))
+        samples = self.train_fn(self.model, dict(round_config))
         timings["train_s"] = time.perf_counter() - t0
-        metrics["iterations"] = float(round_config.get("epochs", 1))
+        if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 0:
+            raise ConfigError(
+                f"train_fn must return the number of samples it used, got {samples!r}"
+            )
         update = flatten_state_dict(self.model.state_dict()) - global_weights
-        weight = int(round_config.get("weight", 1))
-        rng = np.random.default_rng([self.config.seed, start.round_id])
-        t0 = time.perf_counter()
-        encoded = codec.encode(update, weight=weight, rng=rng)
-        t1 = time.perf_counter()
-        if isinstance(codec, EncryptedCodec):
-            items: Any = codec.public_key.encrypt_vector(list(encoded))
-        else:
-            items = encoded
-        t2 = time.perf_counter()
-        payloads = list(codec.chunk_payloads(items))
-        timings["encode_s"] = t1 - t0
-        timings["encrypt_s"] = t2 - t1
-        timings["serialize_s"] = time.perf_counter() - t2
-        digest = hashlib.sha256()
-        for payload in payloads:
-            digest.update(payload)
-        return PreparedUpdate(
-            round_id=start.round_id,
-            payloads=payloads,
-            item_count=len(items),
-            digest=digest.digest(),
-            sample_count=max(1, samples),
+        return TrainedUpdate(
+            model_digest=model_digest(weights),
+            update=update,
+            samples=int(samples),
+            report=report,
             timings=timings,
-            metrics=metrics,
+            iterations=int(round_config.get("epochs", 1)),
         )
+
+
+def seal(
+    trained: TrainedUpdate,
+    codec: UpdateCodec,
+    federation: FederationParams,
+    unmaskers: tuple[bytes, ...],
+    pool: EncryptionPool | None,
+) -> PreparedUpdate:
+    """Weight, encode, mask and encrypt a trained update into chunk payloads.
+
+    The weight is the client's own (``federation.weight_for(samples)``). For an
+    encrypted federation a fresh X25519 key ``x`` is drawn and, for every unmasker
+    public key ``Y``, the masks of ``derive_mask_key(x, Y, ...)`` are added inside the
+    plaintexts mod n (see `fedcore.crypto.masking`); the masked plaintexts are
+    encrypted with ``pool``'s precomputed random factors when there is a pool.
+    """
+    timings = dict(trained.timings)
+    weight = federation.weight_for(trained.samples)
+    t0 = time.perf_counter()
+    encoded: Any = codec.encode(
+        trained.update, weight=weight, report=trained.report, rng=SecureUniform()
+    )
+    client_public = b""
+    t1 = time.perf_counter()
+    if isinstance(codec, EncryptedCodec):
+        ephemeral = X25519PrivateKey.generate()
+        client_public = public_key_bytes(ephemeral)
+        n = codec.public_key.n
+        fed = federation.digest()
+        masks = [0] * len(encoded)
+        for unmasker in unmaskers:
+            key = derive_mask_key(
+                ephemeral,
+                unmasker,
+                client_public=client_public,
+                unmasker_public=unmasker,
+                federation=fed,
+                model_digest=trained.model_digest,
+            )
+            masks = add_masks(masks, mask_values(key, n, 0, len(encoded)), n)
+        masked = add_masks(encoded, masks, n)
+        timings["encode_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        items: Any = (
+            pool.encrypt_vector(masked)
+            if pool is not None
+            else codec.public_key.encrypt_vector(masked)
+        )
+    else:
+        timings["encode_s"] = t1 - t0
+        items = encoded
+    t2 = time.perf_counter()
+    payloads = list(codec.chunk_payloads(items))
+    timings["encrypt_s"] = t2 - t1
+    timings["serialize_s"] = time.perf_counter() - t2
+    digest = hashlib.sha256()
+    for payload in payloads:
+        digest.update(payload)
+    return PreparedUpdate(
+        model_digest=trained.model_digest,
+        unmaskers=unmaskers,
+        client_public=client_public,
+        payloads=payloads,
+        item_count=len(items),
+        digest=digest.digest(),
+        weight=weight,
+        iterations=trained.iterations,
+        timings=timings,
+    )

@@ -1,12 +1,22 @@
-"""The client's session driver: connect, join, run rounds, serve the committee, reconnect.
+"""The client's session driver: connect, check the federation, run rounds, serve the committee.
 
 An edge app builds `Client(model, train_fn, evaluate_fn, config)` and awaits
-`client.run("host:port")` (or calls the blocking `client.run_forever(...)`). Each round
-the pipeline (`fedcore.client.pipeline`) loads the global weights, trains locally and
-encrypts the update; this module streams it in chunks; a client that holds the private
-key also serves decryption shards of round sums (`fedcore.client.committee`). After a
-network loss it reconnects with backoff and resumes the round if it is still open,
-reusing the update it already encrypted. Sockets are `protocol.transport`'s business.
+`client.run("host:port")` (or calls the blocking `client.run_forever(...)`). The client
+enforces its own privacy, whatever the aggregator does:
+
+- the Welcome must offer exactly the pinned federation (public key, value bits,
+  headroom, clip, quorum, weight bound); otherwise the client stops with an error
+  naming each differing field and uploads nothing;
+- a RoundStart must keep the pinned clip and value bits and name unmaskers whose
+  credentials verify against the federation CA;
+- the client weighs its update itself, masks it for the round's unmaskers, and makes
+  one update per global model version: asked again for the same model (a rerun under a
+  new round id) it resends the same bytes, and it refuses to re-mask that model
+  version for other unmaskers.
+
+The pipeline (`fedcore.client.pipeline`) trains and seals updates; a key holder also
+serves the committee (`fedcore.client.committee`). After a network loss the client
+reconnects with backoff and resumes an open round. Sockets are `protocol.transport`'s.
 """
 
 from __future__ import annotations
@@ -15,10 +25,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 
-from fedcore.client.committee import decrypt_shard
+from fedcore.client.committee import CommitteeMember, CommitteeRefusal
 from fedcore.client.config import (
     FATAL_CODES,
     FEDERATION_COMPLETE,
@@ -28,20 +39,36 @@ from fedcore.client.config import (
     TrainFn,
     parse_server,
 )
-from fedcore.client.pipeline import PreparedUpdate, UpdatePipeline
-from fedcore.codec import EncryptedCodec, UpdateCodec, codec_from_session_config
-from fedcore.crypto import PrivateKey, PublicKey
+from fedcore.client.pipeline import PreparedUpdate, UpdatePipeline, model_digest, seal
+from fedcore.codec import EncryptedCodec, UpdateCodec, codec_for
+from fedcore.contracts import (
+    ClientReport,
+    FederationMismatch,
+    FederationParams,
+    RoundPlan,
+    SessionInfo,
+)
+from fedcore.credentials import (
+    CertificateAuthority,
+    CommitteeCredential,
+    ContributorToken,
+    CredentialError,
+    Signer,
+)
+from fedcore.crypto import EncryptionPool, PrivateKey
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.model import ModelLayout
-from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
+from protocol.errors import ConnectionClosed, ErrorCode, ErrorReceived, ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
     Bye,
     DecryptRequest,
+    Error,
     Hello,
     RoundEnd,
     RoundStart,
+    UnmaskRequest,
     UpdateChunk,
     UpdateDone,
     UploadGrant,
@@ -62,9 +89,12 @@ __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
 
+# Model versions whose unmaskers the client remembers (rerun protection).
+_REMEMBERED_MODELS = 256
+
 
 class Client:
-    """A federated-learning participant: train locally, send encrypted updates."""
+    """A federated-learning participant: train locally, send masked, encrypted updates."""
 
     def __init__(
         self,
@@ -75,13 +105,39 @@ class Client:
     ) -> None:
         self.model = model
         self.config = config
-        self.pipeline = UpdatePipeline(model, train_fn, evaluate_fn, config)
+        self.federation: FederationParams = config.load_federation()
+        self.pipeline = UpdatePipeline(model, train_fn, evaluate_fn)
         self.layout = self.pipeline.layout
-        self.private_key: PrivateKey | None = (
-            PrivateKey.load(config.private_key) if config.private_key is not None else None
-        )
+        self.private_key: PrivateKey | None = None
+        if config.private_key is not None and self.federation.encrypted:
+            self.private_key = PrivateKey.load(config.private_key)
+        if (
+            self.private_key is not None
+            and self.private_key.public_key != self.federation.public_key
+        ):
+            raise ConfigError(
+                f"private key {config.private_key} does not belong to the federation's public key"
+            )
+        try:
+            self.signer = Signer.load(config.cert, config.key)
+            self.ca = CertificateAuthority.load(config.ca)
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+        self.committee: CommitteeMember | None = None
+        if self.private_key is not None:
+            self.committee = CommitteeMember(
+                self.private_key,
+                self.signer,
+                self.ca,
+                self.federation,
+                workers=config.decrypt_workers,
+                constant_time=config.constant_time_decrypt,
+            )
         self.result = ClientResult()
         self._prepared: PreparedUpdate | None = None
+        # model digest -> the unmaskers its one update was masked for
+        self._masked_for: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
+        self._pool: EncryptionPool | None = None
         self._ssl = client_context(config.cert, config.key, config.ca)
 
     # ------------------------------------------------------------------ entry points
@@ -96,46 +152,57 @@ class Client:
         host, port = parse_server(server)
         backoff = Backoff(self.config.backoff_base, self.config.backoff_max)
         failures = 0
-        while True:
-            try:
-                conn = await connect(
-                    host,
-                    port,
-                    self._ssl,
-                    server_hostname=self.config.server_hostname or host,
-                    config=self._transport_config(),
-                )
-            except (TimeoutError, OSError, ProtocolError) as exc:
-                failures += 1
-                if self.config.reconnect_attempts is not None and (
-                    failures > self.config.reconnect_attempts
-                ):
-                    raise FedcoreError(f"cannot reach the aggregator at {server}: {exc}") from exc
-                delay = backoff.next_delay()
-                log.info("connect to %s failed (%s); retrying in %.1f s", server, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            backoff.reset()
-            try:
-                await self._session(conn)
-            except ErrorReceived as exc:
-                log.warning("aggregator refused us: %s", exc)
-                if exc.code in FATAL_CODES:
-                    raise FedcoreError(f"aggregator refused this client: {exc}") from exc
-            except ConnectionClosed as exc:
-                bye = exc.peer_message
-                if isinstance(bye, Bye) and bye.reason == FEDERATION_COMPLETE:
-                    log.info("the aggregator says the federation is complete")
-                    return self.result
-                log.info("connection closed: %s", exc)
-            except (ProtocolError, OSError, ConnectionError) as exc:
-                log.info("connection lost: %s", exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-            self.result.reconnects += 1
-            await asyncio.sleep(backoff.next_delay())
+        try:
+            while True:
+                try:
+                    conn = await connect(
+                        host,
+                        port,
+                        self._ssl,
+                        server_hostname=self.config.server_hostname or host,
+                        config=self._transport_config(),
+                    )
+                except (TimeoutError, OSError, ProtocolError) as exc:
+                    failures += 1
+                    if self.config.reconnect_attempts is not None and (
+                        failures > self.config.reconnect_attempts
+                    ):
+                        raise FedcoreError(
+                            f"cannot reach the aggregator at {server}: {exc}"
+                        ) from exc
+                    delay = backoff.next_delay()
+                    log.info("connect to %s failed (%s); retrying in %.1f s", server, exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                backoff.reset()
+                try:
+                    await self._session(conn)
+                except ErrorReceived as exc:
+                    log.warning("aggregator refused us: %s", exc)
+                    if exc.code in FATAL_CODES:
+                        raise FedcoreError(f"aggregator refused this client: {exc}") from exc
+                except ConnectionClosed as exc:
+                    bye = exc.peer_message
+                    if isinstance(bye, Bye) and bye.reason == FEDERATION_COMPLETE:
+                        log.info("the aggregator says the federation is complete")
+                        return self.result
+                    log.info("connection closed: %s", exc)
+                except (ProtocolError, OSError, ConnectionError) as exc:
+                    log.info("connection lost: %s", exc)
+                except FedcoreError as exc:
+                    with contextlib.suppress(Exception):
+                        await conn.close(reason=f"client stops: {exc}"[:1000])
+                    raise
+                finally:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                self.result.reconnects += 1
+                await asyncio.sleep(backoff.next_delay())
+        finally:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
 
     def _transport_config(self) -> TransportConfig:
         from protocol.framing import CLIENT_MAX_FRAME_SIZE
@@ -150,35 +217,34 @@ class Client:
     # ------------------------------------------------------------------ one connection
     async def _session(self, conn: Connection) -> None:
         """Serve one connection until it closes (`run` reads the goodbye)."""
-        await conn.send(
-            Hello(
-                version=PROTOCOL_VERSION,
-                sample_count=self.config.sample_count,
-                can_decrypt=self.private_key is not None,
-            )
-        )
+        credential = b"" if self.committee is None else self.committee.credential.to_wire()
+        await conn.send(Hello(version=PROTOCOL_VERSION, committee=credential))
         welcome = await conn.receive()
         if not isinstance(welcome, Welcome):
             raise ProtocolError(f"expected Welcome, got {type(welcome).__name__}")
         codec = self._codec_for(welcome)
         log.info(
-            "joined the federation as %s (%s)",
+            "joined the federation as %s (%s, federation %s)",
             welcome.client_id,
             "encrypted" if codec.encrypted else "plaintext",
+            self.federation.digest().hex()[:16],
         )
+        if isinstance(codec, EncryptedCodec) and self.config.encryption_pool and self._pool is None:
+            self._pool = EncryptionPool(codec.public_key, codec.item_count)
         send_lock = asyncio.Lock()
         round_task: asyncio.Task[None] | None = None
         grant: asyncio.Future[UploadGrant] | None = None
         side_tasks: set[asyncio.Task[None]] = set()
+        fatal: list[BaseException] = []
         try:
             while True:
-                message = await conn.receive()
+                message = await self._receive(conn, fatal)
                 if isinstance(message, RoundStart):
                     if round_task is not None:
                         round_task.cancel()
                     grant = asyncio.get_running_loop().create_future()
                     round_task = asyncio.create_task(
-                        self._do_round(conn, send_lock, codec, message, grant)
+                        self._do_round(conn, send_lock, codec, message, grant, fatal)
                     )
                 elif isinstance(message, UploadGrant):
                     if grant is not None and not grant.done():
@@ -195,8 +261,10 @@ class Client:
                     if message.accepted:
                         self.result.rounds_contributed += 1
                         log.info("round %d: update accepted", message.round_id)
-                elif isinstance(message, DecryptRequest):
-                    task = asyncio.create_task(self._decrypt(conn, send_lock, codec, message))
+                elif isinstance(message, DecryptRequest | UnmaskRequest):
+                    task = asyncio.create_task(
+                        self._serve_committee(conn, send_lock, codec, message)
+                    )
                     side_tasks.add(task)
                     task.add_done_callback(side_tasks.discard)
         finally:
@@ -205,24 +273,62 @@ class Client:
             for task in side_tasks:
                 task.cancel()
 
+    async def _receive(self, conn: Connection, fatal: list[BaseException]) -> object:
+        """The next message; a fatal error found by a round task ends the session with it."""
+        try:
+            return await conn.receive()
+        except (ProtocolError, OSError, ConnectionError):
+            if fatal:
+                raise fatal[0] from None
+            raise
+
     def _codec_for(self, welcome: Welcome) -> UpdateCodec:
-        config = dict(welcome.session_config)
-        layout = ModelLayout.from_json(str(config.get("model_layout", "[]")))
+        try:
+            offered = FederationParams.from_bytes(welcome.federation)
+            session = SessionInfo.from_wire(welcome.session_config)
+        except ValueError as exc:
+            raise FederationMismatch(f"the aggregator's Welcome is malformed: {exc}") from None
+        self.federation.require_same(offered, source="the pinned federation file")
+        layout = ModelLayout.from_json(session.model_layout)
         if layout != self.layout:
             raise ConfigError(
                 "the aggregator's model layout differs from this client's model; "
                 "both must build the same architecture"
             )
-        public_key = PublicKey.from_bytes(welcome.public_key) if welcome.public_key else None
-        if (
-            public_key is not None
-            and self.private_key is not None
-            and public_key != self.private_key.public_key
-        ):
-            raise ConfigError("the aggregator's public key does not match our private key")
-        return codec_from_session_config(config, public_key)
+        return codec_for(self.federation, session)
 
     # ------------------------------------------------------------------ a round
+    def _check_round_start(self, start: RoundStart) -> RoundPlan:
+        """The round's plan, after checking it against what this client pinned."""
+        pinned = self.federation
+        if start.clip != pinned.clip:
+            raise FederationMismatch(
+                f"RoundStart clip {start.clip} differs from the pinned {pinned.clip}"
+            )
+        if start.value_bits != pinned.value_bits:
+            raise FederationMismatch(
+                f"RoundStart value_bits {start.value_bits} differs from the pinned "
+                f"{pinned.value_bits}"
+            )
+        return RoundPlan.from_round_start(start.config, start.committee)
+
+    def _unmaskers_of(self, plan: RoundPlan) -> tuple[bytes, ...]:
+        """The verified mask keys of the round's unmaskers (CredentialError if any is bad)."""
+        needed = self.federation.unmaskers
+        if len(plan.committee) != needed:
+            raise CredentialError(
+                f"the round names {len(plan.committee)} unmaskers; the federation needs {needed}"
+            )
+        keys = []
+        fed = self.federation.digest()
+        for raw in plan.committee:
+            credential = CommitteeCredential.from_wire(raw)
+            credential.verify(self.ca, federation=fed)
+            keys.append(credential.mask_public)
+        if len(set(keys)) != len(keys):
+            raise CredentialError("the round names the same unmasker twice")
+        return tuple(keys)
+
     async def _do_round(
         self,
         conn: Connection,
@@ -230,51 +336,73 @@ class Client:
         codec: UpdateCodec,
         start: RoundStart,
         grant: asyncio.Future[UploadGrant],
+        fatal: list[BaseException],
     ) -> None:
-        """Train and encrypt (once per round), ask for an upload slot, stream when granted."""
+        """Train and seal (once per model version), ask for an upload slot, stream when granted."""
         try:
+            plan = self._check_round_start(start)
+            unmaskers: tuple[bytes, ...] = ()
+            if isinstance(codec, EncryptedCodec):
+                unmaskers = self._unmaskers_of(plan)
+            digest = model_digest(start.weights)
+            earlier = self._masked_for.get(digest)
+            if earlier is not None and earlier != unmaskers:
+                self.result.rounds_refused += 1
+                log.warning(
+                    "round %d: refusing to contribute: our update for this model version was "
+                    "masked for other unmaskers (rerun protection)",
+                    start.round_id,
+                )
+                return
             prepared = self._prepared
-            if prepared is None or prepared.round_id != start.round_id:
-                prepared = await asyncio.to_thread(self.pipeline.prepare, codec, start)
+            if (
+                prepared is None
+                or prepared.model_digest != digest
+                or prepared.unmaskers != unmaskers
+            ):
+                names = tuple(name for name, _ in self.federation.report_metrics)
+                trained = await asyncio.to_thread(
+                    self.pipeline.train, start.weights, plan.config(), names
+                )
+                prepared = await asyncio.to_thread(
+                    seal, trained, codec, self.federation, unmaskers, self._pool
+                )
                 self._prepared = prepared
+                self._masked_for[digest] = unmaskers
+                while len(self._masked_for) > _REMEMBERED_MODELS:
+                    self._masked_for.popitem(last=False)
             else:
                 log.info(
-                    "round %d: resuming upload at chunk %d", start.round_id, start.chunks_received
+                    "round %d: sending the update already made for this model version",
+                    start.round_id,
                 )
-            t_wait = time.perf_counter()
-            async with send_lock:
-                await conn.send(UploadRequest(round_id=start.round_id))
-            granted = await grant
-            if granted.start_seq > len(prepared.payloads):
-                raise ProtocolError("aggregator claims more chunks than the update has")
-            t_upload = time.perf_counter()
-            for seq in range(granted.start_seq, len(prepared.payloads)):
-                async with send_lock:
-                    await conn.send(
-                        UpdateChunk(
-                            round_id=start.round_id, seq=seq, payload=prepared.payloads[seq]
-                        )
-                    )
-                self.result.bytes_uploaded += len(prepared.payloads[seq])
-            async with send_lock:
-                await conn.send(
-                    UpdateDone(
+            token = b""
+            if isinstance(codec, EncryptedCodec):
+                token = (
+                    ContributorToken(
+                        federation=self.federation.digest(),
                         round_id=start.round_id,
-                        chunk_count=len(prepared.payloads),
+                        model_digest=digest,
+                        client_public=prepared.client_public,
+                        unmaskers=unmaskers,
                         item_count=prepared.item_count,
-                        digest=prepared.digest,
-                        sample_count=prepared.sample_count,
-                        timings={
-                            **prepared.timings,
-                            "grant_wait_s": t_upload - t_wait,
-                            "upload_s": time.perf_counter() - t_upload,
-                        },
-                        metrics=prepared.metrics,
+                        upload_digest=prepared.digest,
+                        certificate=self.signer.certificate_der,
                     )
+                    .signed_by(self.signer)
+                    .to_wire()
                 )
-            self.result.last_metrics = dict(prepared.metrics)
+            await self._upload(conn, send_lock, start.round_id, prepared, token, grant)
         except asyncio.CancelledError:
             raise
+        except CredentialError as exc:
+            self.result.rounds_refused += 1
+            log.warning("round %d: not contributing: %s", start.round_id, exc)
+        except FedcoreError as exc:
+            fatal.append(exc)
+            log.error("round %d: %s", start.round_id, exc)
+            with contextlib.suppress(Exception):
+                await conn.close(reason=f"client stops: {exc}"[:1000])
         except (ProtocolError, OSError, ConnectionError) as exc:
             log.info("round %d upload interrupted: %s", start.round_id, exc)
         except Exception:
@@ -282,23 +410,81 @@ class Client:
             with contextlib.suppress(Exception):
                 await conn.close(reason="client error")
 
+    async def _upload(
+        self,
+        conn: Connection,
+        send_lock: asyncio.Lock,
+        round_id: int,
+        prepared: PreparedUpdate,
+        token: bytes,
+        grant: asyncio.Future[UploadGrant],
+    ) -> None:
+        t_wait = time.perf_counter()
+        async with send_lock:
+            await conn.send(UploadRequest(round_id=round_id))
+        granted = await grant
+        if granted.start_seq > len(prepared.payloads):
+            raise ProtocolError("aggregator claims more chunks than the update has")
+        t_upload = time.perf_counter()
+        for seq in range(granted.start_seq, len(prepared.payloads)):
+            async with send_lock:
+                await conn.send(
+                    UpdateChunk(round_id=round_id, seq=seq, payload=prepared.payloads[seq])
+                )
+            self.result.bytes_uploaded += len(prepared.payloads[seq])
+        report = ClientReport(
+            timings={
+                **prepared.timings,
+                "grant_wait_s": t_upload - t_wait,
+                "upload_s": time.perf_counter() - t_upload,
+            },
+            iterations=prepared.iterations,
+        )
+        timings, metrics = report.to_wire()
+        async with send_lock:
+            await conn.send(
+                UpdateDone(
+                    round_id=round_id,
+                    chunk_count=len(prepared.payloads),
+                    item_count=prepared.item_count,
+                    digest=prepared.digest,
+                    token=token,
+                    timings=timings,
+                    metrics=metrics,
+                )
+            )
+
     # ------------------------------------------------------------------ committee work
-    async def _decrypt(
+    async def _serve_committee(
         self,
         conn: Connection,
         send_lock: asyncio.Lock,
         codec: UpdateCodec,
-        request: DecryptRequest,
+        request: DecryptRequest | UnmaskRequest,
     ) -> None:
-        if self.private_key is None or not isinstance(codec, EncryptedCodec):
-            raise ProtocolError("asked to decrypt without a private key")
-        result = await decrypt_shard(
-            codec,
-            self.private_key,
-            request,
-            workers=self.config.decrypt_workers,
-            constant_time=self.config.constant_time_decrypt,
-        )
+        member = self.committee
+        try:
+            if member is None or not isinstance(codec, EncryptedCodec):
+                raise CommitteeRefusal("this client holds no private key")
+            if isinstance(request, DecryptRequest):
+                result: object = await member.decrypt(request, codec)
+                self.result.shards_decrypted += 1
+            else:
+                result = await member.unmask(request, codec)
+                self.result.shards_unmasked += 1
+        except CommitteeRefusal as exc:
+            self.result.requests_refused += 1
+            log.warning(
+                "refused the aggregator's %s for round %d: %s",
+                type(request).__name__,
+                request.round_id,
+                exc,
+            )
+            with contextlib.suppress(Exception):
+                await conn.close(
+                    reason="committee request refused",
+                    error=Error(code=int(ErrorCode.REQUEST_REFUSED), reason=str(exc)[:1000]),
+                )
+            return
         async with send_lock:
-            await conn.send(result)
-        self.result.shards_decrypted += 1
+            await conn.send(result)  # type: ignore[arg-type]

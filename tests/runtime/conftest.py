@@ -16,6 +16,7 @@ import torch
 from fedcore.aggregator import Aggregator, AggregatorConfig
 from fedcore.cli import main as fedcore_main
 from fedcore.client import Client, ClientConfig, ClientResult
+from fedcore.contracts import FederationParams
 from fedcore.data import Dataset, client_shard, load_digits
 from fedcore.model import load_flat_into, mlp
 from fedcore.training import TrainConfig, evaluate, make_train_fn
@@ -73,11 +74,12 @@ def aggregator_config(tmp_path: Path, pki: Path, keys: Keys, **changes: Any) -> 
         "key": pki / "aggregator.key",
         "ca": pki / "ca.pem",
         "state_dir": tmp_path / "state",
+        "min_key_bits": 1024,  # the test key; real federations keep the 2048-bit floor
         "port": 0,
         "metrics_port": None,
         "model": "fedcore.model:mlp",
         "model_kwargs": {"in_features": 64},
-        "min_clients": 2,
+        "min_clients": 3,
         "clients_per_round": 4,
         "rounds": 3,
         "round_timeout": 60.0,
@@ -99,11 +101,15 @@ def make_client(
     data: Dataset,
     num_clients: int,
     *,
+    federation: FederationParams,
     holds_key: bool = True,
     train_wrapper: Callable[[Callable[..., int]], Callable[..., int]] | None = None,
     **config: Any,
 ) -> Client:
-    """A real client of the digits federation, shard ``index`` of ``num_clients``."""
+    """A real client of the digits federation, shard ``index`` of ``num_clients``.
+
+    ``federation`` is what the client pins (normally ``aggregator.federation``).
+    """
     x, y = client_shard(data, index, num_clients, seed=0)
     torch.manual_seed(index)
     train_fn: Callable[..., int] = make_train_fn(x, y, TrainConfig(seed=index))
@@ -113,15 +119,22 @@ def make_client(
         "cert": pki / f"client-{index}.pem",
         "key": pki / f"client-{index}.key",
         "ca": pki / "ca.pem",
+        "federation": federation,
         "private_key": keys.private if holds_key else None,
         "server_hostname": "localhost",
-        "sample_count": len(x),
-        "seed": index,
+        "min_key_bits": 1024,
+        "encryption_pool": False,  # a 1024-bit test key encrypts fast enough in-process
         "backoff_base": 0.1,
         "backoff_max": 0.5,
     }
     settings.update(config)
     return Client(mlp(64), train_fn, None, ClientConfig(**settings))
+
+
+def weight_of(index: int, data: Dataset, num_clients: int, federation: FederationParams) -> int:
+    """The FedAvg weight client ``index`` gives itself (from its shard's sample count)."""
+    x, _ = client_shard(data, index, num_clients, seed=0)
+    return federation.weight_for(len(x))
 
 
 async def run_federation(

@@ -1,5 +1,5 @@
-"""A misbehaving client for tests: real TLS and real ciphertexts, but it writes whatever
-frames the test asks for, bypassing the client-side session checks."""
+"""A misbehaving client for tests: real TLS, real masked ciphertexts and signed tokens, but
+it writes whatever frames the test asks for, bypassing the client-side session checks."""
 
 from __future__ import annotations
 
@@ -10,9 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedcore.codec import EncryptedCodec, codec_from_session_config
-from fedcore.crypto import PublicKey
+from fedcore.client.pipeline import PreparedUpdate, TrainedUpdate, model_digest, seal
+from fedcore.codec import EncryptedCodec, codec_for
+from fedcore.contracts import FederationParams, SessionInfo
+from fedcore.credentials import (
+    CertificateAuthority,
+    CommitteeCredential,
+    ContributorToken,
+    Signer,
+)
+from fedcore.crypto.masking import public_key_bytes
 from protocol.framing import CLIENT_MAX_FRAME_SIZE, CLOSED, NEED_DATA, FrameDecoder, encode_frame
 from protocol.messages import (
     PROTOCOL_VERSION,
@@ -36,27 +45,36 @@ class RogueClient:
         self.ctx = client_context(
             pki / f"client-{index}.pem", pki / f"client-{index}.key", pki / "ca.pem"
         )
+        self.signer = Signer.load(pki / f"client-{index}.pem", pki / f"client-{index}.key")
+        self.ca = CertificateAuthority.load(pki / "ca.pem")
         self.decoder = FrameDecoder(max_frame_size=CLIENT_MAX_FRAME_SIZE)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.received: list[Any] = []
         self.codec: EncryptedCodec | None = None
+        self.federation: FederationParams | None = None
+        self.prepared: PreparedUpdate | None = None
 
-    async def connect(
-        self, port: int, *, sample_count: int = 100, can_decrypt: bool = False
-    ) -> Welcome:
+    async def connect(self, port: int, *, committee: bytes = b"") -> Welcome:
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=self.ctx, server_hostname="localhost"
         )
-        await self.send(
-            Hello(version=PROTOCOL_VERSION, sample_count=sample_count, can_decrypt=can_decrypt)
-        )
+        await self.send(Hello(version=PROTOCOL_VERSION, committee=committee))
         welcome = await self.expect(Welcome)
-        public_key = PublicKey.from_bytes(welcome.public_key)
-        codec = codec_from_session_config(dict(welcome.session_config), public_key)
+        self.federation = FederationParams.from_bytes(welcome.federation)
+        codec = codec_for(self.federation, SessionInfo.from_wire(welcome.session_config))
         assert isinstance(codec, EncryptedCodec)
         self.codec = codec
         return welcome
+
+    def credential(self, federation: FederationParams) -> bytes:
+        """A committee credential for a fresh mask key, signed with this client's key."""
+        self.mask_key = X25519PrivateKey.generate()
+        return CommitteeCredential.issue(
+            self.signer,
+            federation=federation.digest(),
+            mask_public=public_key_bytes(self.mask_key),
+        ).to_wire()
 
     async def send(self, message: Any) -> None:
         await self.send_raw(encode_frame(message))
@@ -99,14 +117,38 @@ class RogueClient:
             if isinstance(message, Error):
                 return message.code
 
-    def payloads(self, start: RoundStart, *, value: float = 0.0) -> list[bytes]:
-        """A valid encrypted update (every value = ``value``) as chunk payloads."""
-        assert self.codec is not None
-        update = np.full(self.codec.n_values, value, dtype=np.float32)
-        weight = int(start.config.get("weight", 1))
-        plaintexts = self.codec.encode(update, weight=weight, rng=np.random.default_rng(0))
-        ciphertexts = self.codec.public_key.encrypt_vector(plaintexts)
-        return list(self.codec.chunk_payloads(ciphertexts))
+    def payloads(self, start: RoundStart, *, value: float = 0.0, samples: int = 100) -> list[bytes]:
+        """A valid masked, encrypted update (every value = ``value``) as chunk payloads."""
+        assert self.codec is not None and self.federation is not None
+        unmaskers = tuple(CommitteeCredential.from_wire(raw).mask_public for raw in start.committee)
+        trained = TrainedUpdate(
+            model_digest=model_digest(start.weights),
+            update=np.full(self.codec.n_values, value, dtype=np.float32),
+            samples=samples,
+            report=None,
+            timings={},
+            iterations=1,
+        )
+        self.prepared = seal(trained, self.codec, self.federation, unmaskers, None)
+        return self.prepared.payloads
+
+    def token(self, start: RoundStart, payloads: list[bytes]) -> bytes:
+        """This client's signed contributor token for ``payloads`` (from `payloads`)."""
+        assert self.prepared is not None and self.federation is not None
+        return (
+            ContributorToken(
+                federation=self.federation.digest(),
+                round_id=start.round_id,
+                model_digest=self.prepared.model_digest,
+                client_public=self.prepared.client_public,
+                unmaskers=self.prepared.unmaskers,
+                item_count=self.prepared.item_count,
+                upload_digest=hashlib.sha256(b"".join(payloads)).digest(),
+                certificate=self.signer.certificate_der,
+            )
+            .signed_by(self.signer)
+            .to_wire()
+        )
 
     async def request_upload(self, start: RoundStart) -> UploadGrant:
         """Ask for an upload slot and wait for the grant."""
@@ -124,6 +166,7 @@ class RogueClient:
         last: int | None = None,
         done: bool = True,
         digest: bytes | None = None,
+        token: bytes | None = None,
     ) -> UploadGrant:
         """Request a slot, send chunks [first or the granted start, last), then UpdateDone."""
         grant = await self.request_upload(start)
@@ -138,7 +181,7 @@ class RogueClient:
                     item_count=sum(len(p) for p in payloads)
                     // (self.codec.public_key.ciphertext_bytes if self.codec else 1),
                     digest=digest or hashlib.sha256(b"".join(payloads)).digest(),
-                    sample_count=100,
+                    token=self.token(start, payloads) if token is None else token,
                 )
             )
         return grant

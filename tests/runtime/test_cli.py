@@ -51,7 +51,10 @@ def test_aggregator_bad_settings_are_a_clear_error(
 ) -> None:
     base = aggregator_argv(pki, keys, tmp_path / "state")
     assert main([*base, "--min-clients", "0"]) == 2
-    assert "min_clients must be >= 1" in capsys.readouterr().err
+    assert "min_clients must be >= 2" in capsys.readouterr().err
+    # the 1024-bit test key is refused unless explicitly allowed
+    assert main([*base, "--model-arg", "in_features=64"]) == 2
+    assert "1024 bits; at least 2048 are required" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "nope.json"), *base[3:]]) == 2
     assert "nope.json" in capsys.readouterr().err
     assert main([*base, "--model", "fedcore.model:no_such_factory"]) == 2
@@ -70,8 +73,12 @@ def test_private_key_file_readable_by_others_is_refused(tmp_path: Path, keys: Ke
 async def test_fedcore_client_processes_complete_a_round(
     tmp_path: Path, pki: Path, keys: Keys
 ) -> None:
-    config = aggregator_config(tmp_path, pki, keys, clients_per_round=2, rounds=1, local_epochs=1)
+    config = aggregator_config(
+        tmp_path, pki, keys, min_clients=2, clients_per_round=2, rounds=1, local_epochs=1
+    )
     aggregator = Aggregator(config)
+    federation = tmp_path / "federation.json"
+    aggregator.federation.save(federation)
     task = asyncio.create_task(aggregator.run())
     await aggregator.wait_started()
     procs = [
@@ -90,6 +97,10 @@ async def test_fedcore_client_processes_complete_a_round(
             str(pki / f"client-{i}.key"),
             "--ca",
             str(pki / "ca.pem"),
+            "--federation",
+            str(federation),
+            "--min-key-bits",
+            "1024",
             "--private-key",
             str(keys.private),
             "--dataset",

@@ -25,7 +25,7 @@ from protocol.messages import (
     UpdateDone,
 )
 
-from .conftest import Keys, aggregator_config, make_client
+from .conftest import Keys, aggregator_config, make_client, weight_of
 from .rogue import RogueClient
 
 
@@ -52,7 +52,9 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
     aggregator = Aggregator(config)
     task = await _start(aggregator)
     port = aggregator.port
-    honest = [make_client(i, pki, keys, digits, 2) for i in range(2)]
+    honest = [
+        make_client(i, pki, keys, digits, 2, federation=aggregator.federation) for i in range(2)
+    ]
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
     rogues = {
         name: RogueClient(pki, i)
@@ -82,7 +84,6 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
             chunk_count=1,
             item_count=aggregator.codec.item_count,
             digest=b"\x00" * 32,
-            sample_count=1,
         )
     )
     # A valid update, acknowledged, then sent again.
@@ -115,7 +116,8 @@ async def test_bad_updates_are_refused_with_their_code_and_the_round_goes_on(
     record = checkpoint.history[-1]
     # The honest clients and the replaying client's one valid update, each exactly once.
     assert sorted(record["contributors"]) == ["client-0", "client-1", "client-5"]
-    assert record["total_weight"] == sum(record["contributors"].values())
+    fed = aggregator.federation
+    assert record["total_weight"] == sum(weight_of(i, digits, 2, fed) for i in range(2)) + 1
     for rogue in rogues.values():
         await rogue.close()
 
@@ -138,7 +140,7 @@ async def test_below_quorum_nothing_is_decrypted(
     aggregator = Aggregator(config)
     task = await _start(aggregator)
     # The only honest client holds the key: it would be the committee.
-    honest = make_client(0, pki, keys, digits, 2)
+    honest = make_client(0, pki, keys, digits, 2, federation=aggregator.federation)
     honest_task = asyncio.create_task(honest.run(f"127.0.0.1:{aggregator.port}"))
     silent = RogueClient(pki, 1)
     await silent.connect(aggregator.port)
@@ -177,7 +179,9 @@ async def test_client_killed_mid_upload_is_not_folded_and_rejoins(
     aggregator = Aggregator(config)
     task = await _start(aggregator)
     port = aggregator.port
-    honest = [make_client(i, pki, keys, digits, 3) for i in range(2)]
+    honest = [
+        make_client(i, pki, keys, digits, 3, federation=aggregator.federation) for i in range(2)
+    ]
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
     victim = RogueClient(pki, 2)
     await victim.connect(port)
@@ -192,13 +196,14 @@ async def test_client_killed_mid_upload_is_not_folded_and_rejoins(
     # so start the returning client (same certificate) once round 1 is over.
     while aggregator.checkpoint.rounds_completed < 1:
         await asyncio.sleep(0.2)
-    returning = make_client(2, pki, keys, digits, 3)
+    returning = make_client(2, pki, keys, digits, 3, federation=aggregator.federation)
     returning_task = asyncio.create_task(returning.run(f"127.0.0.1:{port}"))
     checkpoint = await asyncio.wait_for(task, 120)
     await asyncio.wait_for(asyncio.gather(*honest_tasks, returning_task), 30)
     first, second = checkpoint.history[-2], checkpoint.history[-1]
     assert sorted(first["contributors"]) == ["client-0", "client-1"]
-    assert first["total_weight"] == sum(first["contributors"].values())
+    fed = aggregator.federation
+    assert first["total_weight"] == sum(weight_of(i, digits, 3, fed) for i in range(2))
     assert sorted(second["contributors"]) == ["client-0", "client-1", "client-2"]
     assert returning.result.rounds_contributed == 1
     assert aggregator.metrics.registry.get_sample_value("fedcore_inflight_uploads") == 0
@@ -221,7 +226,7 @@ async def test_dropped_upload_resumes_where_it_stopped(
     )
     aggregator = Aggregator(config)
     task = await _start(aggregator)
-    honest = make_client(0, pki, keys, digits, 2)
+    honest = make_client(0, pki, keys, digits, 2, federation=aggregator.federation)
     honest_task = asyncio.create_task(honest.run(f"127.0.0.1:{aggregator.port}"))
     flaky = RogueClient(pki, 1)
     await flaky.connect(aggregator.port)
@@ -232,8 +237,9 @@ async def test_dropped_upload_resumes_where_it_stopped(
     await asyncio.sleep(1.0)  # let the aggregator take the chunks in
     flaky.abort()
 
-    again = RogueClient(pki, 1)
+    again = RogueClient(pki, 1)  # the same client restarted, with the update it had made
     await again.connect(aggregator.port)
+    again.prepared = flaky.prepared
     resumed = await again.expect(RoundStart)
     assert resumed.round_id == start.round_id
     assert resumed.chunks_received == sent
@@ -265,14 +271,18 @@ async def test_committee_shards_are_reassigned_when_members_fail(
     task = await _start(aggregator)
     port = aggregator.port
     # One honest key holder; the other honest client has no key.
-    honest = [make_client(i, pki, keys, digits, 2, holds_key=i == 0) for i in range(2)]
+    honest = [
+        make_client(i, pki, keys, digits, 2, federation=aggregator.federation, holds_key=i == 0)
+        for i in range(2)
+    ]
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
-    while len(aggregator.clients) < 2:  # the round selects these two
+    while aggregator.round is None:  # the round selects these two; client-0 unmasks
         await asyncio.sleep(0.05)
-    # Two more key-holding committee members that misbehave: one vanishes, one lies.
+    # Two more committee members (valid credentials) that misbehave: one vanishes, one lies.
     dropper, liar = RogueClient(pki, 5), RogueClient(pki, 6)
-    await dropper.connect(port, can_decrypt=True)
-    await liar.connect(port, can_decrypt=True)
+    fed = aggregator.federation
+    await dropper.connect(port, committee=dropper.credential(fed))
+    await liar.connect(port, committee=liar.credential(fed))
 
     async def misbehave() -> None:
         request = await dropper.expect(DecryptRequest)
@@ -312,7 +322,7 @@ async def test_a_certificate_outside_allowed_clients_is_refused(
     with pytest.raises(AssertionError, match="got Error"):
         await stranger.connect(aggregator.port)
     assert stranger.received[-1].code == ErrorCode.UNKNOWN_CLIENT
-    client = make_client(6, pki, keys, digits, 8)
+    client = make_client(6, pki, keys, digits, 8, federation=aggregator.federation)
     with pytest.raises(FedcoreError, match="refused this client"):
         await asyncio.wait_for(client.run(f"127.0.0.1:{aggregator.port}"), 30)
     assert _rejected(aggregator, "unknown_client") == 2

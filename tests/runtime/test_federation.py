@@ -25,7 +25,9 @@ async def test_encrypted_fedavg_matches_plaintext_on_digits(
             tmp_path / str(encrypted), pki, keys, rounds=8, local_epochs=4, learning_rate=0.1
         )
         aggregator = Aggregator(config, encrypted=encrypted)
-        clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
+        clients = [
+            make_client(i, pki, keys, digits, 4, federation=aggregator.federation) for i in range(4)
+        ]
         checkpoint, results = await run_federation(aggregator, clients)
         assert checkpoint.rounds_completed == 8
         for result in results:
@@ -61,7 +63,9 @@ async def test_metrics_endpoint_reports_the_federation(
         tmp_path, pki, keys, rounds=2, local_epochs=1, metrics_port=0, fold_workers=2
     )
     aggregator = Aggregator(config, on_round_complete=scrape)
-    clients = [make_client(i, pki, keys, digits, 4) for i in range(4)]
+    clients = [
+        make_client(i, pki, keys, digits, 4, federation=aggregator.federation) for i in range(4)
+    ]
     await run_federation(aggregator, clients)
     assert health == [200, 200]
     text = scraped[-1]
@@ -99,8 +103,10 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
     task = asyncio.create_task(aggregator.run())
     await aggregator.wait_started()
     rogues = [RogueClient(pki, i) for i in range(3)]
-    for rogue in rogues:
-        await rogue.connect(aggregator.port)
+    for rogue in rogues:  # the first one is a committee member: rounds need an unmasker
+        first = rogue is rogues[0]
+        credential = rogue.credential(aggregator.federation) if first else b""
+        await rogue.connect(aggregator.port, committee=credential)
     assert aggregator._server is not None
     receive_buffers = {
         conn._writer.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

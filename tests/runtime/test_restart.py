@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
-from .conftest import Keys, aggregator_argv, make_client
+from fedcore.cli import main as fedcore_main
+from fedcore.contracts import FederationParams
+
+from .conftest import Keys, aggregator_argv, make_client, weight_of
 
 _WRAPPER = """
 import sys
@@ -66,8 +69,13 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
         f'state_dir = "{state}"\nport = {port}\nmetrics_port = 0\n'
         'model = "fedcore.model:mlp"\nmodel_kwargs = { in_features = 64 }\n'
         "min_clients = 3\nclients_per_round = 3\nrounds = 3\nround_timeout = 60.0\n"
-        "committee_size = 2\nlocal_epochs = 1\nresume_grace = 0.0\n"
+        "committee_size = 2\nlocal_epochs = 1\nresume_grace = 0.0\nmin_key_bits = 1024\n"
     )
+    # the federation file an operator hands to clients, made by the CLI from the same config
+    federation_file = tmp_path / "federation.json"
+    argv = ["federation", "--config", str(tmp_path / "fed.toml"), "--out", str(federation_file)]
+    assert fedcore_main(argv) == 0
+    federation = FederationParams.load(federation_file)
     wrapper = tmp_path / "audited.py"
     wrapper.write_text(_WRAPPER)
 
@@ -87,7 +95,16 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
 
     daemon = start_daemon()
     clients = [
-        make_client(i, pki, keys, digits, 3, train_wrapper=_slow, reconnect_attempts=200)
+        make_client(
+            i,
+            pki,
+            keys,
+            digits,
+            3,
+            federation=federation,
+            train_wrapper=_slow,
+            reconnect_attempts=200,
+        )
         for i in range(3)
     ]
     tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in clients]
@@ -123,7 +140,8 @@ async def test_aggregator_killed_mid_round_resumes_without_losing_or_double_coun
     assert [r["round_id"] for r in completed] == [1, 3, 4]  # round 2 died with the daemon
     for record in completed:
         assert sorted(record["contributors"]) == ["client-0", "client-1", "client-2"]
-        assert record["total_weight"] == sum(record["contributors"].values())
+        expected = sum(weight_of(i, digits, 3, federation) for i in range(3))
+        assert record["total_weight"] == expected
     assert sum(r.rounds_contributed for r in results) == 9
     assert all(r.reconnects >= 1 for r in results)
 
@@ -139,6 +157,12 @@ async def test_sigterm_stops_the_daemon_cleanly_mid_round(
     tmp_path: Path, pki: Path, keys: Keys, digits
 ) -> None:
     port, state = _free_port(), tmp_path / "state"
+    settings = ["--min-clients", "2", "--clients-per-round", "2", "--min-key-bits", "1024"]
+    model = ["--model", "fedcore.model:mlp", "--model-arg", "in_features=64"]
+    federation_file = tmp_path / "federation.json"
+    argv = ["federation", *aggregator_argv(pki, keys, state)[1:], *settings, *model]
+    assert fedcore_main([*argv, "--out", str(federation_file)]) == 0
+    federation = FederationParams.load(federation_file)
     daemon = subprocess.Popen(
         [
             sys.executable,
@@ -153,16 +177,16 @@ async def test_sigterm_stops_the_daemon_cleanly_mid_round(
             "fedcore.model:mlp",
             "--model-arg",
             "in_features=64",
-            "--min-clients",
-            "2",
-            "--clients-per-round",
-            "2",
+            *settings,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    clients = [make_client(i, pki, keys, digits, 2, train_wrapper=_slow) for i in range(2)]
+    clients = [
+        make_client(i, pki, keys, digits, 2, federation=federation, train_wrapper=_slow)
+        for i in range(2)
+    ]
     tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in clients]
     try:
         deadline = time.monotonic() + 60

@@ -1,4 +1,4 @@
-"""Round bookkeeping: weights, selection, upload checks, fold-once, checkpoints, config."""
+"""Round bookkeeping: selection, unmaskers, upload checks, fold-once, checkpoints, config."""
 
 from __future__ import annotations
 
@@ -16,27 +16,27 @@ from fedcore.aggregator.rounds import (
     RoundPhase,
     RoundState,
     Upload,
-    assign_weights,
+    pick_unmaskers,
     select_clients,
 )
+from fedcore.contracts import RejectReason
 from fedcore.errors import ConfigError
 from protocol.transport import SERVER_RECEIVE_BUFFER
 
 
-def test_weights_fit_headroom_and_follow_sample_counts() -> None:
-    counts = {"a": 100, "b": 300, "c": 600}
-    weights = assign_weights(counts, 1024)
-    assert sum(weights.values()) <= 1024
-    assert weights["a"] < weights["b"] < weights["c"]
-    assert weights["c"] / weights["a"] == pytest.approx(6, rel=0.02)
-
-
-def test_weights_equal_counts_are_equal_and_many_clients_still_fit() -> None:
-    assert len(set(assign_weights({f"c{i}": 50 for i in range(10)}, 1024).values())) == 1
-    many = assign_weights({f"c{i}": 1 + i for i in range(1000)}, 1024)
-    assert sum(many.values()) <= 1024 and min(many.values()) >= 1
-    with pytest.raises(ValueError, match="headroom"):
-        assign_weights({f"c{i}": 1 for i in range(2000)}, 1024)
+def test_unmaskers_are_stable_for_a_model_version_and_spread_across_versions() -> None:
+    holders = {f"client-{i}": hashlib.sha256(bytes([i])).digest() for i in range(8)}
+    model = hashlib.sha256(b"model v1").digest()
+    first = pick_unmaskers(holders, 1, model)
+    assert len(first) == 1
+    # a rerun of the same model version picks the same member, whatever the order
+    assert pick_unmaskers(dict(reversed(holders.items())), 1, model) == first
+    # ... unless it left: then another one
+    gone = {k: v for k, v in holders.items() if k != first[0]}
+    assert pick_unmaskers(gone, 1, model) != first
+    picks = {pick_unmaskers(holders, 1, hashlib.sha256(bytes([v])).digest())[0] for v in range(40)}
+    assert len(picks) >= 4  # different model versions rotate the role
+    assert pick_unmaskers({}, 1, model) == []
 
 
 def test_selection_is_reproducible_and_bounded() -> None:
@@ -67,7 +67,7 @@ def test_upload_accepts_consecutive_chunks_and_checks_done() -> None:
 def test_upload_refuses_gaps_and_oversized_chunks(seq: int, count: int, reason: str) -> None:
     with pytest.raises(RejectedUpdate) as info:
         _upload().add_chunk(seq, b"x" * count, [0] * count, count)
-    assert info.value.reason == reason
+    assert info.value.reason.label == reason
 
 
 def test_upload_refuses_wrong_counts_and_digest() -> None:
@@ -75,10 +75,10 @@ def test_upload_refuses_wrong_counts_and_digest() -> None:
     upload.add_chunk(0, b"abcd", [1, 2, 3, 4], 4)
     with pytest.raises(RejectedUpdate) as info:
         upload.finish(chunk_count=2, item_count=4, digest=hashlib.sha256(b"abcd").digest())
-    assert info.value.reason == "wrong_chunk_count"
+    assert info.value.reason is RejectReason.WRONG_CHUNK_COUNT
     with pytest.raises(RejectedUpdate) as info:
         upload.finish(chunk_count=1, item_count=4, digest=hashlib.sha256(b"abce").digest())
-    assert info.value.reason == "digest_mismatch"
+    assert info.value.reason is RejectReason.DIGEST_MISMATCH
     short = _upload(items=8)
     short.add_chunk(0, b"abcd", [1, 2, 3, 4], 4)
     with pytest.raises(RejectedUpdate):
@@ -86,27 +86,28 @@ def test_upload_refuses_wrong_counts_and_digest() -> None:
 
 
 def test_round_folds_each_client_once() -> None:
-    state = RoundState(round_id=7, weights={"a": 2, "b": 3, "c": 1}, deadline=0.0)
+    state = RoundState(round_id=7, selected=frozenset({"a", "b", "c"}), deadline=0.0)
 
     def add(running: list[int], update: list[int]) -> None:
         for i, value in enumerate(update):
             running[i] += value
 
-    state.fold("a", [1, 1], add)
-    state.fold("b", [2, 2], add)
-    assert state.running_sum == [3, 3] and state.total_weight == 5
+    state.fold("a", [1, 1], add, b"token-a")
+    state.fold("b", [2, 2], add, b"token-b")
+    assert state.running_sum == [3, 3] and state.folded == {"a": b"token-a", "b": b"token-b"}
     with pytest.raises(RejectedUpdate) as info:
         state.fold("a", [1, 1], add)
-    assert info.value.reason == "replay"
+    assert info.value.reason is RejectReason.REPLAY
     with pytest.raises(RejectedUpdate) as info:
         state.fold("zed", [1, 1], add)
-    assert info.value.reason == "not_selected"
+    assert info.value.reason is RejectReason.NOT_SELECTED
     assert state.pending == {"c"}
     state.phase = RoundPhase.DECRYPTING
     with pytest.raises(RejectedUpdate) as info:
         state.fold("c", [1, 1], add)
-    assert info.value.reason == "stale_round"
-    assert state.running_sum == [3, 3] and state.total_weight == 5
+    assert info.value.reason is RejectReason.STALE_ROUND
+    assert state.running_sum == [3, 3] and sorted(state.folded) == ["a", "b"]
+    assert state.summary()["contributors"] == ["a", "b"]
 
 
 def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
@@ -157,11 +158,14 @@ def _config(tmp_path: Path, **kw: object) -> AggregatorConfig:
     ("changes", "message"),
     [
         ({"min_clients": 0}, "min_clients"),
+        ({"min_clients": 1}, "min_clients"),
         ({"min_clients": 4, "clients_per_round": 3}, "clients_per_round"),
         ({"clients_per_round": 3, "clients_fraction": 0.5}, "not both"),
         ({"clients_fraction": 1.5}, "clients_fraction"),
         ({"round_timeout": 0}, "round_timeout"),
-        ({"headroom_bits": 3, "clients_per_round": 10}, "headroom_bits"),
+        ({"headroom_bits": 8, "clients_per_round": 10}, "clients_per_round 10 exceeds"),
+        ({"headroom_bits": 3, "max_weight": 1, "min_clients": 9}, "headroom_bits"),
+        ({"max_weight": 0}, "max_weight"),
         ({"model": "no_colon"}, "module:factory"),
         ({"receive_buffer": 100}, "receive_buffer"),
         ({"bogus": 1}, "unknown aggregator setting"),
@@ -184,5 +188,10 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     assert config.receive_buffer == SERVER_RECEIVE_BUFFER
     assert config.target_clients(10) == 10
     assert _config(tmp_path, clients_fraction=0.25, min_clients=2).target_clients(20) == 5
+    # headroom sized from what a round can sum: clients x the weight bound
+    assert _config(tmp_path, clients_per_round=10, max_weight=64).headroom_bits == 10
+    assert _config(tmp_path, clients_per_round=1000, max_weight=1).headroom_bits == 10
+    small = _config(tmp_path, headroom_bits=8, max_weight=16)  # 16 clients at most
+    assert small.target_clients(100) == 16
     with pytest.raises(ConfigError, match="required"):
         AggregatorConfig.from_mapping({"cert": "x"})
