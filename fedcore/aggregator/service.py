@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.checkpoint import Checkpoint
-from fedcore.aggregator.committee import CommitteeDecryption
+from fedcore.aggregator.committee import CommitteeDecryption, SumNotDecodable
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.folding import FoldEngine
 from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes, send_quietly
@@ -39,12 +40,6 @@ from fedcore.client.config import FEDERATION_COMPLETE
 from fedcore.client.pipeline import model_digest
 from fedcore.codec import PLAINTEXT_CHUNK_FLOATS, EncryptedCodec, PlaintextCodec, codec_for
 from fedcore.contracts import ClientReport, RejectReason, RoundPlan, SessionInfo
-from fedcore.credentials import (
-    CertificateAuthority,
-    CommitteeCredential,
-    ContributorToken,
-    CredentialError,
-)
 from fedcore.crypto import PublicKey
 from fedcore.errors import ConfigError, InvalidCiphertextError, PackingError, RoundError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
@@ -52,18 +47,15 @@ from fedcore.model import ModelLayout, flatten_state_dict
 from fedcore.packing import ContributionSum
 from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
 from protocol.messages import (
-    PROTOCOL_VERSION,
     Ack,
     DecryptResult,
     Error,
-    Hello,
     RoundEnd,
     RoundStart,
     UnmaskResult,
     UpdateChunk,
     UpdateDone,
     UploadRequest,
-    Welcome,
 )
 from protocol.tls import server_context
 from protocol.transport import Connection, Server, TransportConfig
@@ -138,12 +130,7 @@ class Aggregator:
             rounds=config.rounds,
         )
         self.codec = codec_for(self.federation, self.session_info)
-        self._federation_bytes = self.federation.to_bytes()
         self._federation_digest = self.federation.digest()
-        try:
-            self._ca = CertificateAuthority.load(config.ca)
-        except CredentialError as exc:
-            raise ConfigError(str(exc)) from None
         self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
         checkpoint = Checkpoint.load(config.state_dir)
         if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
@@ -167,6 +154,13 @@ class Aggregator:
         self.clients: dict[str, ClientHandle] = {}
         self.round: RoundState | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gate = Gatekeeper(
+            config=config,
+            federation=self.federation,
+            session=self.session_info,
+            item_count=self.codec.item_count,
+            metrics=self.metrics,
+        )
         self.uploads = UploadGate(
             codec=self.codec,
             max_inflight=config.max_inflight_uploads,
@@ -419,6 +413,8 @@ class Aggregator:
         t_decrypt = time.monotonic()
         try:
             result = await self._finish_sum(state)
+        except SumNotDecodable as exc:
+            return self._fail_round(state, "decode_failed", str(exc))
         except RoundError as exc:
             return self._fail_round(state, "decrypt_failed", str(exc))
         except PackingError as exc:
@@ -514,6 +510,11 @@ class Aggregator:
             ).config(),
             committee=self._round_committee,
         )
+        try:  # a committee answer still on its way keeps the session in DECRYPTING
+            await asyncio.wait_for(handle.committee_idle.wait(), self.config.decrypt_shard_timeout)
+        except TimeoutError:
+            await close_client(handle, ErrorCode.TIMEOUT, "committee request unanswered")
+            return
         await send_quietly(handle, message)
 
     # ------------------------------------------------------------------ decryption
@@ -529,62 +530,16 @@ class Aggregator:
 
     # ------------------------------------------------------------------ connections
     async def _handle_connection(self, conn: Connection) -> None:
-        client_id = conn.peer_identity
-        try:
-            hello = await conn.receive()
-        except ProtocolError:
+        handle = await self._gate.admit(conn)
+        if handle is None:
             return
-        if not isinstance(hello, Hello):  # the session allows nothing else first
-            return
-        allowed = self.config.allowed_clients
-        if allowed is not None and client_id not in allowed:
-            log.warning("refused %r: not in allowed_clients", client_id)
-            self.metrics.updates_rejected_total.labels(reason="unknown_client").inc()
-            await conn.close(
-                error=Error(
-                    code=int(ErrorCode.UNKNOWN_CLIENT),
-                    reason="this certificate is not a member of the federation",
-                )
-            )
-            return
-        if hello.version != PROTOCOL_VERSION:
-            await conn.close(
-                error=Error(
-                    code=int(ErrorCode.UNSUPPORTED_VERSION),
-                    reason=f"aggregator speaks version {PROTOCOL_VERSION}",
-                )
-            )
-            return
-        credential = b""
-        mask_public = b""
-        if hello.committee and self.codec.encrypted:
-            try:
-                parsed = CommitteeCredential.from_wire(hello.committee)
-                signer = parsed.verify(self._ca, federation=self._federation_digest)
-                if signer != client_id:
-                    raise CredentialError(f"it is signed by {signer!r}")
-            except CredentialError as exc:
-                log.warning("refused %r: committee credential does not verify: %s", client_id, exc)
-                self.metrics.updates_rejected_total.labels(
-                    reason=RejectReason.BAD_TOKEN.label
-                ).inc()
-                await conn.close(
-                    error=Error(
-                        code=int(ErrorCode.BAD_TOKEN),
-                        reason=f"committee credential refused: {exc}"[:1000],
-                    )
-                )
-                return
-            credential, mask_public = hello.committee, parsed.mask_public
+        client_id = handle.client_id
         previous = self.clients.get(client_id)
         if previous is not None:
             log.info("%s reconnected; closing its previous connection", client_id)
             await close_client(previous, None, "replaced by a newer connection")
-        handle = ClientHandle(
-            client_id=client_id, conn=conn, credential=credential, mask_public=mask_public
-        )
         try:
-            await handle.send(self._welcome(client_id))
+            await handle.send(self._gate.welcome(client_id))
         except (ProtocolError, OSError, ConnectionError):
             return
         self.clients[client_id] = handle
@@ -603,8 +558,11 @@ class Aggregator:
                 message = await conn.receive()
                 count_bytes(handle, self.metrics)
                 await self._dispatch(handle, message)
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            if isinstance(exc.peer_message, Error):
+                handle.last_error = exc.peer_message.reason
+                handle.last_error_code = ErrorCode(exc.peer_message.code)
+                log.warning("%s closed with an error: %s", client_id, exc.peer_message.reason)
         except ProtocolError as exc:
             log.info("%s: protocol error: %s", client_id, exc)
             reason = RejectReason.for_code(exc.code)
@@ -616,18 +574,12 @@ class Aggregator:
                 self.uploads.keep_or_drop_partial(client_id)
             waiter = handle.committee_waiter
             if waiter is not None and not waiter.done():
-                waiter.set_exception(ConnectionError(f"{client_id} disconnected"))
+                why = f": {handle.last_error}" if handle.last_error else ""
+                waiter.set_exception(ConnectionError(f"{client_id} disconnected{why}"))
+            handle.committee_idle.set()
             self.metrics.connected_clients.set(len(self.clients))
             self._clients_changed.set()
             log.info("%s left", client_id)
-
-    def _welcome(self, client_id: str) -> Welcome:
-        return Welcome(
-            version=PROTOCOL_VERSION,
-            client_id=client_id,
-            federation=self._federation_bytes,
-            session_config=self.session_info.to_wire(),
-        )
 
     async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
         try:
@@ -638,6 +590,7 @@ class Aggregator:
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
             elif isinstance(message, DecryptResult | UnmaskResult):
+                handle.committee_idle.set()
                 waiter = handle.committee_waiter
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
@@ -660,7 +613,7 @@ class Aggregator:
         cid = handle.client_id
         state = self._round_for(done.round_id)
         upload, chunks = self.uploads.finish(handle, done)
-        token = self._check_token(cid, state, done)
+        token = self._gate.check_token(cid, state, done)
         update = self.codec.join(chunks)
         t0 = time.monotonic()
         if self._folder is not None:
@@ -690,37 +643,6 @@ class Aggregator:
         await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
         if not state.pending:
             self._round_full.set()
-
-    def _check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
-        """The client's contributor token, checked: the committee will check it again."""
-        if not self.codec.encrypted:
-            return b""
-        try:
-            token = ContributorToken.from_wire(done.token)
-            signer = token.verify(self._ca)
-        except CredentialError as exc:
-            raise RejectedUpdate(RejectReason.BAD_TOKEN, f"contributor token: {exc}") from None
-        problems = [
-            what
-            for what, ok in (
-                (f"signed by {signer!r}", signer == client_id),
-                ("for another federation", token.federation == self._federation_digest),
-                (f"for round {token.round_id}", token.round_id == state.round_id),
-                ("for another model version", token.model_digest == state.model_digest),
-                ("masked for other unmaskers", token.unmaskers == state.unmasker_keys),
-                (
-                    f"counting {token.item_count} ciphertexts",
-                    token.item_count == self.codec.item_count,
-                ),
-                ("for other bytes", token.upload_digest == done.digest),
-            )
-            if not ok
-        ]
-        if problems:
-            raise RejectedUpdate(
-                RejectReason.BAD_TOKEN, "contributor token is " + ", ".join(problems)
-            )
-        return done.token
 
     def _round_for(self, round_id: int) -> RoundState:
         state = self.round

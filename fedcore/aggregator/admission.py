@@ -1,0 +1,144 @@
+"""Who gets in, and what they may claim: Hello checks, committee credentials, upload tokens.
+
+The aggregator verifies what clients and committee members will verify again: a key
+holder's committee credential must be signed by its own CA-certified certificate, and
+an upload's contributor token must be signed by its sender and name this federation,
+round, model version, unmaskers, ciphertext count and upload digest. Checking here
+keeps garbage out of RoundStarts and decryption requests and names the culprit early;
+the clients' checks are the ones privacy rests on. Knows nothing of folding or rounds'
+timing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.registry import ClientHandle
+from fedcore.aggregator.rounds import RejectedUpdate, RoundState
+from fedcore.contracts import FederationParams, RejectReason, SessionInfo
+from fedcore.credentials import (
+    CertificateAuthority,
+    CommitteeCredential,
+    ContributorToken,
+    CredentialError,
+)
+from fedcore.errors import ConfigError
+from fedcore.metrics import AggregatorMetrics
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import PROTOCOL_VERSION, Error, Hello, UpdateDone, Welcome
+from protocol.transport import Connection
+
+__all__ = ["Gatekeeper"]
+
+log = logging.getLogger(__name__)
+
+
+class Gatekeeper:
+    """Admits connections (Hello -> Welcome) and checks contributor tokens."""
+
+    def __init__(
+        self,
+        *,
+        config: AggregatorConfig,
+        federation: FederationParams,
+        session: SessionInfo,
+        item_count: int,
+        metrics: AggregatorMetrics,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._encrypted = federation.encrypted
+        self._federation_bytes = federation.to_bytes()
+        self._federation_digest = federation.digest()
+        self._session = session.to_wire()
+        self._item_count = item_count
+        try:
+            self._ca = CertificateAuthority.load(config.ca)
+        except CredentialError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def welcome(self, client_id: str) -> Welcome:
+        """The Welcome every client gets: the federation to compare with its pinned one."""
+        return Welcome(
+            version=PROTOCOL_VERSION,
+            client_id=client_id,
+            federation=self._federation_bytes,
+            session_config=self._session,
+        )
+
+    async def _refuse(self, conn: Connection, reason: RejectReason, message: str) -> None:
+        self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
+        await conn.close(error=Error(code=int(reason.code), reason=message[:1000]))
+
+    async def admit(self, conn: Connection) -> ClientHandle | None:
+        """Read the Hello and check it; a handle for the client, or None (refused, closed)."""
+        client_id = conn.peer_identity
+        try:
+            hello = await conn.receive()
+        except ProtocolError:
+            return None
+        if not isinstance(hello, Hello):  # the session allows nothing else first
+            return None
+        allowed = self.config.allowed_clients
+        if allowed is not None and client_id not in allowed:
+            log.warning("refused %r: not in allowed_clients", client_id)
+            await self._refuse(
+                conn,
+                RejectReason.UNKNOWN_CLIENT,
+                "this certificate is not a member of the federation",
+            )
+            return None
+        if hello.version != PROTOCOL_VERSION:
+            await conn.close(
+                error=Error(
+                    code=int(ErrorCode.UNSUPPORTED_VERSION),
+                    reason=f"aggregator speaks version {PROTOCOL_VERSION}",
+                )
+            )
+            return None
+        credential, mask_public = b"", b""
+        if hello.committee and self._encrypted:
+            try:
+                parsed = CommitteeCredential.from_wire(hello.committee)
+                signer = parsed.verify(self._ca, federation=self._federation_digest)
+                if signer != client_id:
+                    raise CredentialError(f"it is signed by {signer!r}")
+            except CredentialError as exc:
+                log.warning("refused %r: committee credential does not verify: %s", client_id, exc)
+                await self._refuse(
+                    conn, RejectReason.BAD_TOKEN, f"committee credential refused: {exc}"
+                )
+                return None
+            credential, mask_public = hello.committee, parsed.mask_public
+        return ClientHandle(
+            client_id=client_id, conn=conn, credential=credential, mask_public=mask_public
+        )
+
+    def check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
+        """The client's contributor token, checked (RejectedUpdate BAD_TOKEN otherwise)."""
+        if not self._encrypted:
+            return b""
+        try:
+            token = ContributorToken.from_wire(done.token)
+            signer = token.verify(self._ca)
+        except CredentialError as exc:
+            raise RejectedUpdate(RejectReason.BAD_TOKEN, f"contributor token: {exc}") from None
+        problems = [
+            what
+            for what, ok in (
+                (f"signed by {signer!r}", signer == client_id),
+                ("for another federation", token.federation == self._federation_digest),
+                (f"for round {token.round_id}", token.round_id == state.round_id),
+                ("for another model version", token.model_digest == state.model_digest),
+                ("masked for other unmaskers", token.unmaskers == state.unmasker_keys),
+                (f"counting {token.item_count} ciphertexts", token.item_count == self._item_count),
+                ("for other bytes", token.upload_digest == done.digest),
+            )
+            if not ok
+        ]
+        if problems:
+            raise RejectedUpdate(
+                RejectReason.BAD_TOKEN, "contributor token is " + ", ".join(problems)
+            )
+        return done.token
