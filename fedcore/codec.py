@@ -173,6 +173,7 @@ class PlaintextCodec:
     report_bounds: tuple[float, ...] = ()
     clip: float = 0.5
     max_weight: int = 1 << 20
+    min_total_weight: int = 1
 
     encrypted = False
 
@@ -240,8 +241,11 @@ class PlaintextCodec:
         v = self.n_values
         weight = round(float(running[v]))
         evaluated = round(float(running[v + 1]))
-        if not 1 <= weight <= self.max_weight:
-            raise PackingError(f"the sum's total weight {weight} is out of range")
+        if not self.min_total_weight <= weight <= self.max_weight:
+            raise PackingError(
+                f"the sum's total weight {weight} is outside {self.min_total_weight}.."
+                f"{self.max_weight}"
+            )
         means = None
         if evaluated:
             means = tuple(float(x) / evaluated for x in running[v + CONTRIBUTION_TAIL_SLOTS :])
@@ -266,6 +270,7 @@ def codec_for(federation: FederationParams, session: SessionInfo) -> UpdateCodec
             report_bounds=bounds,
             clip=federation.clip,
             max_weight=federation.max_contributors * federation.max_weight,
+            min_total_weight=federation.min_clients,
         )
     assert federation.public_key is not None
     return EncryptedCodec(

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from fedcore.crypto import PublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.errors import ConfigError
-from fedcore.packing import PackingSpec
+from fedcore.packing import MAX_HEADROOM_BITS, PackingSpec
 from protocol.errors import ErrorCode
 
 __all__ = [
@@ -112,7 +112,7 @@ class FederationParams:
         elif not isinstance(self.public_key, PublicKey):
             raise ValueError("an encrypted federation needs its public key")
         _check_int("value_bits", self.value_bits, 2, 32)
-        _check_int("headroom_bits", self.headroom_bits, 1, 40)
+        _check_int("headroom_bits", self.headroom_bits, 1, MAX_HEADROOM_BITS)
         object.__setattr__(self, "clip", _check_float("clip", self.clip))
         _check_int("min_clients", self.min_clients, 2, 1 << 30)
         _check_int("max_weight", self.max_weight, 1, 1 << 20)
@@ -123,14 +123,15 @@ class FederationParams:
                 f"headroom_bits {self.headroom_bits} holds {self.max_contributors} clients of "
                 f"weight {self.max_weight}, fewer than min_clients {self.min_clients}"
             )
-        metrics = tuple((str(name), float(bound)) for name, bound in self.report_metrics)
+        metrics = tuple(
+            (str(name), _check_float(f"report_metrics[{name!r}] bound", bound))
+            for name, bound in self.report_metrics
+        )
         if len(metrics) > MAX_REPORT_METRICS:
             raise ValueError(f"report_metrics may name at most {MAX_REPORT_METRICS} metrics")
         names = [name for name, _ in metrics]
         if len(set(names)) != len(names) or not all(0 < len(n) <= 64 for n in names):
             raise ValueError("report_metrics names must be distinct, 1..64 characters")
-        for name, bound in metrics:
-            _check_float(f"report_metrics[{name!r}] bound", bound)
         object.__setattr__(self, "report_metrics", metrics)
         if self.public_key is not None:
             self.packing_spec()  # raises when the slots do not fit the key
@@ -358,6 +359,8 @@ class RoundPlan:
         _check_int("seed", self.seed, -(1 << 62), 1 << 62)
         if len(self.committee) > MAX_COMMITTEE:
             raise ValueError(f"committee names at most {MAX_COMMITTEE} unmaskers")
+        if not all(isinstance(entry, bytes) for entry in self.committee):
+            raise ValueError("committee entries must be bytes (signed credentials)")
 
     def config(self) -> dict[str, int | float | str | bool]:
         """The RoundStart ``config`` map (what ``train_fn`` receives as ``round_config``)."""
@@ -404,7 +407,9 @@ class ClientReport:
         for name, value in self.timings.items():
             if name not in self._TIMING_NAMES:
                 raise ValueError(f"unknown timing {name!r}")
-            _check_float(f"timings[{name!r}]", value, positive=False)
+            number = _check_float(f"timings[{name!r}]", value, positive=False)
+            if number < 0:
+                raise ValueError(f"timings[{name!r}] must be >= 0, got {value!r}")
         _check_int("iterations", self.iterations, 0, 1 << 20)
 
     def to_wire(self) -> tuple[dict[str, float], dict[str, float]]:

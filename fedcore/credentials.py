@@ -332,7 +332,12 @@ class ContributorToken:
         if len(items) != 9:
             raise CredentialError("contributor token must have 9 fields")
         round_id, item_count, unmaskers = items[1], items[5], items[4]
-        if type(round_id) is not int or round_id < 0 or type(item_count) is not int:
+        if (
+            type(round_id) is not int
+            or round_id < 0
+            or type(item_count) is not int
+            or item_count < 0
+        ):
             raise CredentialError("contributor token round_id/item_count must be ints >= 0")
         if not isinstance(unmaskers, list) or not 1 <= len(unmaskers) <= 16:
             raise CredentialError("contributor token must name 1..16 unmaskers")

@@ -40,6 +40,7 @@ __all__ = [
     "MIN_VALUE_BITS",
     "ContributionSum",
     "PackingSpec",
+    "check_sum_range",
     "decode_contribution_sum",
     "decode_sum",
     "dequantize_mean",
@@ -437,3 +438,29 @@ def decode_contribution_sum(
     return ContributionSum(
         mean_update=mean, total_weight=weight, evaluated_weight=evaluated, report_means=means
     )
+
+
+def check_sum_range(
+    plaintexts: Sequence[int], spec: PackingSpec, *, first: int, slot_count: int
+) -> None:
+    """Raise PackingError unless these plaintexts can be part of an honest sum.
+
+    ``plaintexts`` are positions ``first, first + 1, ...`` of a decrypted, unmasked sum
+    of contributions that hold ``slot_count`` slots in all. Every plaintext must fit in
+    its slots (below ``2^(k·s)``), and if the range holds the last plaintext, its padding
+    slots must be zero. A plaintext of noise (a wrong product, or masks that did not
+    cancel) passes the first test with probability ``2^(k·s) / n`` at most: a range of
+    a few hundred noise plaintexts is refused except with negligible probability.
+    """
+    limit_bits = spec.slot_bits * spec.slots_per_ciphertext
+    for offset, value in enumerate(plaintexts):
+        if value < 0 or int(value) >> limit_bits:
+            raise PackingError(
+                f"plaintext {first + offset} has bits outside its slots: not a sum of "
+                "honest contributions"
+            )
+    total = spec.ciphertexts_for(slot_count)
+    if plaintexts and first + len(plaintexts) == total:
+        used = slot_count - (total - 1) * spec.slots_per_ciphertext
+        if int(plaintexts[-1]) >> (used * spec.slot_bits):
+            raise PackingError("padding slots after the last value are not zero")

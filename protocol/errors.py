@@ -57,6 +57,7 @@ class ErrorCode(IntEnum):
     BAD_DECRYPT_RESULT = 27
     BAD_TOKEN = 28  # a contributor token or committee credential does not verify
     REQUEST_REFUSED = 29  # a committee member refused a decrypt/unmask request
+    SUM_NOT_DECODABLE = 30  # the unmasked sum is not a sum of honest contributions
     INTERNAL = 99
 
 

@@ -613,10 +613,12 @@ class DecryptResult:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UnmaskRequest:
-    """Aggregator -> unmasker: the mask sums of the named contributors for a range.
+    """Aggregator -> unmasker: remove the named contributors' masks from a decrypted range.
 
-    The unmasker answers for one contributor set per model version, and only when
-    ``contributors`` (packed signed tokens) names at least the federation's quorum.
+    ``payload`` holds the decrypted (still masked) sums of ``[start, start + item_count)``
+    as fixed-width integers; ``contributors`` the packed signed tokens. The unmasker
+    answers for one contributor set per model version, only for a quorum, and only
+    when the unmasked values decode.
     """
 
     type_id: ClassVar[int] = 15
@@ -625,6 +627,7 @@ class UnmaskRequest:
     start: int
     item_count: int
     contributors: bytes
+    payload: bytes
 
     def __post_init__(self) -> None:
         _int("round_id", self.round_id)
@@ -632,6 +635,7 @@ class UnmaskRequest:
         _int("start", self.start)
         _int("item_count", self.item_count)
         _bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
+        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -641,24 +645,30 @@ class UnmaskRequest:
             "start": self.start,
             "item_count": self.item_count,
             "contributors": self.contributors,
+            "payload": self.payload,
         }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "shard_id", "start", "item_count", "contributors"))
+        f = _fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "start", "item_count", "contributors", "payload"),
+        )
         return cls(
             round_id=f["round_id"],
             shard_id=f["shard_id"],
             start=f["start"],
             item_count=f["item_count"],
             contributors=f["contributors"],
+            payload=f["payload"],
         )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class UnmaskResult:
-    """Unmasker -> aggregator: the mask sums of one range, as fixed-width integers."""
+    """Unmasker -> aggregator: the unmasked sums of one range, as fixed-width integers."""
 
     type_id: ClassVar[int] = 16
     round_id: int

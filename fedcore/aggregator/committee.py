@@ -1,12 +1,12 @@
 """Committee decryption: the round's summed ciphertexts to key holders, masks to unmaskers.
 
 Each shard of the sum goes to whichever key holder is free; a member that drops, times
-out or answers with the wrong shape loses its shard to another. Meanwhile the round's
-unmasker(s) return the mask sums of exactly the folded contributors, shard by shard.
-The unmasked sum is ``(decrypted - Σ masks) mod n``. Every request carries the signed
-tokens of the contributors, so members can refuse anything but a quorum-sized, named
-set. The aggregator holds no private key and no mask key: this module only moves
-ciphertexts, tokens and plaintexts, and checks the shape of what comes back.
+out or answers with the wrong shape loses its shard to another. The decrypted (still
+masked) shard then goes to the round's unmasker, which removes exactly the folded
+contributors' masks and releases the result only if it decodes. Every request carries
+the signed tokens of the contributors, so members can refuse anything but a
+quorum-sized, named set. The aggregator holds no private key and no mask key: this
+module only moves ciphertexts, tokens and plaintexts, and checks what comes back.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ from fedcore.aggregator.rounds import RoundState
 from fedcore.codec import EncryptedCodec
 from fedcore.contracts import RejectReason
 from fedcore.credentials import pack_tokens
-from fedcore.crypto.masking import remove_masks
+from fedcore.crypto import serialize_plaintexts
 from fedcore.errors import InvalidCiphertextError, RoundError
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 
-__all__ = ["CommitteeDecryption"]
+__all__ = ["CommitteeDecryption", "SumNotDecodable"]
 
 log = logging.getLogger(__name__)
+
+
+class SumNotDecodable(RoundError):
+    """The unmasker refused the round's sum: unmasked, it is not a sum of honest updates."""
 
 
 class CommitteeDecryption:
@@ -60,7 +64,11 @@ class CommitteeDecryption:
         return self.codec.shard_ranges(count)
 
     async def decrypt(self, state: RoundState, summed: bytes) -> list[int]:
-        """The unmasked plaintexts of ``summed`` (the folded contributors' serialized sum)."""
+        """The unmasked plaintexts of ``summed`` (the folded contributors' serialized sum).
+
+        Each shard is decrypted by a free key holder, then handed to the round's
+        unmasker(s) in order, the last of which releases it only if it decodes.
+        """
         c = self.config
         unmaskers = [self._clients.get(cid) for cid in state.unmaskers]
         if not all(unmaskers):
@@ -74,33 +82,12 @@ class CommitteeDecryption:
         contributors = pack_tokens([state.folded[cid] for cid in sorted(state.folded)])
         shards = self._shards(len(members))
         t0 = time.monotonic()
-        masks: dict[int, list[list[int]]] = {start: [] for start, _ in shards}
-        decrypted: dict[int, list[int]] = {}
+        unmasked: dict[int, list[int]] = {}
         free: asyncio.Queue[ClientHandle] = asyncio.Queue()
-        busy_unmasking = {h.client_id for h in unmaskers if h is not None}
         for member in members:
-            if member.client_id not in busy_unmasking:
-                free.put_nowait(member)
+            free.put_nowait(member)
 
-        async def unmask_all(unmasker: ClientHandle) -> None:
-            for shard_id, (start, count) in enumerate(shards):
-                request = UnmaskRequest(
-                    round_id=state.round_id,
-                    shard_id=shard_id,
-                    start=start,
-                    item_count=count,
-                    contributors=contributors,
-                )
-                values = await self._request(unmasker, request, count)
-                if values is None:
-                    raise RoundError(
-                        f"unmasker {unmasker.client_id} did not unmask shard {shard_id}"
-                    )
-                masks[start].append(values)
-            if unmasker in members and self._clients.get(unmasker.client_id) is unmasker:
-                free.put_nowait(unmasker)  # done unmasking: it decrypts shards too
-
-        async def decrypt_one(shard_id: int, start: int, count: int) -> None:
+        async def decrypt_one(shard_id: int, start: int, count: int) -> list[int]:
             payload = self.codec.shard_payload(summed, start, count)
             for _attempt in range(3 * len(members) + 3):
                 try:
@@ -118,18 +105,40 @@ class CommitteeDecryption:
                     contributors=contributors,
                 )
                 values = await self._request(member, request, count)
-                if values is not None:
-                    decrypted[start] = values
-                    free.put_nowait(member)
-                    return
                 if self._clients.get(member.client_id) is member:
                     free.put_nowait(member)
+                if values is not None:
+                    return values
             raise RoundError(f"no committee member decrypted shard {shard_id}")
 
-        tasks = [asyncio.create_task(unmask_all(h)) for h in unmaskers if h is not None]
-        tasks += [
-            asyncio.create_task(decrypt_one(i, start, count))
-            for i, (start, count) in enumerate(shards)
+        async def shard(shard_id: int, start: int, count: int) -> None:
+            values = await decrypt_one(shard_id, start, count)
+            for unmasker in unmaskers:
+                assert unmasker is not None
+                request = UnmaskRequest(
+                    round_id=state.round_id,
+                    shard_id=shard_id,
+                    start=start,
+                    item_count=count,
+                    contributors=contributors,
+                    payload=serialize_plaintexts(values, self.codec.public_key),
+                )
+                answer = await self._request(unmasker, request, count)
+                if answer is None:
+                    why = unmasker.last_error or "it failed or left"
+                    kind = (
+                        SumNotDecodable
+                        if unmasker.last_error_code is ErrorCode.SUM_NOT_DECODABLE
+                        else RoundError
+                    )
+                    raise kind(
+                        f"unmasker {unmasker.client_id} did not unmask shard {shard_id}: {why}"
+                    )
+                values = answer
+            unmasked[start] = values
+
+        tasks = [
+            asyncio.create_task(shard(i, start, count)) for i, (start, count) in enumerate(shards)
         ]
         try:
             await asyncio.gather(*tasks)
@@ -144,13 +153,9 @@ class CommitteeDecryption:
             ", ".join(state.unmaskers),
             time.monotonic() - t0,
         )
-        n = self.codec.public_key.n
         out: list[int] = []
         for start, _count in shards:
-            values = decrypted[start]
-            for mask_sums in masks[start]:
-                values = remove_masks(values, mask_sums, n)
-            out.extend(values)
+            out.extend(unmasked[start])
         return out
 
     async def _request(
@@ -163,6 +168,7 @@ class CommitteeDecryption:
             waiter: asyncio.Future[Any] = loop.create_future()
             member.committee_waiter = waiter
             try:
+                member.committee_idle.clear()  # set again by its answer or its departure
                 await member.send(request)
                 result = await asyncio.wait_for(waiter, self.config.decrypt_shard_timeout)
             except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:

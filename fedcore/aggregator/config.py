@@ -15,6 +15,7 @@ from fedcore.contracts import DEFAULT_REPORT_METRICS, FederationParams
 from fedcore.crypto import PublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.errors import ConfigError, KeyFileError
+from fedcore.packing import MAX_HEADROOM_BITS
 from protocol.transport import SERVER_RECEIVE_BUFFER
 
 __all__ = ["AggregatorConfig"]
@@ -142,9 +143,9 @@ class AggregatorConfig:
             needed = self.selection_limit() * self.max_weight
             object.__setattr__(self, "headroom_bits", max(1, (needed - 1).bit_length()))
         _require(
-            isinstance(self.headroom_bits, int) and 1 <= self.headroom_bits <= 40,
+            isinstance(self.headroom_bits, int) and 1 <= self.headroom_bits <= MAX_HEADROOM_BITS,
             "headroom_bits",
-            "1..40",
+            f"1..{MAX_HEADROOM_BITS}",
             self.headroom_bits,
         )
         if self.clients_per_round is not None and self.clients_per_round > self.max_contributors:

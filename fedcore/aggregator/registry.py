@@ -31,7 +31,10 @@ class ClientHandle:
     ``credential`` is a key holder's verified committee credential (its wire bytes, which
     RoundStart relays to clients) and ``mask_public`` its mask key; both are empty for a
     client without the private key. One committee request is outstanding per connection
-    at a time (``committee_lock``); its answer resolves ``committee_waiter``.
+    at a time (``committee_lock``); its answer resolves ``committee_waiter`` and sets
+    ``committee_idle`` (even when nobody waits any more: a RoundStart may only follow
+    once the member's session is back from DECRYPTING). ``last_error`` is the reason of
+    the Error frame the client closed with, if any.
     """
 
     client_id: str
@@ -41,8 +44,14 @@ class ClientHandle:
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_waiter: asyncio.Future[Any] | None = None
+    committee_idle: asyncio.Event = field(default_factory=asyncio.Event)
+    last_error: str = ""
+    last_error_code: ErrorCode | None = None
     counted_in: int = 0
     counted_out: int = 0
+
+    def __post_init__(self) -> None:
+        self.committee_idle.set()  # no committee request outstanding
 
     @property
     def can_decrypt(self) -> bool:

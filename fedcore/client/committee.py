@@ -9,10 +9,13 @@ aggregator never asks for:
   same unmaskers;
 - decryption: ranges inside the model, each range once per round, round ids never
   going back;
-- unmasking: only for sets whose tokens name this member's mask key, and one
-  contributor set per model version (a second, different set for the same model
-  version is refused: that is what stops an aggregator from decrypting two
-  overlapping sums, or rerunning a round with another client set).
+- unmasking: only for sets whose tokens name this member's mask key, only when the
+  unmasked values decode as a sum of honest contributions, and one contributor set
+  per model version (a second, different set for the same model version is refused:
+  that is what stops an aggregator from decrypting two overlapping sums, or rerunning
+  a round with another client set). A request whose result does not decode releases
+  nothing and does not bind the model version, so an honest aggregator can retry it
+  with another set after a client sent a broken update.
 
 The cryptographic part is the mask: a decryption of anything but the product of the
 named uploads stays masked by terms only the unmasker can remove, and it removes them
@@ -43,9 +46,17 @@ from fedcore.credentials import (
     Signer,
     unpack_tokens,
 )
-from fedcore.crypto import PrivateKey, serialize_plaintexts
-from fedcore.crypto.masking import MaskSum, derive_mask_key, public_key_bytes, set_digest
-from fedcore.errors import FedcoreError
+from fedcore.crypto import PrivateKey, deserialize_plaintexts, serialize_plaintexts
+from fedcore.crypto.masking import (
+    MaskSum,
+    derive_mask_key,
+    public_key_bytes,
+    remove_masks,
+    set_digest,
+)
+from fedcore.errors import FedcoreError, PackingError
+from fedcore.packing import check_sum_range
+from protocol.errors import ErrorCode
 from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 
 __all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "decrypt_shard"]
@@ -53,12 +64,18 @@ __all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "decrypt_shard"
 log = logging.getLogger(__name__)
 
 _MASK_KEY_SALT = b"fedcore committee mask key v1"
-_REMEMBERED_MODELS = 256  # model versions whose unmasked set a member remembers
+# Model versions whose unmasked set a member remembers (64 bytes each). A deviating
+# aggregator can only push an entry out by completing this many other unmaskings.
+_REMEMBERED_MODELS = 1 << 16
 _VERIFIED_CACHE = 4
 
 
 class CommitteeRefusal(FedcoreError):
     """A committee member refused a request; the message says which rule it broke."""
+
+    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.REQUEST_REFUSED) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +138,8 @@ class CommitteeMember:
         self._decrypt_round = -1
         self._decrypt_ranges: list[tuple[int, int]] = []
         self._verified: OrderedDict[bytes, VerifiedSet] = OrderedDict()
+        # from the rerun check to the record: one unmasking at a time
+        self._unmask_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ checks
     def verify_contributors(
@@ -165,7 +184,12 @@ class CommitteeMember:
             unmaskers=first.unmaskers,
             names=names,
             tokens=tokens,
-            digest=set_digest(name.encode() for name in names),
+            # who, and exactly which upload: the same names with other uploads for the
+            # same model version are another set
+            digest=set_digest(
+                name.encode() + token.client_public + token.upload_digest
+                for name, token in zip(names, tokens, strict=True)
+            ),
         )
         self._verified[key] = verified
         while len(self._verified) > _VERIFIED_CACHE:
@@ -196,7 +220,7 @@ class CommitteeMember:
                 )
         self._decrypt_ranges.append((start, end))
 
-    def _claim_unmask(self, verified: VerifiedSet) -> None:
+    def _check_unmask(self, verified: VerifiedSet) -> None:
         if self.mask_public not in verified.unmaskers:
             raise CommitteeRefusal("the contributors did not mask for this member")
         served = self._unmasked.get(verified.model_digest)
@@ -205,6 +229,8 @@ class CommitteeMember:
                 "a different contributor set was already unmasked for this model version "
                 "(rerun protection)"
             )
+
+    def _record_unmask(self, verified: VerifiedSet) -> None:
         self._unmasked[verified.model_digest] = verified.digest
         self._unmasked.move_to_end(verified.model_digest)
         while len(self._unmasked) > _REMEMBERED_MODELS:
@@ -241,16 +267,31 @@ class CommitteeMember:
         )
 
     async def unmask(self, request: UnmaskRequest, codec: EncryptedCodec) -> UnmaskResult:
-        """Check and answer one UnmaskRequest: the named contributors' mask sums."""
+        """Check and answer one UnmaskRequest: the range's sums without the named masks.
+
+        When this member is the last unmasker of the set, the result must decode (see
+        `check_sum_range`), or nothing is released and the model version stays free.
+        """
         t0 = time.perf_counter()
         verified = await asyncio.to_thread(
             self.verify_contributors, request.round_id, request.contributors, codec
         )
         self._check_range(request.start, request.item_count, codec)
-        self._claim_unmask(verified)
-        payload = await asyncio.to_thread(
-            self._mask_sums, verified, request.start, request.item_count, codec
-        )
+        try:
+            masked = deserialize_plaintexts(request.payload, codec.public_key)
+        except ValueError as exc:
+            raise CommitteeRefusal(f"the decrypted sums are malformed: {exc}") from None
+        if len(masked) != request.item_count:
+            raise CommitteeRefusal(
+                f"{len(masked)} decrypted sums sent for a range of {request.item_count}"
+            )
+        async with self._unmask_lock:
+            self._check_unmask(verified)
+            unmasked = await asyncio.to_thread(
+                self._unmask_range, verified, masked, request.start, codec
+            )
+            self._record_unmask(verified)
+        payload = serialize_plaintexts(unmasked, codec.public_key)
         return UnmaskResult(
             round_id=request.round_id,
             shard_id=request.shard_id,
@@ -259,9 +300,24 @@ class CommitteeMember:
             seconds=time.perf_counter() - t0,
         )
 
+    def _unmask_range(
+        self, verified: VerifiedSet, masked: list[int], start: int, codec: EncryptedCodec
+    ) -> list[int]:
+        values = remove_masks(
+            masked, self._mask_sums(verified, start, len(masked), codec), codec.public_key.n
+        )
+        if verified.unmaskers[-1] == self.mask_public:  # no other masks left: it must decode
+            try:
+                check_sum_range(values, codec.spec, first=start, slot_count=codec.slot_count)
+            except PackingError as exc:
+                raise CommitteeRefusal(
+                    f"the unmasked sum does not decode: {exc}", code=ErrorCode.SUM_NOT_DECODABLE
+                ) from None
+        return values
+
     def _mask_sums(
         self, verified: VerifiedSet, start: int, count: int, codec: EncryptedCodec
-    ) -> bytes:
+    ) -> list[int]:
         total = MaskSum(codec.public_key.n, start, count)
         for token in verified.tokens:
             total.add(
@@ -274,7 +330,7 @@ class CommitteeMember:
                     model_digest=token.model_digest,
                 )
             )
-        return serialize_plaintexts(total.result(), codec.public_key)
+        return total.result()
 
 
 async def decrypt_shard(

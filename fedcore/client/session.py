@@ -58,7 +58,7 @@ from fedcore.credentials import (
 from fedcore.crypto import EncryptionPool, PrivateKey
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.model import ModelLayout
-from protocol.errors import ConnectionClosed, ErrorCode, ErrorReceived, ProtocolError
+from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -89,8 +89,10 @@ __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
 
-# Model versions whose unmaskers the client remembers (rerun protection).
-_REMEMBERED_MODELS = 256
+# Model versions whose unmaskers the client remembers (rerun protection), and how many
+# prepared updates it keeps to resend (each is a whole encrypted update).
+_REMEMBERED_MODELS = 1 << 16
+_KEPT_UPDATES = 2
 
 
 class Client:
@@ -134,7 +136,7 @@ class Client:
                 constant_time=config.constant_time_decrypt,
             )
         self.result = ClientResult()
-        self._prepared: PreparedUpdate | None = None
+        self._prepared: OrderedDict[bytes, PreparedUpdate] = OrderedDict()
         # model digest -> the unmaskers its one update was masked for
         self._masked_for: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
         self._pool: EncryptionPool | None = None
@@ -345,21 +347,10 @@ class Client:
             if isinstance(codec, EncryptedCodec):
                 unmaskers = self._unmaskers_of(plan)
             digest = model_digest(start.weights)
-            earlier = self._masked_for.get(digest)
-            if earlier is not None and earlier != unmaskers:
-                self.result.rounds_refused += 1
-                log.warning(
-                    "round %d: refusing to contribute: our update for this model version was "
-                    "masked for other unmaskers (rerun protection)",
-                    start.round_id,
-                )
-                return
-            prepared = self._prepared
-            if (
-                prepared is None
-                or prepared.model_digest != digest
-                or prepared.unmaskers != unmaskers
-            ):
+            prepared = self._prepared_update(start.round_id, digest, unmaskers)
+            if prepared is None and digest in self._masked_for:
+                return  # refused: see _prepared_update
+            if prepared is None:
                 names = tuple(name for name, _ in self.federation.report_metrics)
                 trained = await asyncio.to_thread(
                     self.pipeline.train, start.weights, plan.config(), names
@@ -367,15 +358,7 @@ class Client:
                 prepared = await asyncio.to_thread(
                     seal, trained, codec, self.federation, unmaskers, self._pool
                 )
-                self._prepared = prepared
-                self._masked_for[digest] = unmaskers
-                while len(self._masked_for) > _REMEMBERED_MODELS:
-                    self._masked_for.popitem(last=False)
-            else:
-                log.info(
-                    "round %d: sending the update already made for this model version",
-                    start.round_id,
-                )
+                self._keep(prepared)
             token = b""
             if isinstance(codec, EncryptedCodec):
                 token = (
@@ -409,6 +392,41 @@ class Client:
             log.exception("round %d failed on this client", start.round_id)
             with contextlib.suppress(Exception):
                 await conn.close(reason="client error")
+
+    def _prepared_update(
+        self, round_id: int, digest: bytes, unmaskers: tuple[bytes, ...]
+    ) -> PreparedUpdate | None:
+        """The update already made for this model version, if it may be sent again.
+
+        None with ``digest`` not yet remembered: make one. None with it remembered: the
+        round is refused. A client makes one update per model version, masked for one
+        set of unmaskers: a rerun gets the same bytes, never a re-trained or re-masked
+        update whose sum the aggregator could subtract from the first one's.
+        """
+        earlier = self._masked_for.get(digest)
+        if earlier is None:
+            return None
+        prepared = self._prepared.get(digest)
+        why = ""
+        if earlier != unmaskers:
+            why = "our update for this model version was masked for other unmaskers"
+        elif prepared is None:
+            why = "our update for this model version is no longer kept; we make only one"
+        if why:
+            self.result.rounds_refused += 1
+            log.warning("round %d: refusing to contribute: %s (rerun protection)", round_id, why)
+            return None
+        log.info("round %d: sending the update already made for this model version", round_id)
+        return prepared
+
+    def _keep(self, prepared: PreparedUpdate) -> None:
+        """Remember an update (the last few) and whom its model version was masked for."""
+        self._prepared[prepared.model_digest] = prepared
+        while len(self._prepared) > _KEPT_UPDATES:
+            self._prepared.popitem(last=False)
+        self._masked_for[prepared.model_digest] = prepared.unmaskers
+        while len(self._masked_for) > _REMEMBERED_MODELS:
+            self._masked_for.popitem(last=False)
 
     async def _upload(
         self,
@@ -483,7 +501,7 @@ class Client:
             with contextlib.suppress(Exception):
                 await conn.close(
                     reason="committee request refused",
-                    error=Error(code=int(ErrorCode.REQUEST_REFUSED), reason=str(exc)[:1000]),
+                    error=Error(code=int(exc.code), reason=str(exc)[:1000]),
                 )
             return
         async with send_lock:

@@ -98,6 +98,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         start=uints,
         item_count=uints,
         contributors=payloads,
+        payload=payloads,
     ),
     st.builds(
         UnmaskResult,

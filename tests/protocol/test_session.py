@@ -119,7 +119,12 @@ def decrypt_request(round_id: int, shard_id: int) -> DecryptRequest:
 
 def unmask_request(round_id: int, shard_id: int) -> UnmaskRequest:
     return UnmaskRequest(
-        round_id=round_id, shard_id=shard_id, start=0, item_count=5, contributors=b"tokens"
+        round_id=round_id,
+        shard_id=shard_id,
+        start=0,
+        item_count=5,
+        contributors=b"tokens",
+        payload=b"masked sums",
     )
 
 

@@ -117,8 +117,19 @@ class RogueClient:
             if isinstance(message, Error):
                 return message.code
 
-    def payloads(self, start: RoundStart, *, value: float = 0.0, samples: int = 100) -> list[bytes]:
-        """A valid masked, encrypted update (every value = ``value``) as chunk payloads."""
+    def payloads(
+        self,
+        start: RoundStart,
+        *,
+        value: float = 0.0,
+        samples: int = 100,
+        mask_for: tuple[bytes, ...] | None = None,
+    ) -> list[bytes]:
+        """A valid masked, encrypted update (every value = ``value``) as chunk payloads.
+
+        ``mask_for`` masks it for other unmasker keys than the round's while the token
+        still names the round's (a client that sabotages the sum).
+        """
         assert self.codec is not None and self.federation is not None
         unmaskers = tuple(CommitteeCredential.from_wire(raw).mask_public for raw in start.committee)
         trained = TrainedUpdate(
@@ -129,7 +140,9 @@ class RogueClient:
             timings={},
             iterations=1,
         )
-        self.prepared = seal(trained, self.codec, self.federation, unmaskers, None)
+        self.prepared = seal(trained, self.codec, self.federation, mask_for or unmaskers, None)
+        if mask_for is not None:
+            self.prepared.unmaskers = unmaskers
         return self.prepared.payloads
 
     def token(self, start: RoundStart, payloads: list[bytes]) -> bytes:

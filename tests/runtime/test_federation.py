@@ -40,7 +40,7 @@ async def test_encrypted_fedavg_matches_plaintext_on_digits(
         accuracy[encrypted] = accuracy_of(checkpoint.global_weights, digits)
     print(f"digits accuracy: encrypted {accuracy[True]:.4f}, plaintext {accuracy[False]:.4f}")
     assert accuracy[True] >= 0.95, accuracy
-    assert abs(accuracy[True] - accuracy[False]) <= 0.01, accuracy
+    assert abs(accuracy[True] - accuracy[False]) <= 0.003, accuracy  # within 0.3 pp
 
 
 @pytest.mark.slow
