@@ -373,3 +373,218 @@ def test_full_model_encode_decode() -> None:
     assert len(plaintexts) == 6870
     mean = decode_sum(plaintexts, spec, n_values=update.size, total_weight=7)
     assert np.max(np.abs(mean - np.clip(update, -0.05, 0.05))) <= spec.step * 1.0001
+
+
+# --- contributions: update, weight, evaluated weight and report in one slot vector --------
+# (imports for this part are kept here so that the part above stays as it was)
+
+import random  # noqa: E402
+
+from fedcore.packing import (  # noqa: E402
+    CONTRIBUTION_TAIL_SLOTS,
+    decode_contribution_sum,
+    encode_contribution,
+)
+
+
+def _contribution_slots(spec: PackingSpec, n_values: int, **slots: Any) -> list[int]:
+    """Pack a hand-made slot vector: model values, W, E, then report slots."""
+    model = slots.get("model", [0] * n_values)
+    report = slots.get("report", [])
+    vector = [*model, slots["weight"], slots["evaluated"], *report]
+    return pack_slots(np.array(vector, dtype=np.uint64), spec)
+
+
+@settings(max_examples=80, deadline=None)
+@given(spec=specs(max_key_bits=700), data=st.data())
+def test_contributions_sum_to_the_weighted_mean(spec: PackingSpec, data: st.DataObject) -> None:
+    """Σ of encoded contributions decodes to the weighted mean, W, E and the report means."""
+    n_values = data.draw(st.integers(0, 2 * spec.slots_per_ciphertext))
+    bounds = data.draw(st.lists(st.floats(0.01, 100.0), max_size=3))
+    clients = data.draw(st.integers(1, min(5, spec.max_total_weight)))
+    weights = [
+        data.draw(st.integers(1, max(1, min(1000, spec.max_total_weight // clients))))
+        for _ in range(clients)
+    ]
+    reports = [
+        data.draw(
+            st.none()
+            | st.lists(
+                st.floats(-10.0, 200.0, allow_nan=False),
+                min_size=len(bounds),
+                max_size=len(bounds),
+            )
+        )
+        for _ in range(clients)
+    ]
+    seed = data.draw(st.integers(0, 2**32))
+    updates = [
+        np.random.default_rng(seed + i).normal(0, spec.clip, n_values).astype(np.float32)
+        for i in range(clients)
+    ]
+    total = [0] * spec.ciphertexts_for(n_values + CONTRIBUTION_TAIL_SLOTS + len(bounds))
+    for i, (update, weight, report) in enumerate(zip(updates, weights, reports, strict=True)):
+        encoded = encode_contribution(
+            update,
+            spec,
+            weight=weight,
+            report=report,
+            report_bounds=bounds,
+            rng=np.random.default_rng(seed + 1000 + i),
+        )
+        assert len(encoded) == len(total)
+        total = [a + b for a, b in zip(total, encoded, strict=True)]
+    result = decode_contribution_sum(total, spec, n_values=n_values, report_bounds=bounds)
+
+    total_weight = sum(weights)
+    evaluated = sum(w for w, r in zip(weights, reports, strict=True) if r is not None)
+    assert result.total_weight == total_weight
+    assert result.evaluated_weight == evaluated
+    clipped = [np.clip(u.astype(np.float64), -spec.clip, spec.clip) for u in updates]
+    exact = sum(w * c for w, c in zip(weights, clipped, strict=True)) / total_weight
+    assert result.mean_update.dtype == np.float32 and result.mean_update.shape == (n_values,)
+    assert np.all(np.abs(result.mean_update - exact) <= spec.step * (1 + 1e-9) + 1e-6 * spec.clip)
+    if evaluated == 0:
+        assert result.report_means is None
+    else:
+        assert result.report_means is not None and len(result.report_means) == len(bounds)
+        for k, bound in enumerate(bounds):
+            mean = (
+                sum(
+                    w * min(max(r[k], 0.0), bound)
+                    for w, r in zip(weights, reports, strict=True)
+                    if r is not None
+                )
+                / evaluated
+            )
+            assert abs(result.report_means[k] - mean) <= bound / spec.levels * (1 + 1e-9)
+
+
+class HalfRng:
+    """A fixed ``random(shape)`` source that always draws 0.5 (rounds x.5 either way)."""
+
+    def random(self, shape: Any) -> np.ndarray:
+        return np.full(shape, 0.5)
+
+
+def test_one_contribution_lays_out_its_slots() -> None:
+    """Slots are [w·q.., w, e, e·r..]: checked on values that quantize exactly."""
+    spec = PackingSpec(key_bits=512, value_bits=4, headroom_bits=4, clip=1.0)  # 15 levels
+    update = np.array([-1.0, 1.0, -1.0 + 2.0 * 7 / 15], dtype=np.float64)  # q = 0, 15, 7
+    encoded = encode_contribution(
+        update, spec, weight=3, report=[0.5, 20.0], report_bounds=[1.0, 10.0], rng=HalfRng()
+    )
+    slots = unpack_slots(encoded, spec, 3 + CONTRIBUTION_TAIL_SLOTS + 2).tolist()
+    assert slots[:3] == [0, 45, 21]  # w·q
+    assert slots[3:5] == [3, 3]  # W, E
+    assert slots[5] in (3 * 7, 3 * 8)  # 0.5 of [0, 1] is 7.5 levels, rounded either way
+    assert slots[6] == 3 * 15  # 20 is clipped to the bound 10: 15 levels
+    no_report = encode_contribution(
+        update, spec, weight=3, report=None, report_bounds=[1.0, 10.0], rng=HalfRng()
+    )
+    assert unpack_slots(no_report, spec, 7).tolist()[3:] == [3, 0, 0, 0]
+
+
+def test_encode_contribution_refuses_bad_inputs() -> None:
+    spec = PackingSpec(key_bits=512, headroom_bits=2)
+    rng = np.random.default_rng(0)
+    update = np.zeros(3, np.float32)
+    with pytest.raises(PackingError, match="weight"):
+        encode_contribution(update, spec, weight=0, report=None, report_bounds=(), rng=rng)
+    with pytest.raises(PackingError, match="weight"):
+        encode_contribution(update, spec, weight=5, report=None, report_bounds=(), rng=rng)
+    with pytest.raises(PackingError, match="report has 1 values, expected 2"):
+        encode_contribution(update, spec, weight=1, report=[0.5], report_bounds=(1, 1), rng=rng)
+    with pytest.raises(PackingError, match="finite"):
+        encode_contribution(
+            update, spec, weight=1, report=[math.nan], report_bounds=(1.0,), rng=rng
+        )
+    with pytest.raises(PackingError, match="1-D"):
+        encode_contribution(
+            np.zeros((2, 2)), spec, weight=1, report=None, report_bounds=(), rng=rng
+        )
+    with pytest.raises(PackingError, match="float"):
+        encode_contribution(
+            np.zeros(2, np.int32), spec, weight=1, report=None, report_bounds=(), rng=rng
+        )
+
+
+_SPEC = PackingSpec(key_bits=512, value_bits=16, headroom_bits=10, clip=0.5)  # 19 slots of 26
+
+
+@pytest.mark.parametrize(
+    ("slots", "message"),
+    [
+        ({"weight": 0, "evaluated": 0}, "total weight 0"),
+        ({"weight": 1025, "evaluated": 0}, "total weight 1025"),  # above 2^headroom_bits
+        ({"weight": 2, "evaluated": 3}, "evaluated weight 3 exceeds the total weight 2"),
+        (
+            {"weight": 2, "evaluated": 0, "model": [0, 2 * 65535 + 1, 0]},
+            "index 1 exceeds",
+        ),
+        (
+            {"weight": 2, "evaluated": 1, "report": [65535, 65536]},
+            "report slot exceeds",
+        ),
+    ],
+    ids=["no-weight", "over-headroom", "evaluated-over-total", "model-slot", "report-slot"],
+)
+def test_decode_contribution_refuses_impossible_sums(slots: dict[str, Any], message: str) -> None:
+    plaintexts = _contribution_slots(_SPEC, 3, **slots)
+    with pytest.raises(PackingError, match=message):
+        decode_contribution_sum(plaintexts, _SPEC, n_values=3, report_bounds=(1.0, 1.0))
+
+
+def test_decode_contribution_accepts_the_extremes() -> None:
+    """Control for the refusals: W = 2^h, E = W, full model and report slots decode."""
+    plaintexts = _contribution_slots(
+        _SPEC,
+        3,
+        weight=1024,
+        evaluated=1024,
+        model=[0, 1024 * 65535, 512 * 65535],
+        report=[1024 * 65535, 0],
+    )
+    result = decode_contribution_sum(plaintexts, _SPEC, n_values=3, report_bounds=(1.0, 4.0))
+    assert result.total_weight == 1024 and result.evaluated_weight == 1024
+    assert np.allclose(result.mean_update, [-0.5, 0.5, 0.0], atol=_SPEC.step)
+    assert result.report_means == (1.0, 0.0)
+
+
+def test_decode_contribution_refuses_a_weight_below_the_quorum() -> None:
+    plaintexts = _contribution_slots(_SPEC, 3, weight=2, evaluated=0)
+    with pytest.raises(PackingError, match=r"outside 3\.\.1024"):
+        decode_contribution_sum(plaintexts, _SPEC, n_values=3, report_bounds=(), min_total_weight=3)
+
+
+def test_decode_contribution_refuses_bits_outside_the_slots() -> None:
+    plaintexts = _contribution_slots(_SPEC, 3, weight=1, evaluated=0)
+    with pytest.raises(PackingError, match="outside"):
+        decode_contribution_sum(
+            [plaintexts[0] | 1 << (19 * 26)], _SPEC, n_values=3, report_bounds=()
+        )
+    with pytest.raises(PackingError, match="padding"):
+        decode_contribution_sum(
+            [plaintexts[0] | 1 << (10 * 26)], _SPEC, n_values=3, report_bounds=()
+        )
+
+
+@pytest.mark.parametrize("n_values", [10, 74, 100])
+def test_decode_of_random_plaintexts_mod_n_is_refused(n_values: int) -> None:
+    """What a wrong unmasking yields (uniform values mod a 2048-bit n) never decodes.
+
+    With 2048-bit keys and 26-bit slots, a plaintext holds 78 slots (2028 bits): a
+    uniform value below n >= 2^2047 has no bit above the slots with probability at
+    most 2^-19, and then W must land in 1..1024 (2^-16) and every model slot below
+    W·(2^16 - 1). n_values=74 fills one plaintext exactly (no padding to catch it), so
+    one trial passes with probability below 2^-35 and the 2,000 trials below 2^-24.
+    """
+    spec = PackingSpec(key_bits=2048, value_bits=16, headroom_bits=10, clip=0.5)
+    bounds = (1.0, 10.0)
+    count = spec.ciphertexts_for(n_values + CONTRIBUTION_TAIL_SLOTS + len(bounds))
+    generator = random.Random(n_values)
+    n = generator.getrandbits(2048) | (1 << 2047) | 1
+    for _ in range(2000):
+        plaintexts = [generator.randrange(n) for _ in range(count)]
+        with pytest.raises(PackingError):
+            decode_contribution_sum(plaintexts, spec, n_values=n_values, report_bounds=bounds)

@@ -177,3 +177,111 @@ def test_keys_pickle_for_worker_processes(private_key: PrivateKey) -> None:
     sk_copy = pickle.loads(pickle.dumps(private_key))
     assert sk_copy == private_key
     assert sk_copy.decrypt_vector(pk_copy.encrypt_vector([99])) == [99]
+
+
+# --- plausibility checks, key identity, ciphertexts outside Z*_{n²} ----------------------
+# (imports for this part are kept here so that the part above stays as it was)
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+import gmpy2  # noqa: E402
+
+from fedcore.crypto.keys import MIN_SECURE_KEY_BITS, check_modulus  # noqa: E402
+from fedcore.errors import InvalidCiphertextError  # noqa: E402
+
+_LARGE_PRIME = int(gmpy2.next_prime(1 << 600))
+
+
+@pytest.mark.parametrize(
+    ("n", "reason"),
+    [
+        (3**323, "perfect power"),  # 512 bits, every factor 3
+        (_LARGE_PRIME**2, "perfect power"),  # p = q
+        (3 * 5 * 7 * _LARGE_PRIME, "small prime factor"),
+        (65521 * _LARGE_PRIME, "small prime factor"),  # the largest prime below 2^16
+        (_LARGE_PRIME, "n is prime"),
+        (1 << 700, "even"),
+        ((1 << 700) + 2, "even"),
+        (2 * 3 * _LARGE_PRIME, "even"),
+    ],
+    ids=["3^323", "p^2", "3*5*7*P", "65521*P", "prime", "2^700", "2^700+2", "2*3*P"],
+)
+def test_check_modulus_refuses_implausible_moduli(n: int, reason: str) -> None:
+    assert n.bit_length() >= 512
+    with pytest.raises(ValueError, match=reason):
+        check_modulus(n, min_bits=512)
+
+
+def test_check_modulus_default_floor_is_2048_bits(private_key: PrivateKey) -> None:
+    assert MIN_SECURE_KEY_BITS == 2048
+    pk_1024, _ = generate_keypair(1024)
+    with pytest.raises(ValueError, match="1024 bits; at least 2048"):
+        check_modulus(pk_1024.n)
+    with pytest.raises(ValueError, match="2048"):
+        pk_1024.check()
+    check_modulus(pk_1024.n, min_bits=1024)
+    pk_1024.check(min_bits=1024)
+    with pytest.raises(ValueError, match="at least 1024"):
+        check_modulus(private_key.public_key.n, min_bits=1024)
+
+
+def test_check_modulus_accepts_real_keypairs(private_key: PrivateKey) -> None:
+    check_modulus(private_key.public_key.n, min_bits=512)
+    private_key.public_key.check(min_bits=512)
+    for _ in range(3):
+        public, _ = generate_keypair(512)
+        public.check(min_bits=512)
+
+
+def test_check_modulus_refuses_non_integers() -> None:
+    with pytest.raises(TypeError):
+        check_modulus(2.0**600 + 1, min_bits=512)  # type: ignore[arg-type]
+
+
+def test_sha256_is_the_digest_of_n_in_fixed_width(public_key: PublicKey) -> None:
+    expected = hashlib.sha256(int(public_key.n).to_bytes(64, "big")).hexdigest()
+    assert public_key.sha256() == expected
+    assert public_key.fingerprint() == expected[:16]
+    assert json.loads(public_key.to_bytes())["sha256"] == expected
+
+
+@pytest.mark.parametrize(
+    "stated",
+    ["0" * 64, "sha256", "", 12, None],
+    ids=["zeros", "word", "empty", "number", "null"],
+)
+def test_public_key_document_with_wrong_sha256_is_refused(
+    public_key: PublicKey, stated: object, tmp_path: Path
+) -> None:
+    document = json.loads(public_key.to_bytes())
+    document["sha256"] = stated
+    data = json.dumps(document).encode()
+    if stated is None:  # a document without an identity (older files) is still read
+        assert PublicKey.from_bytes(data) == public_key
+        return
+    with pytest.raises(ValueError, match="sha256"):
+        PublicKey.from_bytes(data)
+    path = tmp_path / "key.pub"
+    path.write_bytes(data)
+    with pytest.raises(KeyFileError, match="sha256"):
+        PublicKey.load(path)
+
+
+def test_public_key_document_with_another_keys_sha256_is_refused(public_key: PublicKey) -> None:
+    other, _ = generate_keypair(512)
+    document = json.loads(public_key.to_bytes())
+    document["sha256"] = other.sha256()
+    with pytest.raises(ValueError, match=other.fingerprint()):
+        PublicKey.from_bytes(json.dumps(document).encode())
+
+
+def test_decrypt_vector_refuses_values_outside_z_star_n_squared(private_key: PrivateKey) -> None:
+    pk = private_key.public_key
+    n, p, q = int(pk.n), int(private_key.p), int(private_key.q)
+    good = pk.encrypt_vector([5])[0]
+    for bad in (n, 2 * n, p, q, p * p, 0, int(pk.nsquare), int(pk.nsquare) + 1):
+        with pytest.raises(InvalidCiphertextError) as info:
+            private_key.decrypt_vector([good, bad])
+        assert info.value.index == 1
+    assert private_key.decrypt_vector([good]) == [5]
