@@ -396,6 +396,7 @@ class ClientReport:
             "evaluate_s",
             "train_s",
             "encode_s",
+            "mask_s",
             "encrypt_s",
             "serialize_s",
             "grant_wait_s",

@@ -171,6 +171,12 @@ class AggregatorMetrics:
             buckets=_SLOW_BUCKETS,
             registry=r,
         )
+        self.unmask_time_seconds = Histogram(
+            "fedcore_unmask_time_seconds",
+            "Unmasker-reported time to check the contributors and unmask one shard.",
+            buckets=_SLOW_BUCKETS,
+            registry=r,
+        )
         self.local_training_seconds = Histogram(
             "fedcore_local_training_seconds",
             "Client-reported local training time per round.",

@@ -12,6 +12,7 @@ timing.
 from __future__ import annotations
 
 import logging
+import time
 
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.registry import ClientHandle
@@ -53,6 +54,8 @@ class Gatekeeper:
         self._federation_digest = federation.digest()
         self._session = session.to_wire()
         self._item_count = item_count
+        self.token_check_seconds = 0.0
+        """Seconds spent checking contributor tokens since the last reset (per round)."""
         try:
             self._ca = CertificateAuthority.load(config.ca)
         except CredentialError as exc:
@@ -119,6 +122,13 @@ class Gatekeeper:
         """The client's contributor token, checked (RejectedUpdate BAD_TOKEN otherwise)."""
         if not self._encrypted:
             return b""
+        started = time.perf_counter()
+        try:
+            return self._check_token(client_id, state, done)
+        finally:
+            self.token_check_seconds += time.perf_counter() - started
+
+    def _check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
         try:
             token = ContributorToken.from_wire(done.token)
             signer = token.verify(self._ca)

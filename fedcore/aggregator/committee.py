@@ -55,6 +55,8 @@ class CommitteeDecryption:
         self.codec = codec
         self.metrics = metrics
         self._clients = clients
+        self.member_seconds: dict[str, float] = {}
+        """Seconds the committee reported for the last round: ``decrypt``, ``unmask``."""
 
     def _shards(self, members: int) -> list[tuple[int, int]]:
         # a result travels in one frame to us: keep it within half our frame limit
@@ -70,6 +72,7 @@ class CommitteeDecryption:
         unmasker(s) in order, the last of which releases it only if it decodes.
         """
         c = self.config
+        self.member_seconds = {"decrypt": 0.0, "unmask": 0.0}
         unmaskers = [self._clients.get(cid) for cid in state.unmaskers]
         if not all(unmaskers):
             missing = [cid for cid, h in zip(state.unmaskers, unmaskers, strict=True) if not h]
@@ -198,6 +201,9 @@ class CommitteeDecryption:
             self.metrics.updates_rejected_total.labels(reason=label).inc()
             await close_client(member, ErrorCode.BAD_DECRYPT_RESULT, str(exc))
             return None
+        self.member_seconds[kind] = self.member_seconds.get(kind, 0.0) + result.seconds
         if kind == "decrypt":
             self.metrics.decryption_time_seconds.observe(result.seconds)
+        else:
+            self.metrics.unmask_time_seconds.observe(result.seconds)
         return values

@@ -98,6 +98,7 @@ class RoundReport:
     phase_seconds: dict[str, float]
     client_metrics: dict[str, float]  # weighted mean evaluation, from the encrypted sum
     client_timings: dict[str, float]  # mean client-reported seconds per phase
+    check_seconds: dict[str, float]  # privacy checks: token_check, member decrypt/unmask
     bytes_received: int
     fold_seconds: float
 
@@ -368,6 +369,7 @@ class Aggregator:
             self._folder.reset()
         self._round_full.clear()
         self._client_reports = {}
+        self._gate.token_check_seconds = 0.0
         self._round_bytes = 0
         self._round_fold_s = 0.0
         self.metrics.current_round.set(round_id)
@@ -478,6 +480,15 @@ class Aggregator:
             client_timings={k: float(np.mean(v)) for k, v in timings.items()},
             bytes_received=self._round_bytes,
             fold_seconds=self._round_fold_s,
+            check_seconds={
+                "token_check": self._gate.token_check_seconds,
+                **{
+                    f"member_{kind}": seconds
+                    for kind, seconds in (
+                        self._committee.member_seconds if self._committee is not None else {}
+                    ).items()
+                },
+            },
         )
 
     def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:

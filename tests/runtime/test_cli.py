@@ -14,6 +14,7 @@ import pytest
 
 from fedcore.aggregator import Aggregator
 from fedcore.cli import main
+from fedcore.contracts import FederationParams
 from fedcore.crypto import PrivateKey, PublicKey
 
 from .conftest import Keys, aggregator_argv, aggregator_config
@@ -154,3 +155,64 @@ def test_demo_runs_the_readme_main_job_small(tmp_path: Path) -> None:
     assert 0.5 < summary["final_accuracy"] <= 1.0
     assert summary["bytes_uploaded"] > 0
     assert "round  2/2" in proc.stdout and "final test accuracy" in proc.stdout
+
+
+def test_federation_command_writes_what_clients_pin(
+    tmp_path: Path, pki: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "federation.json"
+    argv = [*aggregator_argv(pki, keys, tmp_path / "state"), "--min-key-bits", "1024"]
+    argv[0] = "federation"
+    assert main([*argv, "--clients-per-round", "5", "--out", str(out)]) == 0
+    pinned = FederationParams.load(out)
+    config = aggregator_config(tmp_path, pki, keys, clients_per_round=5)
+    assert pinned == config.federation(config.load_public_key())
+    printed = capsys.readouterr().out
+    assert pinned.digest().hex() in printed and PublicKey.load(keys.public).sha256() in printed
+    assert pinned.headroom_bits == 9  # 5 clients x max_weight 64 = 320 <= 2^9
+
+
+@pytest.mark.slow
+async def test_a_client_pinned_to_another_federation_stops_with_one_line(
+    tmp_path: Path, pki: Path, keys: Keys
+) -> None:
+    config = aggregator_config(tmp_path, pki, keys, clients_per_round=3, rounds=1)
+    aggregator = Aggregator(config)
+    other = tmp_path / "other.json"  # what a client was handed: another quorum
+    aggregator_config(tmp_path, pki, keys, min_clients=4, clients_per_round=4).federation(
+        aggregator.public_key
+    ).save(other)
+    task = asyncio.create_task(aggregator.run())
+    await aggregator.wait_started()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fedcore.cli",
+        "client",
+        "--server",
+        f"127.0.0.1:{aggregator.port}",
+        "--server-hostname",
+        "localhost",
+        "--cert",
+        str(pki / "client-0.pem"),
+        "--key",
+        str(pki / "client-0.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+        "--federation",
+        str(other),
+        "--min-key-bits",
+        "1024",
+        "--dataset",
+        "digits",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    aggregator.request_stop()
+    await asyncio.wait_for(task, 30)
+    assert proc.returncode == 2, err.decode()[-2000:]
+    lines = [line for line in err.decode().splitlines() if "fedcore client: error" in line]
+    assert len(lines) == 1 and "min_clients: the aggregator says 3, pinned 4" in lines[0]
+    assert "Traceback" not in err.decode()
+    assert aggregator.metrics.registry.get_sample_value("fedcore_updates_accepted_total") == 0

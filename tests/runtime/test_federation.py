@@ -79,6 +79,7 @@ async def test_metrics_endpoint_reports_the_federation(
     assert value("fedcore_training_iterations_total") == 2 * 4  # 1 epoch x 4 clients x 2
     assert value("fedcore_encryption_time_seconds_count") == 8
     assert value("fedcore_decryption_time_seconds_count") >= 2
+    assert value("fedcore_unmask_time_seconds_count") >= 2  # one unmasking a round at least
     assert value("fedcore_updates_accepted_total") == 8
     assert value("fedcore_rounds_completed_total") == 2
     assert value("fedcore_bytes_received_total") > 8 * aggregator.codec.item_count * 128
