@@ -21,6 +21,7 @@ Knows nothing of Paillier, packing or sockets.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import os
@@ -270,60 +271,30 @@ class ContributorToken:
     certificate: bytes
     signature: bytes = b""
 
+    def _statement(self) -> list[Any]:
+        """The signed fields, in wire order."""
+        return [
+            self.federation,
+            self.round_id,
+            self.model_digest,
+            self.client_public,
+            list(self.unmaskers),
+            self.item_count,
+            self.upload_digest,
+        ]
+
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers."""
-        return msgpack.packb(
-            [
-                _TOKEN_DOMAIN,
-                self.federation,
-                self.round_id,
-                self.model_digest,
-                self.client_public,
-                list(self.unmaskers),
-                self.item_count,
-                self.upload_digest,
-            ]
-        )
+        return msgpack.packb([_TOKEN_DOMAIN, *self._statement()])
 
     def signed_by(self, signer: Signer) -> ContributorToken:
         """A copy carrying ``signer``'s certificate and signature."""
-        unsigned = ContributorToken(
-            federation=self.federation,
-            round_id=self.round_id,
-            model_digest=self.model_digest,
-            client_public=self.client_public,
-            unmaskers=self.unmaskers,
-            item_count=self.item_count,
-            upload_digest=self.upload_digest,
-            certificate=signer.certificate_der,
-        )
-        return ContributorToken(
-            federation=self.federation,
-            round_id=self.round_id,
-            model_digest=self.model_digest,
-            client_public=self.client_public,
-            unmaskers=self.unmaskers,
-            item_count=self.item_count,
-            upload_digest=self.upload_digest,
-            certificate=signer.certificate_der,
-            signature=signer.sign(unsigned.signed_bytes()),
-        )
+        unsigned = dataclasses.replace(self, certificate=signer.certificate_der, signature=b"")
+        return dataclasses.replace(unsigned, signature=signer.sign(unsigned.signed_bytes()))
 
     def to_wire(self) -> bytes:
-        """msgpack array of the fields, signature last."""
-        return msgpack.packb(
-            [
-                self.federation,
-                self.round_id,
-                self.model_digest,
-                self.client_public,
-                list(self.unmaskers),
-                self.item_count,
-                self.upload_digest,
-                self.certificate,
-                self.signature,
-            ]
-        )
+        """msgpack array of the fields, then certificate and signature."""
+        return msgpack.packb([*self._statement(), self.certificate, self.signature])
 
     @classmethod
     def from_wire(cls, data: bytes) -> ContributorToken:

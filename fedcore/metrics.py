@@ -3,7 +3,8 @@
 Each `AggregatorMetrics` owns its own `CollectorRegistry`: no global state, so two
 aggregators (or many tests) in one process never collide. `MetricsServer` serves
 ``/metrics`` and ``/healthz`` from a background thread. This module knows nothing of
-Paillier, torch or the wire protocol; it only receives numbers.
+Paillier, torch or the wire protocol (only the names of `fedcore.contracts.RejectReason`);
+it receives numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from fedcore.contracts import RejectReason
+
 __all__ = [
     "REJECT_REASONS",
     "ROUND_PHASES",
@@ -30,18 +33,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Reasons an update is refused; pre-created so dashboards see zeros, not gaps. Other
-# reasons are accepted too.
-REJECT_REASONS = (
-    "replay",
-    "stale_round",
-    "unknown_client",
-    "wrong_chunk_count",
-    "invalid_ciphertext",
-    "digest_mismatch",
-    "not_selected",
-    "protocol_error",
-)
+# Reasons an update is refused (one enum, fedcore.contracts.RejectReason); pre-created so
+# dashboards see zeros, not gaps.
+REJECT_REASONS = tuple(reason.label for reason in RejectReason)
 ROUND_PHASES = ("select", "collect", "fold", "decrypt", "update", "checkpoint")
 
 # Client-side work (train, encrypt) and committee decryption span 10 ms (digits, tiny

@@ -273,6 +273,15 @@ def unpack_slots(plaintexts: Sequence[int], spec: PackingSpec, n_values: int) ->
     return out[:n_values].astype(np.uint64)
 
 
+def _flat_update(update: npt.ArrayLike) -> npt.NDArray[np.floating[Any]]:
+    values = np.asarray(update)
+    if values.ndim != 1:
+        raise PackingError(f"update must be 1-D, got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.floating):
+        raise PackingError(f"update must be a float array, got dtype {values.dtype}")
+    return values
+
+
 def encode_update(
     update: npt.ArrayLike,
     spec: PackingSpec,
@@ -287,11 +296,7 @@ def encode_update(
     ``spec.ciphertexts_for(len(update))`` integers, each below ``2^(key_bits - 1)``.
     """
     w = _require_int("weight", weight, 1, spec.max_total_weight)
-    values = np.asarray(update)
-    if values.ndim != 1:
-        raise PackingError(f"update must be 1-D, got shape {values.shape}")
-    if not np.issubdtype(values.dtype, np.floating):
-        raise PackingError(f"update must be a float array, got dtype {values.dtype}")
+    values = _flat_update(update)
     q = quantize(values, spec, rng)
     if w != 1:
         q *= np.uint64(w)
@@ -363,11 +368,7 @@ def encode_contribution(
     ``rng`` provides ``random(shape)`` (a CSPRNG in clients: `SecureUniform`).
     """
     w = _require_int("weight", weight, 1, spec.max_total_weight)
-    values = np.asarray(update)
-    if values.ndim != 1:
-        raise PackingError(f"update must be 1-D, got shape {values.shape}")
-    if not np.issubdtype(values.dtype, np.floating):
-        raise PackingError(f"update must be a float array, got dtype {values.dtype}")
+    values = _flat_update(update)
     k = len(report_bounds)
     q = quantize(values, spec, rng)
     tail = np.zeros(CONTRIBUTION_TAIL_SLOTS + k, dtype=np.uint64)

@@ -1,11 +1,12 @@
 """The embeddable federated-learning client.
 
-``Client`` (the session driver) runs rounds over the wire; ``UpdatePipeline`` turns a
-round into an encrypted update; ``decrypt_shard`` is the committee role. Build one
-``Client(model, train_fn, evaluate_fn, ClientConfig(...))`` per participant.
+``Client`` (the session driver) runs rounds over the wire; ``UpdatePipeline`` and
+``seal`` turn a round into a masked, encrypted update; ``CommitteeMember`` is a key
+holder's committee role. Build one ``Client(model, train_fn, evaluate_fn,
+ClientConfig(...))`` per participant.
 """
 
-from fedcore.client.committee import decrypt_shard
+from fedcore.client.committee import CommitteeMember, CommitteeRefusal
 from fedcore.client.config import (
     FEDERATION_COMPLETE,
     ClientConfig,
@@ -14,7 +15,7 @@ from fedcore.client.config import (
     TrainFn,
     parse_server,
 )
-from fedcore.client.pipeline import PreparedUpdate, UpdatePipeline
+from fedcore.client.pipeline import PreparedUpdate, TrainedUpdate, UpdatePipeline, seal
 from fedcore.client.session import Client
 
 __all__ = [
@@ -22,10 +23,13 @@ __all__ = [
     "Client",
     "ClientConfig",
     "ClientResult",
+    "CommitteeMember",
+    "CommitteeRefusal",
     "EvaluateFn",
     "PreparedUpdate",
     "TrainFn",
+    "TrainedUpdate",
     "UpdatePipeline",
-    "decrypt_shard",
     "parse_server",
+    "seal",
 ]

@@ -59,7 +59,7 @@ from fedcore.packing import check_sum_range
 from protocol.errors import ErrorCode
 from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 
-__all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "decrypt_shard"]
+__all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "derive_member_mask_key"]
 
 log = logging.getLogger(__name__)
 
@@ -331,29 +331,3 @@ class CommitteeMember:
                 )
             )
         return total.result()
-
-
-async def decrypt_shard(
-    codec: EncryptedCodec,
-    private_key: PrivateKey,
-    request: DecryptRequest,
-    *,
-    workers: int = 1,
-    constant_time: bool = True,
-) -> DecryptResult:
-    """Decrypt one shard without any committee checks (benchmarks and tests only)."""
-    t0 = time.perf_counter()
-    payload, count = await asyncio.to_thread(
-        codec.decrypt_payload,
-        request.payload,
-        private_key,
-        workers=workers,
-        constant_time=constant_time,
-    )
-    return DecryptResult(
-        round_id=request.round_id,
-        shard_id=request.shard_id,
-        item_count=count,
-        payload=payload,
-        seconds=time.perf_counter() - t0,
-    )

@@ -25,13 +25,7 @@ from fedcore.client.config import EvaluateFn, TrainFn
 from fedcore.codec import EncryptedCodec, UpdateCodec
 from fedcore.contracts import FederationParams
 from fedcore.crypto import EncryptionPool
-from fedcore.crypto.masking import (
-    SecureUniform,
-    add_masks,
-    derive_mask_key,
-    mask_values,
-    public_key_bytes,
-)
+from fedcore.crypto.masking import SecureUniform, add_masks, client_masks, public_key_bytes
 from fedcore.errors import ConfigError
 from fedcore.model import ModelLayout, flatten_state_dict, load_flat_into
 
@@ -166,19 +160,15 @@ def seal(
         ephemeral = X25519PrivateKey.generate()
         client_public = public_key_bytes(ephemeral)
         n = codec.public_key.n
-        fed = federation.digest()
         t_mask = time.perf_counter()
-        masks = [0] * len(encoded)
-        for unmasker in unmaskers:
-            key = derive_mask_key(
-                ephemeral,
-                unmasker,
-                client_public=client_public,
-                unmasker_public=unmasker,
-                federation=fed,
-                model_digest=trained.model_digest,
-            )
-            masks = add_masks(masks, mask_values(key, n, 0, len(encoded)), n)
+        masks = client_masks(
+            ephemeral,
+            unmaskers,
+            federation=federation.digest(),
+            model_digest=trained.model_digest,
+            modulus=n,
+            count=len(encoded),
+        )
         masked = add_masks(encoded, masks, n)
         timings["mask_s"] = time.perf_counter() - t_mask
         timings["encode_s"] = t_mask - t0

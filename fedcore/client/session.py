@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 
@@ -39,7 +40,13 @@ from fedcore.client.config import (
     TrainFn,
     parse_server,
 )
-from fedcore.client.pipeline import PreparedUpdate, UpdatePipeline, model_digest, seal
+from fedcore.client.pipeline import (
+    PreparedUpdate,
+    TrainedUpdate,
+    UpdatePipeline,
+    model_digest,
+    seal,
+)
 from fedcore.codec import EncryptedCodec, UpdateCodec, codec_for
 from fedcore.contracts import (
     ClientReport,
@@ -140,6 +147,7 @@ class Client:
         # model digest -> the unmaskers its one update was masked for
         self._masked_for: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
         self._pool: EncryptionPool | None = None
+        self._seal_lock = threading.Lock()
         self._ssl = client_context(config.cert, config.key, config.ca)
 
     # ------------------------------------------------------------------ entry points
@@ -291,7 +299,10 @@ class Client:
         except ValueError as exc:
             raise FederationMismatch(f"the aggregator's Welcome is malformed: {exc}") from None
         self.federation.require_same(offered, source="the pinned federation file")
-        layout = ModelLayout.from_json(session.model_layout)
+        try:
+            layout = ModelLayout.from_json(session.model_layout)
+        except ValueError as exc:
+            raise FederationMismatch(f"the aggregator's model layout is malformed: {exc}") from None
         if layout != self.layout:
             raise ConfigError(
                 "the aggregator's model layout differs from this client's model; "
@@ -355,9 +366,7 @@ class Client:
                 trained = await asyncio.to_thread(
                     self.pipeline.train, start.weights, plan.config(), names
                 )
-                prepared = await asyncio.to_thread(
-                    seal, trained, codec, self.federation, unmaskers, self._pool
-                )
+                prepared = await asyncio.to_thread(self._seal, trained, codec, unmaskers)
                 self._keep(prepared)
             token = b""
             if isinstance(codec, EncryptedCodec):
@@ -418,6 +427,13 @@ class Client:
             return None
         log.info("round %d: sending the update already made for this model version", round_id)
         return prepared
+
+    def _seal(
+        self, trained: TrainedUpdate, codec: UpdateCodec, unmaskers: tuple[bytes, ...]
+    ) -> PreparedUpdate:
+        # A cancelled round's thread may still be sealing: the pool serves one at a time.
+        with self._seal_lock:
+            return seal(trained, codec, self.federation, unmaskers, self._pool)
 
     def _keep(self, prepared: PreparedUpdate) -> None:
         """Remember an update (the last few) and whom its model version was masked for."""

@@ -47,10 +47,14 @@ __all__ = [
     "STATISTICAL_BITS",
     "MaskSum",
     "SecureUniform",
+    "add_masks",
+    "client_masks",
     "derive_mask_key",
     "mask_block_bytes",
     "mask_values",
     "public_key_bytes",
+    "remove_masks",
+    "set_digest",
 ]
 
 STATISTICAL_BITS = 128
@@ -108,6 +112,36 @@ def derive_mask_key(
     return HKDF(
         algorithm=hashes.SHA256(), length=MASK_KEY_BYTES, salt=_HKDF_SALT, info=info
     ).derive(shared)
+
+
+def client_masks(
+    ephemeral: X25519PrivateKey,
+    unmaskers: Sequence[bytes],
+    *,
+    federation: bytes,
+    model_digest: bytes,
+    modulus: Any,
+    count: int,
+) -> list[int]:
+    """A client's total mask per position ``[0, count)``: one mask per unmasker, summed mod n.
+
+    Each unmasker ``Y`` removes its own share: ``derive_mask_key(y, X, ...)`` on its side
+    equals ``derive_mask_key(x, Y, ...)`` here (X25519 is symmetric).
+    """
+    n = int(modulus)
+    client_public = public_key_bytes(ephemeral)
+    total = [0] * count
+    for unmasker in unmaskers:
+        key = derive_mask_key(
+            ephemeral,
+            unmasker,
+            client_public=client_public,
+            unmasker_public=unmasker,
+            federation=federation,
+            model_digest=model_digest,
+        )
+        total = add_masks(total, mask_values(key, n, 0, count), n)
+    return total
 
 
 def _keystream(key: bytes, block_bytes: int, start: int, count: int) -> bytes:

@@ -20,6 +20,32 @@ from fedcore.crypto import PrivateKey, PublicKey
 from .conftest import Keys, aggregator_argv, aggregator_config
 
 
+def _client_argv(pki: Path, index: int, port: int, federation: Path) -> list[str]:
+    """`fedcore client` as a user runs it, for client ``index`` of this PKI, on digits."""
+    return [
+        sys.executable,
+        "-m",
+        "fedcore.cli",
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--server-hostname",
+        "localhost",
+        "--cert",
+        str(pki / f"client-{index}.pem"),
+        "--key",
+        str(pki / f"client-{index}.key"),
+        "--ca",
+        str(pki / "ca.pem"),
+        "--federation",
+        str(federation),
+        "--min-key-bits",
+        "1024",
+        "--dataset",
+        "digits",
+    ]
+
+
 def test_keygen_writes_a_0600_private_key_and_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -84,28 +110,9 @@ async def test_fedcore_client_processes_complete_a_round(
     await aggregator.wait_started()
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "fedcore.cli",
-            "client",
-            "--server",
-            f"127.0.0.1:{aggregator.port}",
-            "--server-hostname",
-            "localhost",
-            "--cert",
-            str(pki / f"client-{i}.pem"),
-            "--key",
-            str(pki / f"client-{i}.key"),
-            "--ca",
-            str(pki / "ca.pem"),
-            "--federation",
-            str(federation),
-            "--min-key-bits",
-            "1024",
+            *_client_argv(pki, i, aggregator.port, federation),
             "--private-key",
             str(keys.private),
-            "--dataset",
-            "digits",
             "--partition",
             f"{i}/2",
             stdout=subprocess.PIPE,
@@ -185,26 +192,7 @@ async def test_a_client_pinned_to_another_federation_stops_with_one_line(
     task = asyncio.create_task(aggregator.run())
     await aggregator.wait_started()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fedcore.cli",
-        "client",
-        "--server",
-        f"127.0.0.1:{aggregator.port}",
-        "--server-hostname",
-        "localhost",
-        "--cert",
-        str(pki / "client-0.pem"),
-        "--key",
-        str(pki / "client-0.key"),
-        "--ca",
-        str(pki / "ca.pem"),
-        "--federation",
-        str(other),
-        "--min-key-bits",
-        "1024",
-        "--dataset",
-        "digits",
+        *_client_argv(pki, 0, aggregator.port, other),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
