@@ -14,7 +14,6 @@ process pool over every core. Targets are reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -116,7 +115,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dirichlet_alpha": args.alpha,
         "modes": modes,
         **s,
-        "aggregation": "FedAvg weighted by sample count, all clients every round",
+        "aggregation": "FedAvg, all clients every round, each weighted by its own "
+        "min(max_weight, ceil(samples / samples_per_weight)) (defaults 64 and 100)",
         "client_execution": "asyncio tasks in one process; committee of 1 decrypting "
         f"with {os.cpu_count()} worker processes",
         "seeds": "model init 0; shards 0; client i shuffles with seed i; same in every mode",
@@ -142,7 +142,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     rounds=s["rounds"],
                     committee_size=1,
                     value_bits=value_bits or 16,
-                    headroom_bits=max(10, math.ceil(math.log2(2 * clients))),
                     clip=s["clip"],
                     local_epochs=s["local_epochs"],
                     learning_rate=s["lr"],

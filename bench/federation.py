@@ -1,12 +1,17 @@
 """Run a whole federation on this machine for the benchmarks, and record every round.
 
 Makes the keys and the mutual-TLS PKI in a work directory, runs the aggregator in this
-process's event loop and the clients either as asyncio tasks in the same loop
+process's event loop, writes the federation file its settings define (what every client
+pins), and runs the clients either as asyncio tasks in the same loop
 (``processes=False``: cheap to start, but client CPU work shares this process's GIL) or
-as spawned processes (``processes=True``: one process per client, as on real edge
-machines, so client CPU work runs on every core). Each finished round becomes a
-`RoundRecord` built from the aggregator's `RoundReport`. This module measures; it never
-asserts timings and knows nothing of report formats.
+as spawned, non-daemonic processes (``processes=True``: one process per client, as on
+real edge machines, so client CPU work runs on every core and each client can start its
+`EncryptionPool` worker). Each finished round becomes a `RoundRecord` built from the
+aggregator's `RoundReport`, which also says what the privacy checks cost that round
+(``check_seconds``: the aggregator's token checks and the committee members' own decrypt
+and unmask seconds; ``client_timings["mask_s"]``: the contributors' mean masking seconds).
+Every figure is one fedcore reports itself; nothing of fedcore is wrapped or patched.
+This module measures; it never asserts timings and knows nothing of report formats.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
 from fedcore.client import Client, ClientConfig, ClientResult
 from fedcore.crypto import generate_keypair
+from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.data import Dataset, client_shard, load_dataset
 from fedcore.model import mlp
 from fedcore.training import TrainConfig, make_train_fn, train_local
@@ -50,6 +56,7 @@ log = logging.getLogger(__name__)
 _ROUND_TIMEOUT_S = 3600.0
 _DECRYPT_SHARD_TIMEOUT_S = 3600.0
 _WAIT_FOR_CLIENTS_S = 600.0
+_CHILD_JOIN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +73,11 @@ class Credentials:
     def ca(self) -> Path:
         """The federation CA certificate."""
         return self.pki / "ca.pem"
+
+    @property
+    def min_key_bits(self) -> int:
+        """The key floor to configure: 2048, or the smaller test key the smoke tests use."""
+        return min(MIN_SECURE_KEY_BITS, self.key_bits)
 
 
 def make_credentials(workdir: Path, *, clients: int, key_bits: int) -> Credentials:
@@ -91,7 +103,8 @@ def aggregator_config(
 ) -> AggregatorConfig:
     """An aggregator on an ephemeral loopback port, no metrics server, benchmark timeouts.
 
-    ``settings`` are `AggregatorConfig` fields (``model_kwargs``, ``rounds``, ...).
+    ``settings`` are `AggregatorConfig` fields (``model_kwargs``, ``rounds``, ...). The
+    key floor follows the credentials (512-bit smoke-test keys are accepted only there).
     """
     values: dict[str, Any] = {
         "public_key": credentials.public_key,
@@ -106,6 +119,7 @@ def aggregator_config(
         "decrypt_shard_timeout": _DECRYPT_SHARD_TIMEOUT_S,
         "wait_for_clients_timeout": _WAIT_FOR_CLIENTS_S,
         "resume_grace": 0.0,
+        "min_key_bits": credentials.min_key_bits,
     }
     values.update(settings)
     return AggregatorConfig.from_mapping(values)
@@ -125,6 +139,7 @@ class ClientSpec:
     partition_seed: int = 0
     max_samples: int | None = None
     decrypt_workers: int = 1
+    encryption_pool: bool = True
 
     def shard(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """This client's training data: its partition, cut to ``max_samples`` (seeded)."""
@@ -143,18 +158,22 @@ class ClientSpec:
         return x, y
 
 
-def build_client(spec: ClientSpec, credentials: Credentials, dataset: Dataset) -> Client:
-    """A real `fedcore.Client` of the seed-MLP shape for ``dataset``."""
+def build_client(
+    spec: ClientSpec, credentials: Credentials, dataset: Dataset, federation: Path
+) -> Client:
+    """A real `fedcore.Client` of the seed-MLP shape for ``dataset``, pinning ``federation``."""
     x, y = spec.shard(dataset)
     config = ClientConfig(
         cert=credentials.pki / f"client-{spec.index}.pem",
         key=credentials.pki / f"client-{spec.index}.key",
         ca=credentials.ca,
+        federation=federation,
+        public_key=credentials.public_key,
         private_key=credentials.private_key if spec.holds_key else None,
         server_hostname="localhost",
-        sample_count=len(x),
-        seed=spec.index,
+        min_key_bits=credentials.min_key_bits,
         decrypt_workers=spec.decrypt_workers,
+        encryption_pool=spec.encryption_pool,
         backoff_base=0.2,
         backoff_max=2.0,
         idle_timeout=_ROUND_TIMEOUT_S,
@@ -169,16 +188,27 @@ def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# ---------------------------------------------------------------------------- results
 @dataclass(slots=True, kw_only=True)
 class RoundRecord:
-    """One finished round, as the aggregator saw it (seconds, bytes, mean client timings)."""
+    """One finished round, as the aggregator saw it (seconds, bytes, mean client timings).
+
+    ``check_seconds`` is the report's own: ``token_check`` (the aggregator checking this
+    round's contributor tokens) and, in an encrypted round, ``member_decrypt`` and
+    ``member_unmask`` (the seconds the committee members reported, summed over shards;
+    their token-set checks are inside them). ``client_timings["mask_s"]`` is the
+    contributors' mean seconds deriving and adding their one-time masks.
+    """
 
     round: int
+    round_id: int
     phase_seconds: dict[str, float]
     client_timings: dict[str, float]
     fold_s: float
     bytes_received: int
     contributors: int
+    total_weight: int
+    check_seconds: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
 
     @property
@@ -201,6 +231,7 @@ class FederationResult:
     cpu_s_aggregator_process: float
     cpu_s_clients: float | None
     client_results: list[dict[str, Any]] = field(default_factory=list)
+    federation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cpu_s(self) -> float:
@@ -208,20 +239,31 @@ class FederationResult:
         return self.cpu_s_aggregator_process + (self.cpu_s_clients or 0.0)
 
 
-def _client_process(spec: ClientSpec, credentials: Credentials, port: int, out: str) -> None:
-    """One client in its own process; writes its result and CPU seconds to ``out``."""
+def _client_process(
+    spec: ClientSpec, credentials: Credentials, federation: Path, port: int, out: str
+) -> None:
+    """One client in its own process; writes its result and CPU seconds as JSON.
+
+    CPU counts this process and its reaped children: the `EncryptionPool` worker (joined
+    when the client stops) and any decryption workers.
+    """
     import torch
 
     logging.basicConfig(level=logging.WARNING, format=f"client-{spec.index} %(message)s")
     torch.set_num_threads(1)
     dataset = load_dataset(spec.dataset)
-    client = build_client(spec, credentials, dataset)
+    client = build_client(spec, credentials, dataset, federation)
     _warm_up(client.model, dataset)
-    cpu_before = cpu_seconds()  # count the federation, not imports and data loading
+    # count the federation, not imports and data loading
+    own, children = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN)
     result = client.run_forever(f"127.0.0.1:{port}")
-    Path(out).write_text(
-        json.dumps({**_client_result_json(result), "cpu_s": cpu_seconds() - cpu_before})
-    )
+    own, children = cpu_seconds() - own, cpu_seconds(resource.RUSAGE_CHILDREN) - children
+    record = {
+        **_client_result_json(result),
+        "cpu_s": own + children,
+        "cpu_s_children": children,
+    }
+    Path(out).write_text(json.dumps(record))
 
 
 def _warm_up(model: Any, dataset: Dataset) -> None:
@@ -240,9 +282,28 @@ def _warm_up(model: Any, dataset: Dataset) -> None:
 def _client_result_json(result: ClientResult) -> dict[str, Any]:
     return {
         "rounds_contributed": result.rounds_contributed,
+        "rounds_refused": result.rounds_refused,
         "shards_decrypted": result.shards_decrypted,
+        "shards_unmasked": result.shards_unmasked,
+        "requests_refused": result.requests_refused,
         "bytes_uploaded": result.bytes_uploaded,
         "reconnects": result.reconnects,
+    }
+
+
+def _federation_summary(aggregator: Aggregator) -> dict[str, Any]:
+    """The pinned parameters a reader needs to interpret the figures."""
+    fed = aggregator.federation
+    return {
+        "digest": fed.digest().hex()[:16],
+        "mode": fed.mode,
+        "min_clients": fed.min_clients,
+        "headroom_bits": fed.headroom_bits,
+        "max_weight": fed.max_weight,
+        "samples_per_weight": fed.samples_per_weight,
+        "unmaskers": fed.unmaskers,
+        "report_metrics": [name for name, _ in fed.report_metrics],
+        "items_per_update": aggregator.codec.item_count,
     }
 
 
@@ -268,34 +329,35 @@ def run_federation(
     records: list[RoundRecord] = []
     workdir = Path(config.state_dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    fold_seen = [0.0]
 
     def round_done(report: RoundReport, weights: np.ndarray) -> None:
-        fold_total = aggregator.metrics.registry.get_sample_value("fedcore_fold_seconds_sum")
-        fold_total = float(fold_total or 0.0)
         # The history entry also holds the checkpoint phase, timed after the report.
         history = aggregator.checkpoint.history
         phases = history[-1].get("phase_seconds") if history else None
         record = RoundRecord(
             round=report.rounds_completed,
+            round_id=report.round_id,
             phase_seconds=dict(phases or report.phase_seconds),
             client_timings=dict(report.client_timings),
-            fold_s=fold_total - fold_seen[0],
+            fold_s=report.fold_seconds,
             bytes_received=report.bytes_received,
             contributors=len(report.contributors),
+            total_weight=report.total_weight,
+            check_seconds=dict(report.check_seconds),
             accuracy=None if evaluate is None else float(evaluate(weights)),
         )
-        fold_seen[0] = fold_total
         records.append(record)
         if on_round is not None:
             on_round(record)
 
     aggregator = Aggregator(config, encrypted=encrypted, on_round_complete=round_done)
+    federation_file = workdir / "federation.json"
+    aggregator.federation.save(federation_file)
     in_process: list[Client] = []
     if not processes:
         if dataset is None:
             raise ValueError("in-process clients need the loaded dataset")
-        in_process = [build_client(spec, credentials, dataset) for spec in specs]
+        in_process = [build_client(spec, credentials, dataset, federation_file) for spec in specs]
         if in_process:
             _warm_up(in_process[0].model, dataset)
     ctx = multiprocessing.get_context("spawn")
@@ -311,8 +373,8 @@ def run_federation(
             for spec, out in zip(specs, result_files, strict=True):
                 child = ctx.Process(
                     target=_client_process,
-                    args=(spec, credentials, aggregator.port, str(out)),
-                    daemon=True,
+                    args=(spec, credentials, federation_file, aggregator.port, str(out)),
+                    daemon=False,  # a daemonic process may not start the EncryptionPool worker
                 )
                 child.start()
                 children.append(child)
@@ -334,8 +396,8 @@ def run_federation(
     try:
         asyncio.run(main())
     finally:
-        for child in children:
-            child.join(timeout=60)
+        for child in children:  # not daemonic: always joined or terminated here
+            child.join(timeout=_CHILD_JOIN_S)
             if child.is_alive():
                 child.terminate()
                 child.join(timeout=10)
@@ -358,7 +420,7 @@ def run_federation(
                 client_results.append(_client_result_json(outcome))
             else:
                 client_results.append({"error": repr(outcome)})
-        # Decryption worker pools of in-process clients are this process's children.
+        # Pool and decryption workers of in-process clients are this process's children.
         cpu_self_total = cpu_self + cpu_children
     if aggregator.checkpoint.rounds_completed < config.rounds:
         raise RuntimeError(
@@ -372,4 +434,5 @@ def run_federation(
         cpu_s_aggregator_process=cpu_self_total,
         cpu_s_clients=cpu_clients,
         client_results=client_results,
+        federation=_federation_summary(aggregator),
     )

@@ -4,7 +4,15 @@ Workload: one seed-MLP update (535,818 float32 values, normal × 0.01) per clien
 packed ``slots_per_ciphertext`` values per 2048-bit ciphertext. Every figure is seconds
 per value unless its name says otherwise; ratios compare phases of the same run on the
 same machine (absolute figures on a shared machine are noisy, so cheap phases take the
-best of ``--repeats`` runs). Measures; never asserts.
+best of ``--repeats`` runs).
+
+Then the cost of protocol 3's privacy checks (see `bench.privacy_costs`): encryption
+with the ceil(k/2)-bit random-factor exponent against the 224-bit one used before,
+pooled encryption, decryption with and without the Z*_{n²} check, a client's masking,
+an unmasker's mask sum per contributor, token and committee-credential signing and
+verification, ``check_modulus``; and the committee's unmask work and the aggregator's
+token checks for 10 and 1,000 signed tokens on the seed MLP's ciphertext count
+(``--contributors``), measured, not extrapolated. Measures; never asserts.
 """
 
 from __future__ import annotations
@@ -19,6 +27,12 @@ from typing import Any
 import gmpy2
 import numpy as np
 
+from bench.privacy_costs import (
+    committee_at_scale,
+    credential_costs,
+    encryption_costs,
+    masking_costs,
+)
 from fedcore.crypto import (
     EncryptionPool,
     deserialize_ciphertexts,
@@ -49,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best-of for cheap phases")
     parser.add_argument(
         "--decrypt-workers", type=int, default=2, help="also time decryption over N processes"
+    )
+    parser.add_argument(
+        "--encrypt-sample",
+        type=int,
+        default=None,
+        help="ciphertexts of the before/after encryption and decryption comparison "
+        "(default 500; quick 200)",
+    )
+    parser.add_argument(
+        "--contributors",
+        default="10,1000",
+        help="signed-token counts of the committee-at-scale figures (comma-separated; '' = skip)",
     )
 
 
@@ -126,6 +152,45 @@ def _tenseal_figures(update: np.ndarray) -> dict[str, Any]:
     encrypt_s = (time.perf_counter() - started) / sample.size
     size = sum(len(v.serialize()) for v in vectors)
     return {"tenseal_encrypt_s_per_value": encrypt_s, "tenseal_bytes_per_value": size / sample.size}
+
+
+def _privacy_figures(
+    args: argparse.Namespace, pk: Any, sk: Any, spec: PackingSpec, update: np.ndarray
+) -> dict[str, Any]:
+    """Protocol 3's checks, each alone, on this key (see `bench.privacy_costs`)."""
+    slots = spec.slots_per_ciphertext
+    plaintexts = encode_update(update, spec, rng=np.random.default_rng(3))
+    sample = args.encrypt_sample or (200 if args.quick else 500)
+    _progress(f"privacy checks: encryption before/after on {sample} ciphertexts")
+    out: dict[str, Any] = encryption_costs(pk, sk, plaintexts[:sample], slots, args.repeats)
+    _progress(
+        f"encrypt {out['encrypt_s_per_ciphertext_before'] * 1e3:.3f} ms/ciphertext with "
+        f"{out['encrypt_exponent_bits_before']}-bit exponents, "
+        f"{out['encrypt_s_per_ciphertext_after'] * 1e3:.3f} ms with "
+        f"{out['encrypt_exponent_bits_after']}-bit; pooled "
+        f"{out['pool_encrypt_s_per_ciphertext'] * 1e6:.1f} us"
+    )
+    _progress(f"privacy checks: masks on {len(plaintexts):,} ciphertexts")
+    out.update(masking_costs(pk, plaintexts, slots, args.repeats))
+    out.update(credential_costs(pk, args.repeats))
+    counts = [int(c) for c in str(args.contributors).split(",") if c.strip()]
+    if counts:
+        _progress(f"committee at scale: {counts} signed tokens, {SEED_MLP_VALUES:,} values")
+        scale = committee_at_scale(pk, sk, counts, SEED_MLP_VALUES, _progress)
+        out["committee_at_scale"] = scale
+        out["committee_at_scale_values"] = SEED_MLP_VALUES
+        for count in counts:
+            figures = scale[str(count)]
+            for name in (
+                "committee_unmask_s",
+                "committee_verify_s",
+                "committee_mask_sums_s",
+                "aggregator_token_checks_cold_s",
+                "aggregator_token_checks_warm_s",
+            ):
+                out[f"{name}_at_{count}"] = figures[name]
+            out[f"committee_ciphertexts_at_{count}"] = figures["ciphertexts"]
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -276,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["aggregator_native_batch4_speedup"] = engines["gmpy2"] / engines["native_batch4"]
     result["mulmod_floor_s_per_value"] = mulmod_s / slots
     result.update(_tenseal_figures(updates[0]))
+    result.update(_privacy_figures(args, pk, sk, spec, updates[0]))
     result["gmpy2"] = gmpy2.version()
     result["load_average_1min"] = os.getloadavg()[0]
     return result

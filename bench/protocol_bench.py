@@ -111,7 +111,7 @@ async def _transport_server(pki_dir: str, ports: Any, results: Any) -> None:
         cpu = time.process_time()
         await conn.receive()
         await conn.send(
-            Welcome(version=PROTOCOL_VERSION, client_id="c", public_key=b"", session_config={})
+            Welcome(version=PROTOCOL_VERSION, client_id="c", federation=b"", session_config={})
         )
         await conn.send(
             RoundStart(round_id=1, weights=b"", clip=1.0, value_bits=16, deadline_s=600.0)
@@ -141,7 +141,7 @@ async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, res
     async with asyncio.timeout(CHILD_TIMEOUT_S):
         cpu = time.process_time()
         conn = await connect("127.0.0.1", port, ctx, config=TransportConfig())
-        await conn.send(Hello(version=PROTOCOL_VERSION, sample_count=1, can_decrypt=False))
+        await conn.send(Hello(version=PROTOCOL_VERSION))
         await conn.receive()
         await conn.receive()
         await conn.send(UploadRequest(round_id=1))
@@ -150,9 +150,7 @@ async def _transport_client(pki_dir: str, port: int, chunk: int, count: int, res
         for seq in range(count):
             await conn.send(UpdateChunk(round_id=1, seq=seq, payload=payload))
         await conn.send(
-            UpdateDone(
-                round_id=1, chunk_count=count, item_count=count, digest=bytes(32), sample_count=1
-            )
+            UpdateDone(round_id=1, chunk_count=count, item_count=count, digest=bytes(32))
         )
         ack = await conn.receive()
         elapsed = time.perf_counter() - started

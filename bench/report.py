@@ -282,10 +282,104 @@ def _round_section(data: dict[str, Any], out: Path) -> list[str]:
             "processes took CPU from the other work sharing the cores, not from idle cores.",
             "",
         ]
+    lines += _round_checks(data)
     for name, plot in (("round-phases.png", plot_round_phases), ("committee.png", plot_committee)):
         plot(data, out / name)
         lines.append(f"![{name}]({name})")
     lines.append("")
+    return lines
+
+
+# round.json privacy_checks keys: (label, key); a missing key skips the row.
+_ROUND_CHECKS = (
+    ("unmask, per round (members' seconds, all shards)", "unmask_s_per_round"),
+    ("decrypt, per round (members' seconds, all shards)", "member_decrypt_s_per_round"),
+    ("aggregator decrypt phase, per round (both overlap)", "decrypt_phase_s_per_round"),
+    ("aggregator token checks, per round", "aggregator_token_check_s_per_round"),
+    ("aggregator token check, per token", "aggregator_token_check_s_per_token"),
+    ("client masking, per update", "client_mask_s_per_update"),
+)
+
+
+def _round_checks(data: dict[str, Any]) -> list[str]:
+    """The per-round cost of protocol 3's checks, when the JSON has it."""
+    checks = data.get("privacy_checks")
+    if not isinstance(checks, dict):
+        return []
+    lines = ["| privacy check (encrypted run) | s |", "|---|---:|"]
+    for label, key in _ROUND_CHECKS:
+        if key in checks:
+            lines.append(f"| {label} | {_fmt(checks[key])} |")
+    ratio = checks.get("unmask_vs_member_decrypt")
+    if isinstance(ratio, int | float):
+        lines += ["", f"Unmasking costs {_fmt(ratio)}x the members' decryption seconds."]
+    note = data.get("privacy_checks_note")
+    if note:
+        lines += ["", str(note) + "."]
+    lines.append("")
+    return lines
+
+
+# micro.json privacy-check keys: (label, before key or None, after key); seconds.
+_MICRO_CHECKS = (
+    (
+        "encrypt, per ciphertext (224-bit → ceil(k/2)-bit exponent)",
+        "encrypt_s_per_ciphertext_before",
+        "encrypt_s_per_ciphertext_after",
+    ),
+    ("encrypt, per value", "encrypt_s_per_value_before", "encrypt_s_per_value_after"),
+    ("encrypt with a ready pool, per ciphertext", None, "pool_encrypt_s_per_ciphertext"),
+    (
+        "decrypt, per ciphertext (Z*_{n²} check added)",
+        "decrypt_s_per_ciphertext_before",
+        "decrypt_s_per_ciphertext_after",
+    ),
+    ("client masking, per ciphertext", None, "client_mask_s_per_ciphertext"),
+    ("client masking, per value", None, "client_mask_s_per_value"),
+    (
+        "unmasker mask sum, per contributor per ciphertext",
+        None,
+        "unmask_mask_sum_add_s_per_contributor_per_ciphertext",
+    ),
+    ("unmasker mask key, per contributor", None, "unmask_key_s_per_contributor"),
+    ("removing the masks, per ciphertext", None, "remove_masks_s_per_ciphertext"),
+    ("sign a contributor token", None, "token_sign_s"),
+    ("verify a token, cold CA cache", None, "token_verify_cold_s"),
+    ("verify a token, cached certificate", None, "token_verify_warm_s"),
+    ("verify a committee credential, cold", None, "committee_credential_verify_cold_s"),
+    ("check_modulus", None, "check_modulus_s"),
+)
+
+
+def micro_checks(data: dict[str, Any]) -> list[str]:
+    """Protocol 3's checks, each alone, and the committee at 10 and 1,000 tokens."""
+    rows = [row for row in _MICRO_CHECKS if row[2] in data]
+    if not rows:
+        return []
+    lines = ["", "| privacy check (s) | before | after |", "|---|---:|---:|"]
+    for label, before, after in rows:
+        lines.append(
+            f"| {label} | {_fmt(data.get(before) if before else None)} | {_fmt(data[after])} |"
+        )
+    scale = data.get("committee_at_scale")
+    if isinstance(scale, dict):
+        lines += [
+            "",
+            "| contributors | ciphertexts | committee token-set check (s) | mask sums (s) "
+            "| unmask total (s) | aggregator token checks, cold / warm (s) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, row in scale.items():
+            if not isinstance(row, dict):
+                continue
+            lines.append(
+                f"| {key} | {_fmt(row.get('ciphertexts'))} | "
+                f"{_fmt(row.get('committee_verify_s'))} | "
+                f"{_fmt(row.get('committee_mask_sums_s'))} | "
+                f"{_fmt(row.get('committee_unmask_s'))} | "
+                f"{_fmt(row.get('aggregator_token_checks_cold_s'))} / "
+                f"{_fmt(row.get('aggregator_token_checks_warm_s'))} |"
+            )
     return lines
 
 
@@ -373,6 +467,7 @@ def _micro_section(
                 f"({_fmt(data.get('aggregator_native_batch4_speedup'))}x)"
             )
         lines += ["", text + "."]
+    lines += micro_checks(data)
     if name == "micro" and plot_micro_costs(data, out / "micro-costs.png", larger_keys):
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")
@@ -389,17 +484,26 @@ def _scale_section(data: dict[str, Any]) -> list[str]:
         lines.append("")
     workload = data.get("workload")
     if isinstance(workload, dict):
-        shown = ("fold_engine", "fold_workers", "max_inflight_uploads", "committee_size")
+        shown = (
+            "fold_engine",
+            "fold_workers",
+            "max_inflight_uploads",
+            "committee_size",
+            "headroom_bits",
+            "masks",
+        )
         lines += [
             "Workload: " + ", ".join(f"{k} {workload[k]}" for k in shown if k in workload) + ".",
             "",
         ]
     curve = [row for row in data.get("curve") or [] if isinstance(row, dict)]
     if curve:
+        committee = any(isinstance(row.get("committee"), dict) for row in curve)
+        extra = " unmask (s) | member decrypt (s) |" if committee else ""
         lines += [
             "| clients | folded | round (s) | collect (s) | decrypt (s) | peak RSS (MB) "
-            "| CPU (s) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| CPU (s) |" + extra,
+            "|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if committee else ""),
         ]
         for row in curve:
             phases = row.get("phase_seconds") or {}
@@ -412,7 +516,17 @@ def _scale_section(data: dict[str, Any]) -> list[str]:
                 row.get("aggregator_peak_rss_mb"),
                 row.get("aggregator_cpu_s"),
             ]
+            if committee:
+                members = row.get("committee") or {}
+                cells += [members.get("unmask_s"), members.get("decrypt_s")]
             lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+        if committee:
+            lines += [
+                "",
+                "unmask and member decrypt: the committee members' own seconds summed over "
+                "shards; both run inside the aggregator's decrypt phase, overlapping across "
+                "shards.",
+            ]
         lines.append("")
     return lines
 

@@ -8,13 +8,21 @@ federation for one round with committees of 1, 2 and 4 to see how decryption sca
 Clients run as spawned processes (one per client, as on real edge machines) so their
 CPU work uses every core; the aggregator runs in this process. Without Fashion-MNIST the
 benchmark falls back to digits with the 64-feature MLP (167,178 parameters) and says so.
-Measures; never asserts.
+
+Protocol 3 adds privacy checks to every encrypted round, reported under
+``privacy_checks``: clients mask their plaintexts for the round's unmasker and sign a
+token; the aggregator checks each token; every committee member checks the named token
+set before it works, and the unmasker removes the masks of exactly those contributors
+while the other members decrypt. Every figure is one fedcore reports itself: the
+round report's ``check_seconds`` (the aggregator's token checks; the members' own
+decrypt and unmask seconds, which each shard answer carries) and the clients' ``mask_s``
+timing. The aggregator's decrypt phase covers unmasking and decryption, which overlap
+across shards and members. Measures; never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -91,7 +99,10 @@ def _phases(record: RoundRecord) -> dict[str, float]:
     """
     p = record.phase_seconds
     train = record.client_timings.get("train_s", 0.0)
-    encrypt = record.client_timings.get("encrypt_s", 0.0)
+    encrypt = sum(  # quantize and pack, mask, encrypt, serialize
+        record.client_timings.get(k, 0.0)
+        for k in ("encode_s", "mask_s", "encrypt_s", "serialize_s")
+    )
     return {
         "local_training": train,
         "encode_encrypt": encrypt,
@@ -104,6 +115,39 @@ def _phases(record: RoundRecord) -> dict[str, float]:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def _privacy_checks(result: FederationResult) -> dict[str, Any]:
+    """Mean per-round cost of the protocol-3 checks, from fedcore's own round reports.
+
+    ``*_s_per_round`` are the report's ``check_seconds`` (members' seconds summed over
+    shards) averaged over rounds; a token is one contributor's (each is checked once);
+    ``client_mask_s_per_update`` is the contributors' ``mask_s``, weighted by
+    contributors over rounds. Zeros and None in a plaintext run.
+    """
+    rounds = result.rounds
+    out: dict[str, Any] = {
+        name: _mean([r.check_seconds.get(key, 0.0) for r in rounds])
+        for name, key in (
+            ("unmask_s_per_round", "member_unmask"),
+            ("member_decrypt_s_per_round", "member_decrypt"),
+            ("aggregator_token_check_s_per_round", "token_check"),
+        )
+    }
+    tokens = sum(r.contributors for r in rounds)
+    token_s = sum(r.check_seconds.get("token_check", 0.0) for r in rounds)
+    out["aggregator_token_check_s_per_token"] = token_s / tokens if tokens and token_s else None
+    decrypt = out["member_decrypt_s_per_round"]
+    out["unmask_vs_member_decrypt"] = out["unmask_s_per_round"] / decrypt if decrypt > 0 else None
+    out["decrypt_phase_s_per_round"] = _mean([r.phase_seconds.get("decrypt", 0.0) for r in rounds])
+    masked = [r for r in rounds if "mask_s" in r.client_timings]
+    updates = sum(r.contributors for r in masked)
+    mask_s = sum(r.client_timings["mask_s"] * r.contributors for r in masked)
+    out["client_mask_s_per_update"] = mask_s / updates if updates else None
+    out["updates_masked"] = updates
+    for key in ("shards_unmasked", "shards_decrypted", "requests_refused"):
+        out[key] = sum(c.get(key, 0) for c in result.client_results)
+    return out
 
 
 def summarize(result: FederationResult, clients: int) -> dict[str, Any]:
@@ -128,12 +172,14 @@ def summarize(result: FederationResult, clients: int) -> dict[str, Any]:
                 for c in result.client_results
             ]
         ),
+        "privacy_checks": _privacy_checks(result),
         "cpu_s_per_round": result.cpu_s / max(1, len(rounds)),
         "cpu_s_aggregator_per_round": result.cpu_s_aggregator_process / max(1, len(rounds)),
         "cpu_s_clients_per_round": (result.cpu_s_clients or 0.0) / max(1, len(rounds)),
         "federation_wall_s": result.wall_s,
         "rounds": [r.to_json() for r in rounds],
         "clients": clients,
+        "federation": result.federation,
     }
 
 
@@ -161,7 +207,6 @@ def _run(
         clients_per_round=clients,
         rounds=rounds,
         committee_size=committee,
-        headroom_bits=max(10, math.ceil(math.log2(2 * clients))),
         local_epochs=1,
         seed=0,
     )
@@ -216,9 +261,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "key_bits": args.key_bits,
         "value_bits": 16,
         "committee_size": args.committee_size,
+        "weights": "each client's own: min(max_weight, ceil(samples / samples_per_weight))",
         "client_execution": "asyncio tasks in this process (smoke test)"
         if args.in_process
-        else "one spawned process per client (torch 1 thread each)",
+        else "one spawned process per client (torch 1 thread each, plus its "
+        "EncryptionPool worker process)",
         "machine_cores_shared": "yes: other work may run on the same cores",
     }
     _progress(f"workload: {workload}")
@@ -257,6 +304,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **common,
         )
         decrypt_by_committee: dict[str, float] = {}
+        unmask_by_committee: dict[str, float] = {}
         for size in committee_sizes:
             if size > clients:
                 _progress(f"committee {size} > {clients} clients: skipped")
@@ -273,11 +321,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 **common,
             )
             decrypt_by_committee[str(size)] = scaling.rounds[0].phase_seconds["decrypt"]
+            unmask_by_committee[str(size)] = scaling.rounds[0].check_seconds.get(
+                "member_unmask", 0.0
+            )
     enc = summarize(encrypted, clients)
     plain = summarize(plaintext, clients)
     ratio = enc["round_s"] / plain["round_s"] if plain["round_s"] > 0 else float("nan")
     extra = {k: enc["phase_s"][k] - plain["phase_s"][k] for k in PHASES}
     base = decrypt_by_committee.get("1")
+    workload["federation"] = enc["federation"]
     return {
         "workload": workload,
         "encrypted_round_s": enc["round_s"],
@@ -288,6 +340,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encrypted_phase_s": enc["phase_s"],
         "plaintext_phase_s": plain["phase_s"],
         "encryption_extra_s_by_phase": extra,
+        "privacy_checks": enc["privacy_checks"],
+        "privacy_checks_note": (
+            "protocol 3 per-round costs, as fedcore's round reports give them: unmask_s and "
+            "member_decrypt_s are the committee members' own seconds summed over shards "
+            "(their token-set checks included); both happen inside the aggregator's decrypt "
+            "phase and overlap across shards and members, so they do not add up to it. "
+            "aggregator_token_check_s is the aggregator's check of every contributor's "
+            "UpdateDone token; client_mask_s_per_update is one client deriving and adding "
+            "its one-time masks for one update (the clients' mask_s timing, part of "
+            "encode_encrypt). bench micro measures each check alone, before and after"
+        ),
         "encrypted_cpu_s_per_round": enc["cpu_s_per_round"],
         "plaintext_cpu_s_per_round": plain["cpu_s_per_round"],
         "cpu_overhead_ratio": enc["cpu_s_per_round"] / plain["cpu_s_per_round"]
@@ -299,10 +362,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "bytes_ratio": enc["bytes_per_client_per_round"] / plain["bytes_per_client_per_round"],
         "decrypt_s_by_committee_size": decrypt_by_committee,
+        "unmask_s_by_committee_size": unmask_by_committee,
         "decrypt_speedup_by_committee_size": {
             k: base / v for k, v in decrypt_by_committee.items() if base and v > 0
         },
         "decrypt_scaling_note": (
+            "the decrypt phase includes unmasking (one member, chosen among the key "
+            "holders, also unmasks every shard); "
             "each committee member decrypts its shard in its own process on one core "
             f"(CRT, constant-time {constant_time_backend()} exponentiation); on an idle "
             "machine the decrypt phase can fall at most by the core count, and members "

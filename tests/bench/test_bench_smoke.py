@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.report import micro_costs, micro_series, run_all, write_report
+from bench.report import micro_checks, micro_costs, micro_series, run_all, write_report
 
 TINY = ["--clients", "2", "--rounds", "1", "--samples-per-client", "32", "--key-bits", "512"]
 
@@ -77,6 +77,50 @@ def test_round_benchmark_reports_times_phases_bytes_and_committee_scaling(result
     assert all(_positive(v) for v in data["decrypt_s_by_committee_size"].values())
 
 
+def test_round_benchmark_reports_what_the_privacy_checks_cost(results: Path) -> None:
+    checks = json.loads((results / "round.json").read_text())["privacy_checks"]
+    # fedcore's own figures: one unmasker served every shard, both contributors masked
+    assert checks["shards_unmasked"] >= 1 and checks["shards_decrypted"] >= 1
+    assert checks["requests_refused"] == 0
+    assert checks["updates_masked"] == 2
+    for key in (
+        "unmask_s_per_round",
+        "member_decrypt_s_per_round",
+        "aggregator_token_check_s_per_round",
+        "aggregator_token_check_s_per_token",
+        "client_mask_s_per_update",
+        "unmask_vs_member_decrypt",
+    ):
+        assert _positive(checks[key]), key
+
+
+def test_micro_benchmark_reports_each_privacy_check(tmp_path: Path) -> None:
+    argv = ["micro", "--key-bits", "512", "--values", "2000", "--phe-sample", "4"]
+    argv += ["--repeats", "1", "--decrypt-workers", "1", "--encrypt-sample", "8"]
+    data = _run([*argv, "--contributors", "3,5"], tmp_path / "micro.json")
+    assert data["encrypt_exponent_bits_before"] == 224
+    assert data["encrypt_exponent_bits_after"] == 256  # ceil(512 / 2)
+    for key in (
+        "encrypt_s_per_ciphertext_before",
+        "encrypt_s_per_ciphertext_after",
+        "pool_encrypt_s_per_ciphertext",
+        "decrypt_s_per_ciphertext_before",
+        "decrypt_s_per_ciphertext_after",
+        "client_mask_s_per_value",
+        "unmask_mask_sum_add_s_per_contributor_per_ciphertext",
+        "token_verify_cold_s",
+        "committee_credential_verify_cold_s",
+        "check_modulus_s",
+        "committee_unmask_s_at_3",
+        "committee_unmask_s_at_5",
+        "aggregator_token_checks_cold_s_at_5",
+    ):
+        assert _positive(data[key]), key
+    assert data["committee_at_scale"]["5"]["contributors"] == 5
+    text = "\n".join(micro_checks(data))
+    assert "verify a token, cold CA cache" in text and "| 5 |" in text
+
+
 def test_accuracy_benchmark_reports_accuracies_in_unit_interval(results: Path) -> None:
     data = json.loads((results / "accuracy-digits.json").read_text())
     assert 0.0 <= data["encrypted_accuracy"] <= 1.0
@@ -110,6 +154,7 @@ def test_report_is_built_from_the_json_files(results: Path) -> None:
     report = write_report(results)
     text = report.read_text()
     assert "## Round" in text and "## Accuracy, digits" in text and "## Micro" in text
+    assert "privacy check (encrypted run)" in text
     for png in ("round-phases.png", "committee.png", "accuracy-digits.png", "micro-costs.png"):
         assert (results / png).stat().st_size > 0, png
         assert f"({png})" in text

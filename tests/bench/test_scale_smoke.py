@@ -39,6 +39,23 @@ def test_scale_benchmark_folds_every_client_and_reports_its_figures(tmp_path: Pa
     assert data["handshake_failures"] == 0
     loadgen = data["runs"][0]["loadgen"]
     assert loadgen["acked"] == 4
+    assert loadgen["tokens_signed"] == 4
+    assert loadgen["federation_mismatches"] == 0 and loadgen["credential_failures"] == 0
+    # the key holders' CommitteeMember checked the tokens and did both jobs
     assert loadgen["shards_decrypted"] >= 1
+    assert loadgen["shards_unmasked"] >= 1
+    assert loadgen["requests_refused"] == 0, loadgen["refusals"]
     assert loadgen["byes"] == {"federation complete": 4}
     assert [point["clients"] for point in data["curve"]] == [4]
+
+
+@pytest.mark.timeout(120)
+def test_scale_benchmark_with_per_client_masks_decodes_the_sum(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    argv = ["scale", "--clients", "3", "--curve", "", *TINY, "--per-client-masks"]
+    assert bench_main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+
+    assert data["updates_folded"] == 3, data.get("aggregator_log_tail")
+    assert data["model_update_ok"] is True  # three different masks, all removed
+    assert data["runs"][0]["loadgen"]["masked_uploads"] == 3
