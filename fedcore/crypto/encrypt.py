@@ -18,8 +18,10 @@ This module knows big integers and nothing of keys on disk, packing or the wire.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
+import os
 import secrets
 from collections import deque
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKGROUND_NICENESS",
     "DEFAULT_WINDOW_BITS",
     "EncryptionPool",
     "FixedBaseTable",
@@ -225,6 +228,21 @@ def check_plaintexts(plaintexts: Sequence[int], n: Any) -> None:
 _WORKER_RANDOMIZERS: dict[tuple[int, int], ShortExponentRandomizer] = {}
 
 
+BACKGROUND_NICENESS = 10
+"""How much the pool's worker lowers its scheduling priority (``os.nice``)."""
+
+
+def _background_priority() -> None:
+    """Worker initializer: yield the CPU to the app's foreground work (training, decrypting).
+
+    Factors are made ahead of time, so the worker need not compete with what the client
+    is doing now; whatever the pool lacks when an update is encrypted is computed then,
+    at the caller's priority.
+    """
+    with contextlib.suppress(OSError):  # platforms without nice: run at normal priority
+        os.nice(BACKGROUND_NICENESS)
+
+
 def _make_factor_batch(n: int, hs: int, count: int) -> bytes:
     """Worker-process job: ``count`` fresh factors, fixed-width big-endian, concatenated.
 
@@ -273,7 +291,9 @@ class EncryptionPool:
         self._pending: dict[Future[bytes], int] = {}
         self._executor: ProcessPoolExecutor | None = None
         if background and size > 0:
-            self._executor = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+            self._executor = ProcessPoolExecutor(
+                max_workers=1, mp_context=get_context("spawn"), initializer=_background_priority
+            )
             self._schedule_refill()
 
     @property
