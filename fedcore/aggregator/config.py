@@ -61,6 +61,9 @@ class AggregatorConfig:
     committee_size: int = 3
     decrypt_shard_timeout: float = 120.0
     resume_grace: float = 30.0
+    # A rerun of a model version waits this long for the unmasker(s) its contributors
+    # masked for (they refuse to re-mask for another), then picks another.
+    unmasker_grace: float = 30.0
     handshake_timeout: float = 30.0
     idle_timeout: float = 120.0
     heartbeat_interval: float = 15.0
@@ -106,6 +109,12 @@ class AggregatorConfig:
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, name, "> 0 seconds", value)
         _require(self.resume_grace >= 0, "resume_grace", ">= 0 seconds", self.resume_grace)
+        _require(
+            math.isfinite(self.unmasker_grace) and self.unmasker_grace >= 0,
+            "unmasker_grace",
+            ">= 0 seconds",
+            self.unmasker_grace,
+        )
         _require(
             self.heartbeat_interval >= 0, "heartbeat_interval", ">= 0", self.heartbeat_interval
         )

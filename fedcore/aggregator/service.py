@@ -313,17 +313,35 @@ class Aggregator:
                 if failures >= c.max_failed_rounds:
                     raise RoundError(f"{failures} rounds in a row failed; giving up")
 
+    def _previous_unmaskers(self) -> tuple[str, ...]:
+        """The unmaskers of the last round of the current model version, if it ran before.
+
+        Its contributors masked their (only) update for those members and refuse to mask
+        it for others, so a rerun should wait a little for them rather than move on.
+        """
+        current = model_digest(self.checkpoint.global_weights.astype(np.float32).tobytes())
+        for record in reversed(self.checkpoint.history):
+            if record.get("model") == current.hex():
+                return tuple(record.get("unmaskers", ()))
+            if record.get("phase") == RoundPhase.COMPLETED.value:
+                break
+        return ()
+
     async def _wait_for_clients(self) -> bool:
         c = self.config
-        deadline = time.monotonic() + c.wait_for_clients_timeout
+        started = time.monotonic()
+        deadline = started + c.wait_for_clients_timeout
+        wanted = self._previous_unmaskers() if self.codec.encrypted else ()
         while not self._stop.is_set():
             connected = len(self.clients)
             holders = sum(h.can_decrypt for h in self.clients.values())
             enough_holders = not self.codec.encrypted or holders >= self.federation.unmaskers
+            back = all(cid in self.clients for cid in wanted)
             if (
                 connected >= c.target_clients(connected)
                 and connected >= c.min_clients
                 and enough_holders
+                and (back or time.monotonic() >= started + c.unmasker_grace)
             ):
                 return True
             remaining = deadline - time.monotonic()
@@ -331,7 +349,7 @@ class Aggregator:
                 return False
             self._clients_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._clients_changed.wait(), remaining)
+                await asyncio.wait_for(self._clients_changed.wait(), min(remaining, 1.0))
         return False
 
     async def _run_one_round(self) -> bool:
@@ -353,7 +371,11 @@ class Aggregator:
         unmaskers: list[str] = []
         if self.codec.encrypted:
             holders = {cid: h.mask_public for cid, h in self.clients.items() if h.can_decrypt}
-            unmaskers = pick_unmaskers(holders, self.federation.unmaskers, digest)
+            previous = self._previous_unmaskers()
+            if previous and all(cid in holders for cid in previous):
+                unmaskers = list(previous)  # a rerun: the members its updates are masked for
+            else:
+                unmaskers = pick_unmaskers(holders, self.federation.unmaskers, digest)
         self._round_committee = tuple(self.clients[cid].credential for cid in unmaskers)
         unmasker_keys = tuple(self.clients[cid].mask_public for cid in unmaskers)
         state = RoundState(

@@ -338,8 +338,8 @@ async def test_a_sum_that_does_not_decode_fails_the_round_not_the_daemon(
     tmp_path: Path, pki: Path, keys: Keys, digits
 ) -> None:
     """A client masks for a key nobody holds: the unmasked sum is noise, the unmasker
-    releases nothing, the round fails (counted, logged), and the next round, with
-    another contributor set for the same model version, completes."""
+    releases nothing, the round fails (counted, logged), and the rerun of the same model
+    version, with another contributor set and the same unmasker, completes."""
     config = aggregator_config(
         tmp_path, pki, keys, min_clients=3, clients_per_round=3, rounds=1, local_epochs=1
     )
@@ -347,25 +347,32 @@ async def test_a_sum_that_does_not_decode_fails_the_round_not_the_daemon(
     task = await _start(aggregator)
     port = aggregator.port
     fed = aggregator.federation
-    honest = [make_client(i, pki, keys, digits, 3, federation=fed) for i in range(3)]
+    # The unmasker refuses by closing its connection and comes back only after 2 s; by
+    # then two fresh clients are waiting. The rerun must wait for the unmasker anyway:
+    # the first round's contributors masked their update for it and for no other.
+    honest = [
+        make_client(i, pki, keys, digits, 4, federation=fed, backoff_base=2.0, backoff_max=2.0)
+        for i in range(4)
+    ]
     saboteur = RogueClient(pki, 5)
     await saboteur.connect(port)
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest[:2]]
-    start = await saboteur.expect(RoundStart)
+    start = await saboteur.expect(RoundStart)  # round 1: client-0, client-1 and client-5
+    honest_tasks += [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest[2:]]
     stranger = public_key_bytes(X25519PrivateKey.generate())
     await saboteur.upload(start, saboteur.payloads(start, mask_for=(stranger,)))
     await saboteur.expect(Ack)
     await saboteur.close()
-    while not aggregator.checkpoint.history:  # round 1 fails at decode ...
-        await asyncio.sleep(0.1)
-    failed = aggregator.checkpoint.history[0]
+    checkpoint = await asyncio.wait_for(task, 120)
+    await asyncio.wait_for(asyncio.gather(*honest_tasks), 30)
+    failed = checkpoint.history[0]
     assert "the unmasked sum does not decode" in failed["failure"]
     assert "client-5" in failed["contributors"]
     label = {"reason": "decode_failed"}
     assert aggregator.metrics.registry.get_sample_value("fedcore_rounds_failed_total", label) == 1
-    # ... and the daemon runs on: the next round, with the third honest client, completes.
-    honest_tasks.append(asyncio.create_task(honest[2].run(f"127.0.0.1:{port}")))
-    checkpoint = await asyncio.wait_for(task, 120)
-    await asyncio.wait_for(asyncio.gather(*honest_tasks), 30)
-    assert checkpoint.rounds_completed == 1
-    assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1", "client-2"]
+    # the daemon ran on: the rerun completed, with the same unmasker, in one more round
+    assert checkpoint.rounds_completed == 1 and len(checkpoint.history) == 2
+    completed = checkpoint.history[-1]
+    assert completed["unmaskers"] == failed["unmaskers"]
+    assert completed["model"] == failed["model"]
+    assert len(completed["contributors"]) == 3 and "client-5" not in completed["contributors"]
