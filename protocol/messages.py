@@ -1,7 +1,8 @@
 """Typed protocol messages and their explicit msgpack-map encodings.
 
-Each message is a frozen, keyword-only dataclass validated when built: a bad field
-raises ``TypeError``/``ValueError`` naming the field and the allowed range. Each
+Each message is a frozen, keyword-only dataclass validated when built (the checks and
+limits are in `protocol.fields`): a bad field raises ``TypeError``/``ValueError`` naming
+the field and the allowed range. Each
 message has one hand-written ``to_wire`` (dataclass -> plain dict) and one
 ``from_wire`` (dict -> dataclass); nothing is decoded by reflection. Payloads are
 opaque bytes: this module knows nothing of Paillier, packing or torch, and nothing
@@ -10,12 +11,41 @@ of frames or sockets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
+from .committee_messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
 from .errors import ErrorCode, InvalidMessage, UnknownMessageType
+from .fields import (
+    MAX_BYTES_FIELD_LEN,
+    MAX_CHUNKS_PER_UPDATE,
+    MAX_CLIENT_ID_LEN,
+    MAX_COMMITTEE_ENTRIES,
+    MAX_CONFIG_ENTRIES,
+    MAX_CONFIG_KEY_LEN,
+    MAX_CONFIG_STR_LEN,
+    MAX_CONTRIBUTORS_LEN,
+    MAX_FEDERATION_LEN,
+    MAX_INT,
+    MAX_METRIC_ENTRIES,
+    MAX_PUBLIC_KEY_LEN,
+    MAX_REASON_LEN,
+    MAX_STATEMENT_LEN,
+    MAX_STATUS_LEN,
+    MAX_VALUE_BITS,
+    SHA256_DIGEST_LEN,
+    ConfigValue,
+    check_bool,
+    check_bytes,
+    check_bytes_tuple,
+    check_config,
+    check_float,
+    check_int,
+    check_metrics,
+    check_str,
+    pick_fields,
+)
 
 __all__ = [
     "MAX_BYTES_FIELD_LEN",
@@ -62,135 +92,6 @@ __all__ = [
 # 3: clients pin the federation and sign a token per upload; the committee unmasks.
 PROTOCOL_VERSION = 3
 
-# Named limits. Frame-size limits live in framing.py; these bound single fields.
-MAX_INT = 2**63 - 1
-MAX_REASON_LEN = 1024
-MAX_STATUS_LEN = 64
-MAX_CLIENT_ID_LEN = 256
-MAX_PUBLIC_KEY_LEN = 64 * 1024
-MAX_BYTES_FIELD_LEN = 1 << 30  # weights/payloads; the frame limit is the real cap
-MAX_CONFIG_ENTRIES = 256
-MAX_CONFIG_KEY_LEN = 128
-MAX_CONFIG_STR_LEN = 4096
-MAX_METRIC_ENTRIES = 256
-MAX_CHUNKS_PER_UPDATE = 1_000_000
-MAX_VALUE_BITS = 64
-SHA256_DIGEST_LEN = 32
-# Signed statements (committee credentials, contributor tokens) are opaque bytes here.
-MAX_STATEMENT_LEN = 16 * 1024
-MAX_COMMITTEE_ENTRIES = 16
-# A packed list of contributor tokens: one per contributor of a round.
-MAX_CONTRIBUTORS_LEN = 64 * 1024 * 1024
-MAX_FEDERATION_LEN = 64 * 1024
-
-ConfigValue: TypeAlias = int | float | str | bool
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def _int(name: str, value: object, lo: int = 0, hi: int = MAX_INT) -> None:
-    if type(value) is not int:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-
-
-def _float(obj: object, name: str, value: object, lo: float = -math.inf) -> None:
-    # ints are accepted (msgpack may carry 1 for 1.0) and stored as float
-    if type(value) is int:
-        value = float(value)
-        object.__setattr__(obj, name, value)
-    if type(value) is not float:
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < lo:
-        raise ValueError(f"{name} must be a finite float >= {lo}, got {value}")
-
-
-def _bool(name: str, value: object) -> None:
-    if type(value) is not bool:
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _str(name: str, value: object, max_len: int, *, nonempty: bool = False) -> None:
-    if type(value) is not str:
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if len(value) > max_len:
-        raise ValueError(f"{name} must be at most {max_len} characters, got {len(value)}")
-    if nonempty and not value:
-        raise ValueError(f"{name} must not be empty")
-
-
-def _bytes(name: str, value: object, max_len: int, exact_len: int | None = None) -> None:
-    if type(value) is not bytes:
-        raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
-    if exact_len is not None and len(value) != exact_len:
-        raise ValueError(f"{name} must be exactly {exact_len} bytes, got {len(value)}")
-    if len(value) > max_len:
-        raise ValueError(f"{name} must be at most {max_len} bytes, got {len(value)}")
-
-
-def _bytes_tuple(obj: object, name: str, value: object, max_items: int, max_len: int) -> None:
-    if not isinstance(value, list | tuple):
-        raise TypeError(f"{name} must be a list of bytes, got {type(value).__name__}")
-    if len(value) > max_items:
-        raise ValueError(f"{name} must have at most {max_items} entries, got {len(value)}")
-    for index, item in enumerate(value):
-        _bytes(f"{name}[{index}]", item, max_len)
-    object.__setattr__(obj, name, tuple(value))
-
-
-def _config(obj: object, name: str, value: object) -> None:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a dict[str, int|float|str|bool]")
-    if len(value) > MAX_CONFIG_ENTRIES:
-        raise ValueError(f"{name} must have at most {MAX_CONFIG_ENTRIES} entries")
-    for key, item in value.items():
-        _str(f"{name} key", key, MAX_CONFIG_KEY_LEN, nonempty=True)
-        if type(item) is float:
-            if not math.isfinite(item):
-                raise ValueError(f"{name}[{key!r}] must be finite, got {item}")
-        elif type(item) is int:
-            _int(f"{name}[{key!r}]", item, -MAX_INT, MAX_INT)
-        elif type(item) is str:
-            _str(f"{name}[{key!r}]", item, MAX_CONFIG_STR_LEN)
-        elif type(item) is not bool:
-            raise TypeError(f"{name}[{key!r}] must be int, float, str or bool")
-    # a private copy: the message is frozen, the caller's dict is not
-    object.__setattr__(obj, name, dict(value))
-
-
-def _metrics(obj: object, name: str, value: object) -> None:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{name} must be a dict[str, float]")
-    if len(value) > MAX_METRIC_ENTRIES:
-        raise ValueError(f"{name} must have at most {MAX_METRIC_ENTRIES} entries")
-    copy: dict[str, float] = {}
-    for key, item in value.items():
-        _str(f"{name} key", key, MAX_CONFIG_KEY_LEN, nonempty=True)
-        if type(item) is int:
-            item = float(item)
-        if type(item) is not float:
-            raise TypeError(f"{name}[{key!r}] must be a float")
-        if not math.isfinite(item):
-            raise ValueError(f"{name}[{key!r}] must be finite, got {item}")
-        copy[key] = item
-    object.__setattr__(obj, name, copy)
-
-
-def _fields(
-    wire: Mapping[str, Any], cls: type, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Pick exactly the known keys from a wire map; unknown or missing keys are invalid."""
-    name = cls.__name__
-    for key in wire:
-        if key not in required and key not in optional:
-            raise InvalidMessage(f"{name}: unexpected field {key!r}")
-    for key in required:
-        if key not in wire:
-            raise InvalidMessage(f"{name}: missing field {key!r}")
-    return dict(wire)
-
 
 # --------------------------------------------------------------------------- messages
 
@@ -208,8 +109,8 @@ class Hello:
     committee: bytes = b""
 
     def __post_init__(self) -> None:
-        _int("version", self.version, 0, 255)
-        _bytes("committee", self.committee, MAX_STATEMENT_LEN)
+        check_int("version", self.version, 0, 255)
+        check_bytes("committee", self.committee, MAX_STATEMENT_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -218,7 +119,7 @@ class Hello:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Hello:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("version",), ("committee",))
+        f = pick_fields(wire, cls, ("version",), ("committee",))
         return cls(version=f["version"], committee=f.get("committee", b""))
 
 
@@ -237,10 +138,10 @@ class Welcome:
     session_config: dict[str, ConfigValue]
 
     def __post_init__(self) -> None:
-        _int("version", self.version, 0, 255)
-        _str("client_id", self.client_id, MAX_CLIENT_ID_LEN, nonempty=True)
-        _bytes("federation", self.federation, MAX_FEDERATION_LEN)
-        _config(self, "session_config", self.session_config)
+        check_int("version", self.version, 0, 255)
+        check_str("client_id", self.client_id, MAX_CLIENT_ID_LEN, nonempty=True)
+        check_bytes("federation", self.federation, MAX_FEDERATION_LEN)
+        check_config(self, "session_config", self.session_config)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -254,7 +155,7 @@ class Welcome:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Welcome:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("version", "client_id", "federation", "session_config"))
+        f = pick_fields(wire, cls, ("version", "client_id", "federation", "session_config"))
         return cls(
             version=f["version"],
             client_id=f["client_id"],
@@ -283,16 +184,18 @@ class RoundStart:
     committee: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _bytes("weights", self.weights, MAX_BYTES_FIELD_LEN)
-        _float(self, "clip", self.clip, 0.0)
+        check_int("round_id", self.round_id)
+        check_bytes("weights", self.weights, MAX_BYTES_FIELD_LEN)
+        check_float(self, "clip", self.clip, 0.0)
         if self.clip <= 0.0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
-        _int("value_bits", self.value_bits, 1, MAX_VALUE_BITS)
-        _float(self, "deadline_s", self.deadline_s, 0.0)
-        _int("chunks_received", self.chunks_received, 0, MAX_CHUNKS_PER_UPDATE)
-        _config(self, "config", self.config)
-        _bytes_tuple(self, "committee", self.committee, MAX_COMMITTEE_ENTRIES, MAX_STATEMENT_LEN)
+        check_int("value_bits", self.value_bits, 1, MAX_VALUE_BITS)
+        check_float(self, "deadline_s", self.deadline_s, 0.0)
+        check_int("chunks_received", self.chunks_received, 0, MAX_CHUNKS_PER_UPDATE)
+        check_config(self, "config", self.config)
+        check_bytes_tuple(
+            self, "committee", self.committee, MAX_COMMITTEE_ENTRIES, MAX_STATEMENT_LEN
+        )
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -310,7 +213,7 @@ class RoundStart:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> RoundStart:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(
+        f = pick_fields(
             wire,
             cls,
             ("round_id", "weights", "clip", "value_bits", "deadline_s"),
@@ -340,7 +243,7 @@ class UploadRequest:
     round_id: int
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
+        check_int("round_id", self.round_id)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -349,7 +252,7 @@ class UploadRequest:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UploadRequest:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id",))
+        f = pick_fields(wire, cls, ("round_id",))
         return cls(round_id=f["round_id"])
 
 
@@ -366,8 +269,8 @@ class UploadGrant:
     start_seq: int = 0
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("start_seq", self.start_seq, 0, MAX_CHUNKS_PER_UPDATE)
+        check_int("round_id", self.round_id)
+        check_int("start_seq", self.start_seq, 0, MAX_CHUNKS_PER_UPDATE)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -376,7 +279,7 @@ class UploadGrant:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UploadGrant:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id",), ("start_seq",))
+        f = pick_fields(wire, cls, ("round_id",), ("start_seq",))
         return cls(round_id=f["round_id"], start_seq=f.get("start_seq", 0))
 
 
@@ -390,9 +293,9 @@ class UpdateChunk:
     payload: bytes
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("seq", self.seq, 0, MAX_CHUNKS_PER_UPDATE - 1)
-        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        check_int("round_id", self.round_id)
+        check_int("seq", self.seq, 0, MAX_CHUNKS_PER_UPDATE - 1)
+        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -401,7 +304,7 @@ class UpdateChunk:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UpdateChunk:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "seq", "payload"))
+        f = pick_fields(wire, cls, ("round_id", "seq", "payload"))
         return cls(round_id=f["round_id"], seq=f["seq"], payload=f["payload"])
 
 
@@ -424,13 +327,13 @@ class UpdateDone:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("chunk_count", self.chunk_count, 0, MAX_CHUNKS_PER_UPDATE)
-        _int("item_count", self.item_count)
-        _bytes("digest", self.digest, SHA256_DIGEST_LEN, SHA256_DIGEST_LEN)
-        _bytes("token", self.token, MAX_STATEMENT_LEN)
-        _metrics(self, "timings", self.timings)
-        _metrics(self, "metrics", self.metrics)
+        check_int("round_id", self.round_id)
+        check_int("chunk_count", self.chunk_count, 0, MAX_CHUNKS_PER_UPDATE)
+        check_int("item_count", self.item_count)
+        check_bytes("digest", self.digest, SHA256_DIGEST_LEN, SHA256_DIGEST_LEN)
+        check_bytes("token", self.token, MAX_STATEMENT_LEN)
+        check_metrics(self, "timings", self.timings)
+        check_metrics(self, "metrics", self.metrics)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -447,7 +350,7 @@ class UpdateDone:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UpdateDone:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(
+        f = pick_fields(
             wire,
             cls,
             ("round_id", "chunk_count", "item_count", "digest"),
@@ -474,9 +377,9 @@ class Ack:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _bool("accepted", self.accepted)
-        _str("reason", self.reason, MAX_REASON_LEN)
+        check_int("round_id", self.round_id)
+        check_bool("accepted", self.accepted)
+        check_str("reason", self.reason, MAX_REASON_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -485,7 +388,7 @@ class Ack:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Ack:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "accepted"), ("reason",))
+        f = pick_fields(wire, cls, ("round_id", "accepted"), ("reason",))
         return cls(round_id=f["round_id"], accepted=f["accepted"], reason=f.get("reason", ""))
 
 
@@ -502,9 +405,9 @@ class RoundEnd:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _str("status", self.status, MAX_STATUS_LEN, nonempty=True)
-        _str("reason", self.reason, MAX_REASON_LEN)
+        check_int("round_id", self.round_id)
+        check_str("status", self.status, MAX_STATUS_LEN, nonempty=True)
+        check_str("reason", self.reason, MAX_REASON_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -513,198 +416,8 @@ class RoundEnd:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> RoundEnd:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "status"), ("reason",))
+        f = pick_fields(wire, cls, ("round_id", "status"), ("reason",))
         return cls(round_id=f["round_id"], status=f["status"], reason=f.get("reason", ""))
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DecryptRequest:
-    """Aggregator -> key holder: decrypt summed ciphertexts ``[start, start + item_count)``.
-
-    ``contributors`` is the packed list of the round's contributor tokens: the member
-    decrypts only for a named set of at least the federation's quorum.
-    """
-
-    type_id: ClassVar[int] = 8
-    round_id: int
-    shard_id: int
-    start: int
-    item_count: int
-    payload: bytes
-    contributors: bytes
-
-    def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("shard_id", self.shard_id)
-        _int("start", self.start)
-        _int("item_count", self.item_count)
-        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-        _bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "start": self.start,
-            "item_count": self.item_count,
-            "payload": self.payload,
-            "contributors": self.contributors,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptRequest:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(
-            wire,
-            cls,
-            ("round_id", "shard_id", "start", "item_count", "payload", "contributors"),
-        )
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            start=f["start"],
-            item_count=f["item_count"],
-            payload=f["payload"],
-            contributors=f["contributors"],
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class DecryptResult:
-    """Key-holding client -> aggregator: the plaintexts of one shard."""
-
-    type_id: ClassVar[int] = 9
-    round_id: int
-    shard_id: int
-    item_count: int
-    payload: bytes
-    seconds: float
-
-    def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("shard_id", self.shard_id)
-        _int("item_count", self.item_count)
-        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-        _float(self, "seconds", self.seconds, 0.0)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "item_count": self.item_count,
-            "payload": self.payload,
-            "seconds": self.seconds,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptResult:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            item_count=f["item_count"],
-            payload=f["payload"],
-            seconds=f["seconds"],
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class UnmaskRequest:
-    """Aggregator -> unmasker: remove the named contributors' masks from a decrypted range.
-
-    ``payload`` holds the decrypted (still masked) sums of ``[start, start + item_count)``
-    as fixed-width integers; ``contributors`` the packed signed tokens. The unmasker
-    answers for one contributor set per model version, only for a quorum, and only
-    when the unmasked values decode.
-    """
-
-    type_id: ClassVar[int] = 15
-    round_id: int
-    shard_id: int
-    start: int
-    item_count: int
-    contributors: bytes
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("shard_id", self.shard_id)
-        _int("start", self.start)
-        _int("item_count", self.item_count)
-        _bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
-        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "start": self.start,
-            "item_count": self.item_count,
-            "contributors": self.contributors,
-            "payload": self.payload,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(
-            wire,
-            cls,
-            ("round_id", "shard_id", "start", "item_count", "contributors", "payload"),
-        )
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            start=f["start"],
-            item_count=f["item_count"],
-            contributors=f["contributors"],
-            payload=f["payload"],
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class UnmaskResult:
-    """Unmasker -> aggregator: the unmasked sums of one range, as fixed-width integers."""
-
-    type_id: ClassVar[int] = 16
-    round_id: int
-    shard_id: int
-    item_count: int
-    payload: bytes
-    seconds: float
-
-    def __post_init__(self) -> None:
-        _int("round_id", self.round_id)
-        _int("shard_id", self.shard_id)
-        _int("item_count", self.item_count)
-        _bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-        _float(self, "seconds", self.seconds, 0.0)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "item_count": self.item_count,
-            "payload": self.payload,
-            "seconds": self.seconds,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskResult:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            item_count=f["item_count"],
-            payload=f["payload"],
-            seconds=f["seconds"],
-        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -715,7 +428,7 @@ class Heartbeat:
     sent_at: float
 
     def __post_init__(self) -> None:
-        _float(self, "sent_at", self.sent_at, 0.0)
+        check_float(self, "sent_at", self.sent_at, 0.0)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -724,7 +437,7 @@ class Heartbeat:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Heartbeat:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("sent_at",))
+        f = pick_fields(wire, cls, ("sent_at",))
         return cls(sent_at=f["sent_at"])
 
 
@@ -738,12 +451,12 @@ class Error:
 
     def __post_init__(self) -> None:
         if not isinstance(self.code, ErrorCode):
-            _int("code", self.code, 0, 0xFFFF)
+            check_int("code", self.code, 0, 0xFFFF)
         try:
             object.__setattr__(self, "code", ErrorCode(self.code))
         except ValueError:
             raise ValueError(f"code must be an ErrorCode value, got {self.code}") from None
-        _str("reason", self.reason, MAX_REASON_LEN)
+        check_str("reason", self.reason, MAX_REASON_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -752,7 +465,7 @@ class Error:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Error:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, ("code", "reason"))
+        f = pick_fields(wire, cls, ("code", "reason"))
         return cls(code=f["code"], reason=f["reason"])
 
 
@@ -764,7 +477,7 @@ class Bye:
     reason: str = ""
 
     def __post_init__(self) -> None:
-        _str("reason", self.reason, MAX_REASON_LEN)
+        check_str("reason", self.reason, MAX_REASON_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -773,7 +486,7 @@ class Bye:
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Bye:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = _fields(wire, cls, (), ("reason",))
+        f = pick_fields(wire, cls, (), ("reason",))
         return cls(reason=f.get("reason", ""))
 
 

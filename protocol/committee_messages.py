@@ -1,0 +1,214 @@
+"""The committee's messages: decryption and unmasking requests and their answers.
+
+The aggregator sends a key holder a range of summed ciphertexts to decrypt, or a range
+of decrypted (still masked) sums to unmask, each with the packed signed tokens of the
+contributors; the member answers with fixed-width integers. Payloads and tokens are
+opaque bytes here: this module knows nothing of Paillier, masks or certificates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .fields import (
+    MAX_BYTES_FIELD_LEN,
+    MAX_CONTRIBUTORS_LEN,
+    check_bytes,
+    check_float,
+    check_int,
+    pick_fields,
+)
+
+__all__ = ["DecryptRequest", "DecryptResult", "UnmaskRequest", "UnmaskResult"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecryptRequest:
+    """Aggregator -> key holder: decrypt summed ciphertexts ``[start, start + item_count)``.
+
+    ``contributors`` is the packed list of the round's contributor tokens: the member
+    decrypts only for a named set of at least the federation's quorum.
+    """
+
+    type_id: ClassVar[int] = 8
+    round_id: int
+    shard_id: int
+    start: int
+    item_count: int
+    payload: bytes
+    contributors: bytes
+
+    def __post_init__(self) -> None:
+        check_int("round_id", self.round_id)
+        check_int("shard_id", self.shard_id)
+        check_int("start", self.start)
+        check_int("item_count", self.item_count)
+        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        check_bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "start": self.start,
+            "item_count": self.item_count,
+            "payload": self.payload,
+            "contributors": self.contributors,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptRequest:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "start", "item_count", "payload", "contributors"),
+        )
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            start=f["start"],
+            item_count=f["item_count"],
+            payload=f["payload"],
+            contributors=f["contributors"],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecryptResult:
+    """Key-holding client -> aggregator: the plaintexts of one shard."""
+
+    type_id: ClassVar[int] = 9
+    round_id: int
+    shard_id: int
+    item_count: int
+    payload: bytes
+    seconds: float
+
+    def __post_init__(self) -> None:
+        check_int("round_id", self.round_id)
+        check_int("shard_id", self.shard_id)
+        check_int("item_count", self.item_count)
+        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        check_float(self, "seconds", self.seconds, 0.0)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "item_count": self.item_count,
+            "payload": self.payload,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptResult:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            item_count=f["item_count"],
+            payload=f["payload"],
+            seconds=f["seconds"],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskRequest:
+    """Aggregator -> unmasker: remove the named contributors' masks from a decrypted range.
+
+    ``payload`` holds the decrypted (still masked) sums of ``[start, start + item_count)``
+    as fixed-width integers; ``contributors`` the packed signed tokens. The unmasker
+    answers for one contributor set per model version, only for a quorum, and only
+    when the unmasked values decode.
+    """
+
+    type_id: ClassVar[int] = 15
+    round_id: int
+    shard_id: int
+    start: int
+    item_count: int
+    contributors: bytes
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        check_int("round_id", self.round_id)
+        check_int("shard_id", self.shard_id)
+        check_int("start", self.start)
+        check_int("item_count", self.item_count)
+        check_bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
+        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "start": self.start,
+            "item_count": self.item_count,
+            "contributors": self.contributors,
+            "payload": self.payload,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "start", "item_count", "contributors", "payload"),
+        )
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            start=f["start"],
+            item_count=f["item_count"],
+            contributors=f["contributors"],
+            payload=f["payload"],
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskResult:
+    """Unmasker -> aggregator: the unmasked sums of one range, as fixed-width integers."""
+
+    type_id: ClassVar[int] = 16
+    round_id: int
+    shard_id: int
+    item_count: int
+    payload: bytes
+    seconds: float
+
+    def __post_init__(self) -> None:
+        check_int("round_id", self.round_id)
+        check_int("shard_id", self.shard_id)
+        check_int("item_count", self.item_count)
+        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
+        check_float(self, "seconds", self.seconds, 0.0)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {
+            "round_id": self.round_id,
+            "shard_id": self.shard_id,
+            "item_count": self.item_count,
+            "payload": self.payload,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskResult:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
+        return cls(
+            round_id=f["round_id"],
+            shard_id=f["shard_id"],
+            item_count=f["item_count"],
+            payload=f["payload"],
+            seconds=f["seconds"],
+        )
