@@ -2,15 +2,18 @@
 
 The aggregator sends a key holder a range of summed ciphertexts to decrypt, or a range
 of decrypted (still masked) sums to unmask, each with the packed signed tokens of the
-contributors; the member answers with fixed-width integers. Payloads and tokens are
-opaque bytes here: this module knows nothing of Paillier, masks or certificates.
+contributors; the member answers with fixed-width integers. Both exchanges carry the
+same fields, so each pair shares one base that validates and encodes them; the
+message types stay distinct (their own type id, their own place in the state table).
+Payloads and tokens are opaque bytes here: this module knows nothing of Paillier,
+masks or certificates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from .fields import (
     MAX_BYTES_FIELD_LEN,
@@ -25,14 +28,10 @@ __all__ = ["DecryptRequest", "DecryptResult", "UnmaskRequest", "UnmaskResult"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DecryptRequest:
-    """Aggregator -> key holder: decrypt summed ciphertexts ``[start, start + item_count)``.
+class _RangeRequest:
+    """A committee request for positions ``[start, start + item_count)`` of a round's sum."""
 
-    ``contributors`` is the packed list of the round's contributor tokens: the member
-    decrypts only for a named set of at least the federation's quorum.
-    """
-
-    type_id: ClassVar[int] = 8
+    type_id: ClassVar[int]
     round_id: int
     shard_id: int
     start: int
@@ -60,7 +59,7 @@ class DecryptRequest:
         }
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptRequest:
+    def from_wire(cls, wire: Mapping[str, Any]) -> Self:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
         f = pick_fields(
             wire,
@@ -78,10 +77,10 @@ class DecryptRequest:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class DecryptResult:
-    """Key-holding client -> aggregator: the plaintexts of one shard."""
+class _RangeAnswer:
+    """A committee member's fixed-width integers for one range, and its seconds of work."""
 
-    type_id: ClassVar[int] = 9
+    type_id: ClassVar[int]
     round_id: int
     shard_id: int
     item_count: int
@@ -106,7 +105,7 @@ class DecryptResult:
         }
 
     @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> DecryptResult:
+    def from_wire(cls, wire: Mapping[str, Any]) -> Self:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
         f = pick_fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
         return cls(
@@ -119,7 +118,26 @@ class DecryptResult:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class UnmaskRequest:
+class DecryptRequest(_RangeRequest):
+    """Aggregator -> key holder: decrypt summed ciphertexts ``[start, start + item_count)``.
+
+    ``payload`` holds the summed ciphertexts; ``contributors`` the packed list of the
+    round's contributor tokens: the member decrypts only for a named set of at least the
+    federation's quorum.
+    """
+
+    type_id: ClassVar[int] = 8
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecryptResult(_RangeAnswer):
+    """Key-holding client -> aggregator: the plaintexts of one shard."""
+
+    type_id: ClassVar[int] = 9
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UnmaskRequest(_RangeRequest):
     """Aggregator -> unmasker: remove the named contributors' masks from a decrypted range.
 
     ``payload`` holds the decrypted (still masked) sums of ``[start, start + item_count)``
@@ -129,86 +147,10 @@ class UnmaskRequest:
     """
 
     type_id: ClassVar[int] = 15
-    round_id: int
-    shard_id: int
-    start: int
-    item_count: int
-    contributors: bytes
-    payload: bytes
-
-    def __post_init__(self) -> None:
-        check_int("round_id", self.round_id)
-        check_int("shard_id", self.shard_id)
-        check_int("start", self.start)
-        check_int("item_count", self.item_count)
-        check_bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
-        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "start": self.start,
-            "item_count": self.item_count,
-            "contributors": self.contributors,
-            "payload": self.payload,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskRequest:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(
-            wire,
-            cls,
-            ("round_id", "shard_id", "start", "item_count", "contributors", "payload"),
-        )
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            start=f["start"],
-            item_count=f["item_count"],
-            contributors=f["contributors"],
-            payload=f["payload"],
-        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class UnmaskResult:
+class UnmaskResult(_RangeAnswer):
     """Unmasker -> aggregator: the unmasked sums of one range, as fixed-width integers."""
 
     type_id: ClassVar[int] = 16
-    round_id: int
-    shard_id: int
-    item_count: int
-    payload: bytes
-    seconds: float
-
-    def __post_init__(self) -> None:
-        check_int("round_id", self.round_id)
-        check_int("shard_id", self.shard_id)
-        check_int("item_count", self.item_count)
-        check_bytes("payload", self.payload, MAX_BYTES_FIELD_LEN)
-        check_float(self, "seconds", self.seconds, 0.0)
-
-    def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this message."""
-        return {
-            "round_id": self.round_id,
-            "shard_id": self.shard_id,
-            "item_count": self.item_count,
-            "payload": self.payload,
-            "seconds": self.seconds,
-        }
-
-    @classmethod
-    def from_wire(cls, wire: Mapping[str, Any]) -> UnmaskResult:
-        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(wire, cls, ("round_id", "shard_id", "item_count", "payload", "seconds"))
-        return cls(
-            round_id=f["round_id"],
-            shard_id=f["shard_id"],
-            item_count=f["item_count"],
-            payload=f["payload"],
-            seconds=f["seconds"],
-        )
