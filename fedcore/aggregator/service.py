@@ -131,7 +131,6 @@ class Aggregator:
             rounds=config.rounds,
         )
         self.codec = codec_for(self.federation, self.session_info)
-        self._federation_digest = self.federation.digest()
         self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
         checkpoint = Checkpoint.load(config.state_dir)
         if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
@@ -249,7 +248,7 @@ class Aggregator:
         )
         log.info(
             "federation %s: quorum %d, %d value bits, %d headroom bits, up to %d clients a round",
-            self._federation_digest.hex()[:16],
+            self.federation.digest().hex()[:16],
             self.federation.min_clients,
             self.federation.value_bits,
             self.federation.headroom_bits,
@@ -313,15 +312,19 @@ class Aggregator:
                 if failures >= c.max_failed_rounds:
                     raise RoundError(f"{failures} rounds in a row failed; giving up")
 
-    def _previous_unmaskers(self) -> tuple[str, ...]:
-        """The unmaskers of the last round of the current model version, if it ran before.
+    def _global_weights(self) -> tuple[bytes, bytes]:
+        """The global model as sent in RoundStart (float32 bytes) and its model digest."""
+        blob = self.checkpoint.global_weights.astype(np.float32).tobytes()
+        return blob, model_digest(blob)
+
+    def _previous_unmaskers(self, digest: bytes) -> tuple[str, ...]:
+        """The unmaskers of the last round of model version ``digest``, if it ran before.
 
         Its contributors masked their (only) update for those members and refuse to mask
         it for others, so a rerun should wait a little for them rather than move on.
         """
-        current = model_digest(self.checkpoint.global_weights.astype(np.float32).tobytes())
         for record in reversed(self.checkpoint.history):
-            if record.get("model") == current.hex():
+            if record.get("model") == digest.hex():
                 return tuple(record.get("unmaskers", ()))
             if record.get("phase") == RoundPhase.COMPLETED.value:
                 break
@@ -331,7 +334,7 @@ class Aggregator:
         c = self.config
         started = time.monotonic()
         deadline = started + c.wait_for_clients_timeout
-        wanted = self._previous_unmaskers() if self.codec.encrypted else ()
+        wanted = self._previous_unmaskers(self._global_weights()[1]) if self.codec.encrypted else ()
         while not self._stop.is_set():
             connected = len(self.clients)
             holders = sum(h.can_decrypt for h in self.clients.values())
@@ -366,12 +369,11 @@ class Aggregator:
         selected = select_clients(
             candidates, c.target_clients(len(candidates)), seed=c.seed, round_id=round_id
         )
-        self._weights_blob = self.checkpoint.global_weights.astype(np.float32).tobytes()
-        digest = model_digest(self._weights_blob)
+        self._weights_blob, digest = self._global_weights()
         unmaskers: list[str] = []
         if self.codec.encrypted:
             holders = {cid: h.mask_public for cid, h in self.clients.items() if h.can_decrypt}
-            previous = self._previous_unmaskers()
+            previous = self._previous_unmaskers(digest)
             if previous and all(cid in holders for cid in previous):
                 unmaskers = list(previous)  # a rerun: the members its updates are masked for
             else:
@@ -532,8 +534,8 @@ class Aggregator:
         message = RoundStart(
             round_id=state.round_id,
             weights=self._weights_blob,
-            clip=self.config.clip,
-            value_bits=self.config.value_bits,
+            clip=self.federation.clip,  # what clients pinned, from the one place it lives
+            value_bits=self.federation.value_bits,
             deadline_s=max(0.0, state.deadline - time.monotonic()),
             chunks_received=held,
             config=RoundPlan(
