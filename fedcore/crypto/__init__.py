@@ -2,7 +2,7 @@
 
 Interoperable with phe (python-paillier) for the same key: ``g = n + 1``, ciphertexts
 in Z*_{n²}. Big-integer work is done with gmpy2, except two loops that run in OpenSSL:
-decryption's constant-time exponentiation (``modexp``) and the aggregator's fold and
+decryption's (and threshold partial decryption's) constant-time exponentiation (``modexp``) and the aggregator's fold and
 validation (``folding``, a C extension when built). Knows nothing of packing, models or
 the wire protocol.
 """
@@ -17,12 +17,25 @@ from fedcore.crypto.serialize import (
     serialize_ciphertexts,
     serialize_plaintexts,
 )
+from fedcore.crypto.threshold import (
+    KeyShare,
+    PartialDecryption,
+    ThresholdPublicKey,
+    combine,
+    deal,
+    verify,
+)
 from fedcore.crypto.vector import fold_update, validate_ciphertexts
 
 __all__ = [
     "EncryptionPool",
+    "KeyShare",
+    "PartialDecryption",
     "PrivateKey",
     "PublicKey",
+    "ThresholdPublicKey",
+    "combine",
+    "deal",
     "deserialize_ciphertexts",
     "deserialize_plaintexts",
     "fold_update",
@@ -31,4 +44,5 @@ __all__ = [
     "serialize_plaintexts",
     "short_exponent_bits",
     "validate_ciphertexts",
+    "verify",
 ]

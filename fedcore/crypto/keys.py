@@ -92,9 +92,11 @@ def check_modulus(n: int, *, min_bits: int = MIN_SECURE_KEY_BITS) -> None:
         raise ValueError(f"n has a small prime factor (gcd with primes below 2^16 is {small})")
 
 
-def _parse_document(data: bytes, expected_type: str) -> dict[str, Any]:
-    if len(data) > _MAX_KEY_DOCUMENT:
-        raise ValueError(f"key document is {len(data)} bytes, limit {_MAX_KEY_DOCUMENT}")
+def _parse_document(
+    data: bytes, expected_type: str, *, limit: int = _MAX_KEY_DOCUMENT
+) -> dict[str, Any]:
+    if len(data) > limit:
+        raise ValueError(f"key document is {len(data)} bytes, limit {limit}")
     try:
         document = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -131,10 +133,10 @@ def _write_private_file(path: Path, data: bytes) -> None:
         raise
 
 
-def _read_key_file(path: Path) -> bytes:
+def _read_key_file(path: Path, *, limit: int = _MAX_KEY_DOCUMENT) -> bytes:
     try:
         with open(path, "rb") as handle:
-            return handle.read(_MAX_KEY_DOCUMENT + 1)
+            return handle.read(limit + 1)
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
 
