@@ -1,10 +1,11 @@
 """Packed-Paillier cryptography: keys, fast encryption, CRT decryption, sums, codecs.
 
 Interoperable with phe (python-paillier) for the same key: ``g = n + 1``, ciphertexts
-in Z*_{n²}. Big-integer work is done with gmpy2, except two loops that run in OpenSSL:
-decryption's (and threshold partial decryption's) constant-time exponentiation (``modexp``) and the aggregator's fold and
-validation (``folding``, a C extension when built). Knows nothing of packing, models or
-the wire protocol.
+in Z*_{n²}; a threshold key (``threshold``) shares the decryption exponent so that T of
+N members must cooperate. Big-integer work is done with gmpy2, except two loops that
+run in OpenSSL: the constant-time exponentiation of decryption and partial decryption
+(``modexp``) and the aggregator's fold and validation (``folding``, a C extension when
+built). Knows nothing of packing, models or the wire protocol.
 """
 
 from __future__ import annotations
