@@ -26,6 +26,7 @@ SafePrimeProgress = Callable[[int], None]
 """Called with the number of candidates tried so far, after each sieved window."""
 
 _SIEVE_BOUND = 1 << 16
+_MIN_BITS = 64  # candidates stay far above the sieve's primes and the window fits
 _WINDOW = 1 << 15  # candidates p' = base + 2k, k < _WINDOW, per sieve pass
 _MR_ROUNDS = 40  # Miller–Rabin rounds for the final checks (error < 4^-40)
 _small_primes: np.ndarray | None = None
@@ -50,8 +51,8 @@ def random_safe_prime(bits: int, progress: SafePrimeProgress | None = None) -> m
     bits. Candidates ``p'`` come from :mod:`secrets`; ``p'`` and ``2p' + 1`` must both
     survive the sieve, a base-2 Fermat test, and ``gmpy2.is_prime`` with 40 rounds.
     """
-    if bits < 16:
-        raise ValueError(f"bits must be >= 16 for a safe prime, got {bits}")
+    if bits < _MIN_BITS:
+        raise ValueError(f"bits must be >= {_MIN_BITS} for a safe prime, got {bits}")
     primes = _sieve_primes()
     inverse_two = (primes + 1) // 2  # 2^-1 mod r for odd r
     tried = 0

@@ -56,6 +56,7 @@ from fedcore.errors import InvalidCiphertextError, KeyFileError
 
 __all__ = [
     "MAX_PARTIES",
+    "THRESHOLD_KEY_TYPE",
     "DealProgress",
     "KeyShare",
     "PartialDecryption",
@@ -68,7 +69,9 @@ __all__ = [
 MAX_PARTIES = 64
 """Most shares a key may have (Δ = N! grows every exponent by log2(N!) bits)."""
 
-_PUBLIC_TYPE = "fedcore-threshold-public-key"
+THRESHOLD_KEY_TYPE = "fedcore-threshold-public-key"
+"""The ``type`` field of a threshold public key document."""
+_PUBLIC_TYPE = THRESHOLD_KEY_TYPE
 _SHARE_TYPE = "fedcore-threshold-key-share"
 _FORMAT_VERSION = 1
 _MAX_DOCUMENT = 1 << 20  # 64 verification keys of 4096 bits in decimal fit easily
@@ -273,6 +276,8 @@ class KeyShare:
         (see :mod:`fedcore.crypto.modexp`); ``workers`` threads share the list (OpenSSL
         runs without the GIL). Raises InvalidCiphertextError outside Z*_{n²}.
         """
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         values = [mpz(operator.index(c)) for c in ciphertexts]
         validate_ciphertexts(values, self.public_key.public_key)
         exponentiation = self._exponentiation()
@@ -478,6 +483,8 @@ def verify(
     try:
         values = [mpz(operator.index(c)) for c in partial.values]
         validate_ciphertexts(values, key.public_key)
+        ciphertexts = [mpz(operator.index(c)) for c in ciphertexts]
+        validate_ciphertexts(ciphertexts, key.public_key)
     except (InvalidCiphertextError, TypeError):
         return False
     big_c, big_d = batch_bases(key, partial.index, context, ciphertexts, values)

@@ -46,7 +46,8 @@ __all__ = ["EqualityProof", "batch_bases", "check_proof", "prove"]
 _RHO_BYTES = 16  # 128-bit batching coefficients
 _HASH_BYTES = 32  # e: SHA-256
 _HIDING_BITS = 128
-_MAX_Z_BYTES = 2048  # z is about |n²| + |Δ| + 400 bits: refuse anything far bigger
+# z is about |n²| + |Δ| + 384 bits; room for the largest key (16384 bits) and N = 64
+_MAX_Z_BYTES = 2 * 16384 // 8 + 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ class EqualityProof:
     response: int
 
     def __post_init__(self) -> None:
-        if len(self.challenge) != _HASH_BYTES:
+        if not isinstance(self.challenge, bytes) or len(self.challenge) != _HASH_BYTES:
             raise ValueError(f"proof challenge must be {_HASH_BYTES} bytes")
         if not isinstance(self.response, int | type(mpz(0))) or self.response < 0:
             raise ValueError("proof response must be a non-negative integer")
