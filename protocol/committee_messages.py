@@ -24,7 +24,18 @@ from .fields import (
     pick_fields,
 )
 
-__all__ = ["DecryptRequest", "DecryptResult", "UnmaskRequest", "UnmaskResult"]
+__all__ = [
+    "DecryptRequest",
+    "DecryptResult",
+    "PartialDecryptRequest",
+    "PartialDecryptResult",
+    "UnmaskRequest",
+    "UnmaskResult",
+]
+
+MAX_PROOF_LEN = 4384
+"""Largest partial-decryption proof accepted (2048-bit key: about 0.6 KB; 16384-bit: 4.2 KB)."""
+MAX_SHARE_INDEX = 64
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -154,3 +165,51 @@ class UnmaskResult(_RangeAnswer):
     """Unmasker -> aggregator: the unmasked sums of one range, as fixed-width integers."""
 
     type_id: ClassVar[int] = 16
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartialDecryptRequest(_RangeRequest):
+    """Aggregator -> key-share holder: partially decrypt ``[start, start + item_count)``.
+
+    A threshold federation's DecryptRequest: same fields and the same contributor rule,
+    but the member answers with its share's partial decryptions and a proof, and T of
+    them are needed for a plaintext.
+    """
+
+    type_id: ClassVar[int] = 17
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PartialDecryptResult(_RangeAnswer):
+    """Key-share holder -> aggregator: partial decryptions of one shard, with their proof.
+
+    ``payload`` holds ``c^(2Δ·s_i) mod n²`` per ciphertext (ciphertext width);
+    ``share_index`` is i; ``proof`` the batched proof of equality of discrete logs
+    that the aggregator verifies before combining.
+    """
+
+    type_id: ClassVar[int] = 18
+    share_index: int
+    proof: bytes
+
+    def __post_init__(self) -> None:
+        _RangeAnswer.__post_init__(self)
+        check_int("share_index", self.share_index, 1, MAX_SHARE_INDEX)
+        check_bytes("proof", self.proof, MAX_PROOF_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        wire = _RangeAnswer.to_wire(self)
+        wire["share_index"] = self.share_index
+        wire["proof"] = self.proof
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Self:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "item_count", "payload", "seconds", "share_index", "proof"),
+        )
+        return cls(**f)

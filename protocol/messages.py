@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
-from .committee_messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
+from .committee_messages import (
+    DecryptRequest,
+    DecryptResult,
+    PartialDecryptRequest,
+    PartialDecryptResult,
+    UnmaskRequest,
+    UnmaskResult,
+)
 from .errors import ErrorCode, InvalidMessage, UnknownMessageType
 from .fields import (
     MAX_BYTES_FIELD_LEN,
@@ -76,6 +83,8 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "PartialDecryptRequest",
+    "PartialDecryptResult",
     "RoundEnd",
     "RoundStart",
     "UnmaskRequest",
@@ -90,7 +99,8 @@ __all__ = [
 
 # 2: uploads wait for an UploadGrant (UploadRequest -> UploadGrant -> UpdateChunk ...).
 # 3: clients pin the federation and sign a token per upload; the committee unmasks.
-PROTOCOL_VERSION = 3
+# 4: threshold federations: PartialDecrypt messages; committee credentials name a share.
+PROTOCOL_VERSION = 4
 
 
 # --------------------------------------------------------------------------- messages
@@ -504,6 +514,8 @@ Message: TypeAlias = (
     | DecryptResult
     | UnmaskRequest
     | UnmaskResult
+    | PartialDecryptRequest
+    | PartialDecryptResult
     | Heartbeat
     | Error
     | Bye
@@ -529,6 +541,8 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         UploadGrant,
         UnmaskRequest,
         UnmaskResult,
+        PartialDecryptRequest,
+        PartialDecryptResult,
     )
 }
 

@@ -45,6 +45,8 @@ from .messages import (
     Heartbeat,
     Hello,
     Message,
+    PartialDecryptRequest,
+    PartialDecryptResult,
     RoundEnd,
     RoundStart,
     UnmaskRequest,
@@ -110,6 +112,8 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     (State.DECRYPTING, DecryptResult, _C): State.READY,
     (State.READY, UnmaskRequest, _A): State.DECRYPTING,
     (State.DECRYPTING, UnmaskResult, _C): State.READY,
+    (State.READY, PartialDecryptRequest, _A): State.DECRYPTING,
+    (State.DECRYPTING, PartialDecryptResult, _C): State.READY,
     # Nothing is streamed before the grant: the aggregator's upload cap is enforced here.
     (State.ROUND, UploadRequest, _C): State.AWAIT_GRANT,
     (State.ROUND, RoundEnd, _A): State.READY,
@@ -298,8 +302,10 @@ class Session:
             self.decrypt_ids = (DecryptResult, msg.round_id, msg.shard_id)
         elif isinstance(msg, UnmaskRequest):
             self.decrypt_ids = (UnmaskResult, msg.round_id, msg.shard_id)
+        elif isinstance(msg, PartialDecryptRequest):
+            self.decrypt_ids = (PartialDecryptResult, msg.round_id, msg.shard_id)
         elif (
-            isinstance(msg, DecryptResult | UnmaskResult)
+            isinstance(msg, DecryptResult | UnmaskResult | PartialDecryptResult)
             and (type(msg), msg.round_id, msg.shard_id) != self.decrypt_ids
         ):
             expected = (
