@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedcore.crypto import PublicKey
+from fedcore.crypto import PublicKey, ThresholdPublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.errors import ConfigError
 from fedcore.packing import MAX_HEADROOM_BITS, PackingSpec
@@ -44,9 +44,10 @@ __all__ = [
     "RejectReason",
     "RoundPlan",
     "SessionInfo",
+    "decryption_context",
 ]
 
-KeyMode = Literal["shared", "plaintext"]
+KeyMode = Literal["shared", "threshold", "plaintext"]
 
 _FEDERATION_TYPE = "fedcore-federation"
 _FEDERATION_VERSION = 1
@@ -83,8 +84,10 @@ def _check_float(name: str, value: object, *, positive: bool = True) -> float:
 class FederationParams:
     """The parameters a client pins: a deviating aggregator cannot change any of them.
 
-    ``mode`` is ``shared`` (Paillier, the committee holds the private key) or
-    ``plaintext`` (comparison runs, no privacy at all). A client weighs its update by
+    ``mode`` is ``shared`` (Paillier, the committee holds the private key),
+    ``threshold`` (Paillier, each committee member holds one share of a T-of-N key:
+    ``threshold_key``, whose n is ``public_key``) or ``plaintext`` (comparison runs, no
+    privacy at all). A client weighs its update by
     ``min(max_weight, ceil(samples / samples_per_weight))``, a number the aggregator
     never chooses; ``headroom_bits`` must hold the weights of ``max_contributors``
     clients. ``report_metrics`` names the evaluation metrics summed under encryption,
@@ -102,10 +105,22 @@ class FederationParams:
     samples_per_weight: int = 100
     report_metrics: tuple[tuple[str, float], ...] = DEFAULT_REPORT_METRICS
     unmaskers: int = 1
+    threshold_key: ThresholdPublicKey | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("shared", "plaintext"):
-            raise ValueError(f"mode must be 'shared' or 'plaintext', got {self.mode!r}")
+        if self.mode not in ("shared", "threshold", "plaintext"):
+            raise ValueError(
+                f"mode must be 'shared', 'threshold' or 'plaintext', got {self.mode!r}"
+            )
+        if self.mode == "threshold":
+            if not isinstance(self.threshold_key, ThresholdPublicKey):
+                raise ValueError("a threshold federation needs its threshold public key")
+            if self.public_key is None:
+                object.__setattr__(self, "public_key", self.threshold_key.public_key)
+            if self.public_key != self.threshold_key.public_key:
+                raise ValueError("public_key is not the threshold key's n")
+        elif self.threshold_key is not None:
+            raise ValueError(f"a {self.mode} federation has no threshold key")
         if self.mode == "plaintext":
             if self.public_key is not None:
                 raise ValueError("a plaintext federation has no public key")
@@ -181,7 +196,11 @@ class FederationParams:
             "samples_per_weight": self.samples_per_weight,
             "report_metrics": [[name, bound] for name, bound in self.report_metrics],
             "unmaskers": self.unmaskers,
-        }
+        } | (
+            {}
+            if self.threshold_key is None
+            else {"threshold_key": self.threshold_key.to_document()}
+        )
 
     def to_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the same params give the same bytes."""
@@ -217,6 +236,8 @@ class FederationParams:
             values["public_key"] = PublicKey(int(text))
             if key_doc.get("sha256") != values["public_key"].sha256():
                 raise ValueError("public_key.sha256 does not match public_key.n")
+        if values.get("threshold_key") is not None:
+            values["threshold_key"] = ThresholdPublicKey.from_document(values["threshold_key"])
         if "report_metrics" in values:
             raw = values["report_metrics"]
             if not isinstance(raw, list) or not all(
@@ -271,16 +292,17 @@ class FederationParams:
         """One line per field where ``offered`` (the aggregator's) differs from these."""
         mine, theirs = self.to_document(), offered.to_document()
         out = []
-        for name in sorted(mine):
-            if mine[name] != theirs[name]:
-                if name == "public_key":
+        for name in sorted(set(mine) | set(theirs)):
+            if mine.get(name) != theirs.get(name):
+                if name in ("public_key", "threshold_key"):
                     out.append(
-                        f"public_key: the aggregator's has SHA-256 "
-                        f"{_key_id(theirs[name])}, the pinned one {_key_id(mine[name])}"
+                        f"{name}: the aggregator's has SHA-256 "
+                        f"{_key_id(theirs.get(name))}, the pinned one {_key_id(mine.get(name))}"
                     )
                 else:
                     out.append(
-                        f"{name}: the aggregator says {theirs[name]!r}, pinned {mine[name]!r}"
+                        f"{name}: the aggregator says {theirs.get(name)!r}, "
+                        f"pinned {mine.get(name)!r}"
                     )
         return out
 
@@ -291,6 +313,24 @@ class FederationParams:
             raise FederationMismatch(
                 f"the aggregator's federation differs from {source}: " + "; ".join(problems)
             )
+
+
+def decryption_context(
+    federation_digest: bytes, round_id: int, start: int, count: int, contributors: bytes
+) -> bytes:
+    """What a threshold member's partial-decryption proof is bound to (both sides build it).
+
+    The federation, the round, the range and the contributor set: a proof made for one
+    request does not verify for another, so an answer cannot be replayed elsewhere.
+    """
+    return (
+        b"fedcore partial decryption v1"
+        + federation_digest
+        + round_id.to_bytes(8, "big")
+        + start.to_bytes(8, "big")
+        + count.to_bytes(8, "big")
+        + hashlib.sha256(contributors).digest()
+    )
 
 
 def _key_id(document: Any) -> str:

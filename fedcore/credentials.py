@@ -57,6 +57,7 @@ MAX_TOKEN_BYTES = 16 * 1024
 MAX_TOKENS = 1 << 20
 _COMMITTEE_DOMAIN = b"fedcore committee credential v1"
 _TOKEN_DOMAIN = b"fedcore contributor token v1"
+_MAX_SHARE_INDEX = 64
 _DIGEST = 32
 _X25519 = 32
 
@@ -209,45 +210,64 @@ def _bytes_field(value: object, what: str, size: int | None = None) -> bytes:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommitteeCredential:
-    """A committee member's signed mask key for one federation."""
+    """A committee member's signed mask key (and key share index) for one federation.
+
+    ``share_index`` is 0 for a holder of the whole private key (shared mode) and
+    ``i`` for the holder of share ``i`` of a threshold key.
+    """
 
     federation: bytes
     mask_public: bytes
     certificate: bytes
     signature: bytes = b""
+    share_index: int = 0
 
     def signed_bytes(self) -> bytes:
         """The canonical bytes the signature covers."""
-        return msgpack.packb([_COMMITTEE_DOMAIN, self.federation, self.mask_public])
+        return msgpack.packb(
+            [_COMMITTEE_DOMAIN, self.federation, self.mask_public, self.share_index]
+        )
 
     @classmethod
-    def issue(cls, signer: Signer, *, federation: bytes, mask_public: bytes) -> CommitteeCredential:
-        """Sign ``mask_public`` for ``federation`` with the member's certificate key."""
+    def issue(
+        cls, signer: Signer, *, federation: bytes, mask_public: bytes, share_index: int = 0
+    ) -> CommitteeCredential:
+        """Sign ``mask_public`` (and the share index) for ``federation`` with the member's key."""
         unsigned = cls(
-            federation=federation, mask_public=mask_public, certificate=signer.certificate_der
+            federation=federation,
+            mask_public=mask_public,
+            certificate=signer.certificate_der,
+            share_index=share_index,
         )
         return cls(
             federation=federation,
             mask_public=mask_public,
             certificate=signer.certificate_der,
             signature=signer.sign(unsigned.signed_bytes()),
+            share_index=share_index,
         )
 
     def to_wire(self) -> bytes:
-        """msgpack ``[federation, mask_public, certificate, signature]``."""
-        return msgpack.packb([self.federation, self.mask_public, self.certificate, self.signature])
+        """msgpack ``[federation, mask_public, certificate, signature, share_index]``."""
+        return msgpack.packb(
+            [self.federation, self.mask_public, self.certificate, self.signature, self.share_index]
+        )
 
     @classmethod
     def from_wire(cls, data: bytes) -> CommitteeCredential:
         """Parse :meth:`to_wire` output (CredentialError when malformed)."""
         items = _unpack(data, "committee credential", MAX_TOKEN_BYTES)
-        if len(items) != 4:
-            raise CredentialError("committee credential must have 4 fields")
+        if len(items) != 5:
+            raise CredentialError("committee credential must have 5 fields")
+        index = items[4]
+        if type(index) is not int or not 0 <= index <= _MAX_SHARE_INDEX:
+            raise CredentialError(f"committee credential share index must be 0..{_MAX_SHARE_INDEX}")
         return cls(
             federation=_bytes_field(items[0], "federation", _DIGEST),
             mask_public=_bytes_field(items[1], "mask_public", _X25519),
             certificate=_bytes_field(items[2], "certificate"),
             signature=_bytes_field(items[3], "signature"),
+            share_index=index,
         )
 
     def verify(self, ca: CertificateAuthority, *, federation: bytes) -> str:
