@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcore.codec import EncryptedCodec
-from fedcore.contracts import FederationParams
+from fedcore.contracts import FederationParams, decryption_context
 from fedcore.credentials import (
     CertificateAuthority,
     CommitteeCredential,
@@ -46,7 +46,14 @@ from fedcore.credentials import (
     Signer,
     unpack_tokens,
 )
-from fedcore.crypto import PrivateKey, deserialize_plaintexts, serialize_plaintexts
+from fedcore.crypto import (
+    KeyShare,
+    PrivateKey,
+    deserialize_ciphertexts,
+    deserialize_plaintexts,
+    serialize_ciphertexts,
+    serialize_plaintexts,
+)
 from fedcore.crypto.masking import (
     MaskSum,
     derive_mask_key,
@@ -54,10 +61,17 @@ from fedcore.crypto.masking import (
     remove_masks,
     set_digest,
 )
-from fedcore.errors import FedcoreError, PackingError
+from fedcore.errors import FedcoreError, InvalidCiphertextError, PackingError
 from fedcore.packing import check_sum_range
 from protocol.errors import ErrorCode
-from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
+from protocol.messages import (
+    DecryptRequest,
+    DecryptResult,
+    PartialDecryptRequest,
+    PartialDecryptResult,
+    UnmaskRequest,
+    UnmaskResult,
+)
 
 __all__ = ["CommitteeMember", "CommitteeRefusal", "VerifiedSet", "derive_member_mask_key"]
 
@@ -91,16 +105,21 @@ class VerifiedSet:
 
 
 def derive_member_mask_key(
-    private_key: PrivateKey, signer: Signer, federation: bytes
+    secret: PrivateKey | KeyShare, signer: Signer, federation: bytes
 ) -> X25519PrivateKey:
     """A member's X25519 mask key: HKDF-SHA256 of its Paillier secret, bound to its identity.
 
-    ``ikm = p ‖ q``, ``info = federation ‖ SPKI`` of the member's certificate key: the
-    same member in the same federation gets the same key after a restart (so clients
-    that masked for it can still be unmasked), another member or federation another key.
+    ``ikm = p ‖ q`` for a private key, ``ikm = index ‖ s_i`` for a threshold key share;
+    ``info = federation ‖ SPKI`` of the member's certificate key: the same member in the
+    same federation gets the same key after a restart (so clients that masked for it can
+    still be unmasked), another member or federation another key.
     """
-    width = private_key.public_key.plaintext_bytes
-    ikm = int(private_key.p).to_bytes(width, "big") + int(private_key.q).to_bytes(width, "big")
+    if isinstance(secret, KeyShare):
+        width = secret.public_key.public_key.ciphertext_bytes + 16
+        ikm = secret.index.to_bytes(4, "big") + int(secret.secret).to_bytes(width, "big")
+    else:
+        width = secret.public_key.plaintext_bytes
+        ikm = int(secret.p).to_bytes(width, "big") + int(secret.q).to_bytes(width, "big")
     seed = HKDF(
         algorithm=hashes.SHA256(),
         length=32,
@@ -115,7 +134,7 @@ class CommitteeMember:
 
     def __init__(
         self,
-        private_key: PrivateKey,
+        private_key: PrivateKey | KeyShare,
         signer: Signer,
         ca: CertificateAuthority,
         federation: FederationParams,
@@ -132,7 +151,10 @@ class CommitteeMember:
         self._mask_key = derive_member_mask_key(private_key, signer, self._federation_digest)
         self.mask_public = public_key_bytes(self._mask_key)
         self.credential = CommitteeCredential.issue(
-            signer, federation=self._federation_digest, mask_public=self.mask_public
+            signer,
+            federation=self._federation_digest,
+            mask_public=self.mask_public,
+            share_index=private_key.index if isinstance(private_key, KeyShare) else 0,
         )
         self._unmasked: OrderedDict[bytes, bytes] = OrderedDict()  # model digest -> set digest
         self._decrypt_round = -1
@@ -237,9 +259,10 @@ class CommitteeMember:
             self._unmasked.popitem(last=False)
 
     # ------------------------------------------------------------------ work
-    async def decrypt(self, request: DecryptRequest, codec: EncryptedCodec) -> DecryptResult:
-        """Check and answer one DecryptRequest (CommitteeRefusal when a rule is broken)."""
-        t0 = time.perf_counter()
+    async def _admit_decrypt(
+        self, request: DecryptRequest | PartialDecryptRequest, codec: EncryptedCodec
+    ) -> None:
+        """Every rule a (partial) decryption request must pass before any work is done."""
         await asyncio.to_thread(
             self.verify_contributors, request.round_id, request.contributors, codec
         )
@@ -251,6 +274,13 @@ class CommitteeMember:
                 f"says {request.item_count}"
             )
         self._claim_decrypt_range(request.round_id, request.start, request.item_count)
+
+    async def decrypt(self, request: DecryptRequest, codec: EncryptedCodec) -> DecryptResult:
+        """Check and answer one DecryptRequest (CommitteeRefusal when a rule is broken)."""
+        t0 = time.perf_counter()
+        if not isinstance(self.private_key, PrivateKey):
+            raise CommitteeRefusal("this member holds a key share: it only partially decrypts")
+        await self._admit_decrypt(request, codec)
         payload, count = await asyncio.to_thread(
             codec.decrypt_payload,
             request.payload,
@@ -264,6 +294,46 @@ class CommitteeMember:
             item_count=count,
             payload=payload,
             seconds=time.perf_counter() - t0,
+        )
+
+    async def partial_decrypt(
+        self, request: PartialDecryptRequest, codec: EncryptedCodec
+    ) -> PartialDecryptResult:
+        """Check and answer one PartialDecryptRequest: this share's partials and their proof.
+
+        The same rules as :meth:`decrypt` (named quorum, each range once per round); the
+        proof is bound to the federation, round, range and contributor set.
+        """
+        t0 = time.perf_counter()
+        share = self.private_key
+        if not isinstance(share, KeyShare):
+            raise CommitteeRefusal("this member holds the whole private key, not a key share")
+        await self._admit_decrypt(request, codec)
+        context = decryption_context(
+            self._federation_digest,
+            request.round_id,
+            request.start,
+            request.item_count,
+            request.contributors,
+        )
+
+        def work() -> tuple[bytes, bytes]:
+            ciphertexts = deserialize_ciphertexts(request.payload, codec.public_key)
+            partial = share.partial_decrypt(ciphertexts, context=context, workers=self.workers)
+            return serialize_ciphertexts(partial.values, codec.public_key), partial.proof.to_bytes()
+
+        try:
+            payload, proof = await asyncio.to_thread(work)
+        except InvalidCiphertextError as exc:
+            raise CommitteeRefusal(f"the summed ciphertexts are invalid: {exc}") from None
+        return PartialDecryptResult(
+            round_id=request.round_id,
+            shard_id=request.shard_id,
+            item_count=request.item_count,
+            payload=payload,
+            seconds=time.perf_counter() - t0,
+            share_index=share.index,
+            proof=proof,
         )
 
     async def unmask(self, request: UnmaskRequest, codec: EncryptedCodec) -> UnmaskResult:

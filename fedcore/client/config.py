@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fedcore.contracts import FederationParams
-from fedcore.crypto import PublicKey
+from fedcore.crypto import PublicKey, ThresholdPublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.errors import ConfigError
 from protocol.errors import ErrorCode
@@ -44,8 +44,9 @@ class ClientConfig:
     `FederationParams`): the client refuses an aggregator that offers another public key
     or other packing, quorum or weight parameters, and uploads nothing then.
     ``public_key`` optionally pins the key file from the key authority as well (a key
-    holder's ``private_key`` pins it too). ``min_key_bits`` is the smallest modulus the
-    client accepts (2048; tests lower it explicitly).
+    holder's ``private_key`` or a threshold member's ``key_share`` pins it too).
+    ``min_key_bits`` is the smallest modulus the client accepts (2048; tests lower it
+    explicitly).
     """
 
     cert: Path
@@ -54,6 +55,7 @@ class ClientConfig:
     federation: Path | FederationParams
     public_key: Path | None = None
     private_key: Path | None = None
+    key_share: Path | None = None
     server_hostname: str | None = None
     min_key_bits: int = MIN_SECURE_KEY_BITS
     reconnect_attempts: int | None = 20
@@ -92,7 +94,15 @@ class ClientConfig:
             else FederationParams.load(self.federation)
         )
         federation.check_key(min_key_bits=self.min_key_bits)
-        if federation.public_key is not None and self.public_key is not None:
+        if federation.threshold_key is not None and self.public_key is not None:
+            pinned_threshold = ThresholdPublicKey.load(self.public_key)
+            if pinned_threshold != federation.threshold_key:
+                raise ConfigError(
+                    f"the federation file's threshold key "
+                    f"({federation.threshold_key.fingerprint()}...) is not the one in "
+                    f"{self.public_key} ({pinned_threshold.fingerprint()}...)"
+                )
+        elif federation.public_key is not None and self.public_key is not None:
             pinned = PublicKey.load(self.public_key)
             if pinned != federation.public_key:
                 raise ConfigError(

@@ -62,7 +62,7 @@ from fedcore.credentials import (
     CredentialError,
     Signer,
 )
-from fedcore.crypto import EncryptionPool, PrivateKey
+from fedcore.crypto import EncryptionPool, KeyShare, PrivateKey
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.model import ModelLayout
 from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
@@ -73,6 +73,7 @@ from protocol.messages import (
     DecryptRequest,
     Error,
     Hello,
+    PartialDecryptRequest,
     RoundEnd,
     RoundStart,
     UnmaskRequest,
@@ -117,16 +118,7 @@ class Client:
         self.federation: FederationParams = config.load_federation()
         self.pipeline = UpdatePipeline(model, train_fn, evaluate_fn)
         self.layout = self.pipeline.layout
-        self.private_key: PrivateKey | None = None
-        if config.private_key is not None and self.federation.encrypted:
-            self.private_key = PrivateKey.load(config.private_key)
-        if (
-            self.private_key is not None
-            and self.private_key.public_key != self.federation.public_key
-        ):
-            raise ConfigError(
-                f"private key {config.private_key} does not belong to the federation's public key"
-            )
+        self.private_key: PrivateKey | KeyShare | None = self._load_key_secret(config)
         try:
             self.signer = Signer.load(config.cert, config.key)
             self.ca = CertificateAuthority.load(config.ca)
@@ -271,7 +263,7 @@ class Client:
                     if message.accepted:
                         self.result.rounds_contributed += 1
                         log.info("round %d: update accepted", message.round_id)
-                elif isinstance(message, DecryptRequest | UnmaskRequest):
+                elif isinstance(message, DecryptRequest | PartialDecryptRequest | UnmaskRequest):
                     task = asyncio.create_task(
                         self._serve_committee(conn, send_lock, codec, message)
                     )
@@ -488,13 +480,46 @@ class Client:
                 )
             )
 
+    def _load_key_secret(self, config: ClientConfig) -> PrivateKey | KeyShare | None:
+        """The private key or key share this client decrypts with, checked against the pin."""
+        federation = self.federation
+        if config.private_key is not None and config.key_share is not None:
+            raise ConfigError("give a private key or a key share, not both")
+        if config.key_share is not None:
+            if federation.threshold_key is None:
+                raise ConfigError(
+                    f"{config.key_share} is a threshold key share, but the federation's key "
+                    f"mode is {federation.mode!r}; use the private key (--private-key)"
+                )
+            share = KeyShare.load(config.key_share)
+            if share.public_key != federation.threshold_key:
+                raise ConfigError(
+                    f"key share {config.key_share} belongs to threshold key "
+                    f"{share.public_key.fingerprint()}..., not the federation's "
+                    f"{federation.threshold_key.fingerprint()}..."
+                )
+            return share
+        if config.private_key is None or not federation.encrypted:
+            return None
+        if federation.mode == "threshold":
+            raise ConfigError(
+                "a threshold federation has no whole private key; give this member its "
+                "key share (--key-share share-<i>.json)"
+            )
+        private_key = PrivateKey.load(config.private_key)
+        if private_key.public_key != federation.public_key:
+            raise ConfigError(
+                f"private key {config.private_key} does not belong to the federation's public key"
+            )
+        return private_key
+
     # ------------------------------------------------------------------ committee work
     async def _serve_committee(
         self,
         conn: Connection,
         send_lock: asyncio.Lock,
         codec: UpdateCodec,
-        request: DecryptRequest | UnmaskRequest,
+        request: DecryptRequest | PartialDecryptRequest | UnmaskRequest,
     ) -> None:
         member = self.committee
         try:
@@ -502,6 +527,9 @@ class Client:
                 raise CommitteeRefusal("this client holds no private key")
             if isinstance(request, DecryptRequest):
                 result: object = await member.decrypt(request, codec)
+                self.result.shards_decrypted += 1
+            elif isinstance(request, PartialDecryptRequest):
+                result = await member.partial_decrypt(request, codec)
                 self.result.shards_decrypted += 1
             else:
                 result = await member.unmask(request, codec)
