@@ -50,6 +50,12 @@ class Gatekeeper:
         self.config = config
         self.metrics = metrics
         self._encrypted = federation.encrypted
+        # shared mode: holders of the whole key say share 0; threshold: shares 1..N
+        self._share_indices = (
+            range(1, federation.threshold_key.parties + 1)
+            if federation.threshold_key is not None
+            else range(0, 1)
+        )
         self._federation_bytes = federation.to_bytes()
         self._federation_digest = federation.digest()
         self._session = session.to_wire()
@@ -107,6 +113,11 @@ class Gatekeeper:
                 signer = parsed.verify(self._ca, federation=self._federation_digest)
                 if signer != client_id:
                     raise CredentialError(f"it is signed by {signer!r}")
+                if parsed.share_index not in self._share_indices:
+                    raise CredentialError(
+                        f"it names key share {parsed.share_index}; this federation's key "
+                        f"has shares {self._share_indices.start}..{self._share_indices.stop - 1}"
+                    )
             except CredentialError as exc:
                 log.warning("refused %r: committee credential does not verify: %s", client_id, exc)
                 await self._refuse(
@@ -114,8 +125,15 @@ class Gatekeeper:
                 )
                 return None
             credential, mask_public = hello.committee, parsed.mask_public
+            share_index = parsed.share_index
+        else:
+            share_index = 0
         return ClientHandle(
-            client_id=client_id, conn=conn, credential=credential, mask_public=mask_public
+            client_id=client_id,
+            conn=conn,
+            credential=credential,
+            mask_public=mask_public,
+            share_index=share_index,
         )
 
     def check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:

@@ -16,20 +16,35 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.registry import ClientHandle, close_client
 from fedcore.aggregator.rounds import RoundState
 from fedcore.codec import EncryptedCodec
-from fedcore.contracts import RejectReason
+from fedcore.contracts import FederationParams, RejectReason, decryption_context
 from fedcore.credentials import pack_tokens
-from fedcore.crypto import serialize_plaintexts
+from fedcore.crypto import (
+    PartialDecryption,
+    ThresholdPublicKey,
+    combine,
+    deserialize_ciphertexts,
+    serialize_plaintexts,
+    verify,
+)
+from fedcore.crypto.threshold_proof import EqualityProof
 from fedcore.errors import InvalidCiphertextError, RoundError
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
-from protocol.messages import DecryptRequest, DecryptResult, UnmaskRequest, UnmaskResult
+from protocol.messages import (
+    DecryptRequest,
+    DecryptResult,
+    PartialDecryptRequest,
+    PartialDecryptResult,
+    UnmaskRequest,
+    UnmaskResult,
+)
 
 __all__ = ["CommitteeDecryption", "SumNotDecodable"]
 
@@ -47,16 +62,21 @@ class CommitteeDecryption:
         self,
         *,
         config: AggregatorConfig,
+        federation: FederationParams,
         codec: EncryptedCodec,
         metrics: AggregatorMetrics,
         clients: Mapping[str, ClientHandle],
     ) -> None:
         self.config = config
+        self.federation = federation
+        self._federation_digest = federation.digest()
         self.codec = codec
         self.metrics = metrics
         self._clients = clients
         self.member_seconds: dict[str, float] = {}
         """Seconds the committee reported for the last round: ``decrypt``, ``unmask``."""
+        self.per_member_decrypt: dict[str, float] = {}
+        """Seconds each member reported decrypting in the last round, by client id."""
 
     def _shards(self, members: int) -> list[tuple[int, int]]:
         # a result travels in one frame to us: keep it within half our frame limit
@@ -81,7 +101,13 @@ class CommitteeDecryption:
         if not members:
             raise RoundError("no key-holding client is connected to decrypt the sum")
         random.Random(f"{c.seed}:committee:{state.round_id}").shuffle(members)
-        members = members[: c.committee_size]
+        threshold = self.federation.threshold_key
+        if threshold is None:
+            members = members[: c.committee_size]
+        else:
+            members = self._share_holders(members, threshold)
+        self.per_member_decrypt = {}
+        excluded: set[str] = set()
         contributors = pack_tokens([state.folded[cid] for cid in sorted(state.folded)])
         shards = self._shards(len(members))
         t0 = time.monotonic()
@@ -115,7 +141,12 @@ class CommitteeDecryption:
             raise RoundError(f"no committee member decrypted shard {shard_id}")
 
         async def shard(shard_id: int, start: int, count: int) -> None:
-            values = await decrypt_one(shard_id, start, count)
+            if threshold is None:
+                values = await decrypt_one(shard_id, start, count)
+            else:
+                values = await self._threshold_shard(
+                    state, members, excluded, contributors, summed, (shard_id, start, count)
+                )
             for unmasker in unmaskers:
                 assert unmasker is not None
                 request = UnmaskRequest(
@@ -161,19 +192,154 @@ class CommitteeDecryption:
             out.extend(unmasked[start])
         return out
 
+    @staticmethod
+    def _share_holders(members: list[ClientHandle], key: ThresholdPublicKey) -> list[ClientHandle]:
+        """One connected member per share index, in share order (RoundError below T)."""
+        by_index: dict[int, ClientHandle] = {}
+        for member in members:
+            by_index.setdefault(member.share_index, member)
+        if len(by_index) < key.threshold:
+            raise RoundError(
+                f"{len(by_index)} distinct key shares are connected; this "
+                f"{key.threshold}-of-{key.parties} key needs {key.threshold} to decrypt"
+            )
+        return [by_index[index] for index in sorted(by_index)]
+
+    async def _threshold_shard(
+        self,
+        state: RoundState,
+        members: list[ClientHandle],
+        excluded: set[str],
+        contributors: bytes,
+        summed: bytes,
+        shard: tuple[int, int, int],
+    ) -> list[int]:
+        """One shard's masked plaintexts from T verified partial decryptions.
+
+        The shard goes to T members of a rotating window over the share holders (so each
+        does about T/N of the work); a member that fails, times out or sends a partial
+        whose proof does not verify is replaced by the next one. A member with a bad
+        proof is counted (``bad_decrypt_result``), named in the log, disconnected and
+        excluded for the rest of the round. With fewer than T verified partials the round
+        fails and nothing of this shard is decrypted.
+        """
+        key = self.federation.threshold_key
+        assert key is not None
+        shard_id, start, count = shard
+        payload = self.codec.shard_payload(summed, start, count)
+        request = PartialDecryptRequest(
+            round_id=state.round_id,
+            shard_id=shard_id,
+            start=start,
+            item_count=count,
+            payload=payload,
+            contributors=contributors,
+        )
+        context = decryption_context(
+            self._federation_digest, state.round_id, start, count, contributors
+        )
+        ciphertexts = deserialize_ciphertexts(payload, key.public_key, validate=False)
+        first = shard_id * key.threshold % len(members)
+        queue = members[first:] + members[:first]
+
+        async def ask(member: ClientHandle) -> PartialDecryption | None:
+            result = await self._exchange(member, request)
+            if result is None:
+                return None
+            why = ""
+            if result.share_index != member.share_index:
+                why = f"answered with share {result.share_index}, its credential names share "
+                why += str(member.share_index)
+            else:
+                try:
+                    partial = PartialDecryption(
+                        result.share_index,
+                        tuple(deserialize_ciphertexts(result.payload, key.public_key)),
+                        EqualityProof.from_bytes(result.proof),
+                    )
+                except (InvalidCiphertextError, ValueError) as exc:
+                    why = f"malformed partial decryption: {exc}"
+                else:
+                    if len(partial.values) != count:
+                        why = f"{len(partial.values)} partials for {count} ciphertexts"
+                    elif not await asyncio.to_thread(
+                        verify, key, ciphertexts, partial, context=context
+                    ):
+                        why = "its partial decryption proof does not verify"
+            if why:
+                excluded.add(member.client_id)
+                log.warning(
+                    "round %d: committee member %s (key share %d) excluded: shard %d %s",
+                    state.round_id,
+                    member.client_id,
+                    member.share_index,
+                    shard_id,
+                    why,
+                )
+                await self._bad_result(member, f"shard {shard_id}: {why}")
+                return None
+            self._count_seconds(member, request, result.seconds)
+            return partial
+
+        valid: list[PartialDecryption] = []
+        pending: set[asyncio.Task[PartialDecryption | None]] = set()
+        try:
+            while len(valid) < key.threshold:
+                while queue and len(valid) + len(pending) < key.threshold:
+                    member = queue.pop(0)
+                    if member.client_id in excluded:
+                        continue
+                    if self._clients.get(member.client_id) is not member:
+                        continue
+                    pending.add(asyncio.create_task(ask(member)))
+                if not pending:
+                    raise RoundError(
+                        f"shard {shard_id}: only {len(valid)} verified partial decryptions; "
+                        f"the {key.threshold}-of-{key.parties} key needs {key.threshold} "
+                        "(nothing was decrypted)"
+                    )
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                valid += [partial for task in done if (partial := task.result()) is not None]
+        finally:
+            for task in pending:
+                task.cancel()
+        return await asyncio.to_thread(combine, key, valid[: key.threshold])
+
     async def _request(
-        self, member: ClientHandle, request: DecryptRequest | UnmaskRequest, count: int
+        self,
+        member: ClientHandle,
+        request: DecryptRequest | UnmaskRequest | PartialDecryptRequest,
+        count: int,
     ) -> list[int] | None:
         """Send one committee request and check the answer's shape (None on failure)."""
-        kind = "decrypt" if isinstance(request, DecryptRequest) else "unmask"
+        result = await self._exchange(member, request)
+        if result is None:
+            return None
+        try:
+            values = self.codec.parse_plaintexts(result.payload, count)
+        except (InvalidCiphertextError, ValueError) as exc:
+            await self._bad_result(member, str(exc))
+            return None
+        self._count_seconds(member, request, result.seconds)
+        return values
+
+    async def _exchange(
+        self,
+        member: ClientHandle,
+        request: DecryptRequest | UnmaskRequest | PartialDecryptRequest,
+    ) -> Any:
+        """Send ``request``, await the member's answer of the matching type (None on failure)."""
+        kind = _KINDS[type(request)]
         async with member.committee_lock:
+            if self._clients.get(member.client_id) is not member:
+                return None  # left while this request waited for its turn
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[Any] = loop.create_future()
             member.committee_waiter = waiter
             try:
                 member.committee_idle.clear()  # set again by its answer or its departure
                 await member.send(request)
-                result = await asyncio.wait_for(waiter, self.config.decrypt_shard_timeout)
+                result: Any = await asyncio.wait_for(waiter, self.config.decrypt_shard_timeout)
             except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning(
                     "committee member %s failed to %s shard %d: %r",
@@ -187,23 +353,43 @@ class CommitteeDecryption:
                 return None
             finally:
                 member.committee_waiter = None
-        expected = DecryptResult if kind == "decrypt" else UnmaskResult
-        if (
-            not isinstance(result, expected)
-            or result.shard_id != request.shard_id
-            or result.round_id != request.round_id
-        ):
+        if not isinstance(result, _ANSWERS[type(request)]):
             return None
-        try:
-            values = self.codec.parse_plaintexts(result.payload, count)
-        except (InvalidCiphertextError, ValueError) as exc:
-            label = RejectReason.BAD_DECRYPT_RESULT.label
-            self.metrics.updates_rejected_total.labels(reason=label).inc()
-            await close_client(member, ErrorCode.BAD_DECRYPT_RESULT, str(exc))
+        answer = cast("DecryptResult | UnmaskResult | PartialDecryptResult", result)
+        if answer.shard_id != request.shard_id or answer.round_id != request.round_id:
             return None
-        self.member_seconds[kind] = self.member_seconds.get(kind, 0.0) + result.seconds
+        return answer
+
+    async def _bad_result(self, member: ClientHandle, why: str) -> None:
+        """Count, log and disconnect a member whose answer is wrong."""
+        label = RejectReason.BAD_DECRYPT_RESULT.label
+        self.metrics.updates_rejected_total.labels(reason=label).inc()
+        await close_client(member, ErrorCode.BAD_DECRYPT_RESULT, why)
+
+    def _count_seconds(
+        self,
+        member: ClientHandle,
+        request: DecryptRequest | UnmaskRequest | PartialDecryptRequest,
+        seconds: float,
+    ) -> None:
+        kind = "unmask" if isinstance(request, UnmaskRequest) else "decrypt"
+        self.member_seconds[kind] = self.member_seconds.get(kind, 0.0) + seconds
         if kind == "decrypt":
-            self.metrics.decryption_time_seconds.observe(result.seconds)
+            self.per_member_decrypt[member.client_id] = (
+                self.per_member_decrypt.get(member.client_id, 0.0) + seconds
+            )
+            self.metrics.decryption_time_seconds.observe(seconds)
         else:
-            self.metrics.unmask_time_seconds.observe(result.seconds)
-        return values
+            self.metrics.unmask_time_seconds.observe(seconds)
+
+
+_KINDS: dict[type, str] = {
+    DecryptRequest: "decrypt",
+    PartialDecryptRequest: "partially decrypt",
+    UnmaskRequest: "unmask",
+}
+_ANSWERS: dict[type, type] = {
+    DecryptRequest: DecryptResult,
+    PartialDecryptRequest: PartialDecryptResult,
+    UnmaskRequest: UnmaskResult,
+}

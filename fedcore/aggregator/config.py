@@ -5,6 +5,7 @@ Knows nothing about sockets or the round engine; it only says what a sane settin
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.contracts import DEFAULT_REPORT_METRICS, FederationParams
-from fedcore.crypto import PublicKey
+from fedcore.crypto import PublicKey, ThresholdPublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
+from fedcore.crypto.threshold import THRESHOLD_KEY_TYPE
 from fedcore.errors import ConfigError, KeyFileError
 from fedcore.packing import MAX_HEADROOM_BITS
 from protocol.transport import SERVER_RECEIVE_BUFFER
@@ -207,10 +209,18 @@ class AggregatorConfig:
             wanted = max(self.min_clients, connected)
         return min(wanted, self.max_contributors)
 
-    def load_public_key(self) -> PublicKey:
-        """The federation's public key, checked to be a plausible Paillier modulus."""
+    def load_public_key(self) -> PublicKey | ThresholdPublicKey:
+        """The federation's public key, checked to be a plausible Paillier modulus.
+
+        A threshold public key file (from ``fedcore keygen --threshold``) makes the
+        federation a threshold one: its committee members hold key shares.
+        """
         try:
-            public_key = PublicKey.load(self.public_key)
+            public_key: PublicKey | ThresholdPublicKey
+            if _is_threshold_key_file(self.public_key):
+                public_key = ThresholdPublicKey.load(self.public_key)
+            else:
+                public_key = PublicKey.load(self.public_key)
             public_key.check(min_bits=self.min_key_bits)
         except KeyFileError as exc:
             raise ConfigError(str(exc)) from None
@@ -218,13 +228,19 @@ class AggregatorConfig:
             raise ConfigError(f"public key {self.public_key} refused: {exc}") from None
         return public_key
 
-    def federation(self, public_key: PublicKey | None) -> FederationParams:
+    def federation(self, public_key: PublicKey | ThresholdPublicKey | None) -> FederationParams:
         """The federation parameters clients pin (``None`` key: a plaintext run)."""
         assert self.headroom_bits is not None
+        threshold = public_key if isinstance(public_key, ThresholdPublicKey) else None
         try:
             return FederationParams(
-                mode="plaintext" if public_key is None else "shared",
-                public_key=public_key,
+                mode="plaintext"
+                if public_key is None
+                else ("threshold" if threshold is not None else "shared"),
+                public_key=public_key.public_key
+                if isinstance(public_key, ThresholdPublicKey)
+                else public_key,
+                threshold_key=threshold,
                 value_bits=self.value_bits,
                 headroom_bits=self.headroom_bits,
                 clip=self.clip,
@@ -274,6 +290,16 @@ class AggregatorConfig:
     def with_changes(self, **changes: Any) -> AggregatorConfig:
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)
+
+
+def _is_threshold_key_file(path: Path) -> bool:
+    """Whether ``path`` holds a threshold public key (its JSON ``type`` says so)."""
+    try:
+        with open(path, "rb") as handle:
+            document = json.loads(handle.read(1 << 20))
+    except (OSError, ValueError):
+        return False  # PublicKey.load reports the error with the path
+    return isinstance(document, dict) and document.get("type") == THRESHOLD_KEY_TYPE
 
 
 def _require(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -30,7 +30,8 @@ class ClientHandle:
 
     ``credential`` is a key holder's verified committee credential (its wire bytes, which
     RoundStart relays to clients) and ``mask_public`` its mask key; both are empty for a
-    client without the private key. One committee request is outstanding per connection
+    client without the private key; ``share_index`` is the threshold key share the
+    credential names (0 in shared mode). One committee request is outstanding per connection
     at a time (``committee_lock``); its answer resolves ``committee_waiter`` and sets
     ``committee_idle`` (even when nobody waits any more: a RoundStart may only follow
     once the member's session is back from DECRYPTING). ``last_error`` is the reason of
@@ -41,6 +42,7 @@ class ClientHandle:
     conn: Connection
     credential: bytes = b""
     mask_public: bytes = b""
+    share_index: int = 0
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_waiter: asyncio.Future[Any] | None = None

@@ -50,6 +50,7 @@ from protocol.messages import (
     Ack,
     DecryptResult,
     Error,
+    PartialDecryptResult,
     RoundEnd,
     RoundStart,
     UnmaskResult,
@@ -122,8 +123,8 @@ class Aggregator:
         state = model.state_dict()
         self.layout = ModelLayout.of(state)
         # Only ever the public key: the aggregator must not be able to decrypt.
-        self.public_key: PublicKey | None = config.load_public_key() if encrypted else None
-        self.federation = config.federation(self.public_key)
+        self.federation = config.federation(config.load_public_key() if encrypted else None)
+        self.public_key: PublicKey | None = self.federation.public_key
         self.session_info = SessionInfo(
             num_values=self.layout.numel,
             chunk_items=config.chunk_ciphertexts if encrypted else PLAINTEXT_CHUNK_FLOATS,
@@ -173,7 +174,11 @@ class Aggregator:
         self._committee: CommitteeDecryption | None = None
         if isinstance(self.codec, EncryptedCodec):
             self._committee = CommitteeDecryption(
-                config=config, codec=self.codec, metrics=self.metrics, clients=self.clients
+                config=config,
+                federation=self.federation,
+                codec=self.codec,
+                metrics=self.metrics,
+                clients=self.clients,
             )
         self._client_reports: dict[str, ClientReport] = {}
         self._round_bytes = 0
@@ -330,6 +335,14 @@ class Aggregator:
                 break
         return ()
 
+    def _enough_key_holders(self) -> bool:
+        """Enough committee members for the unmaskers and, in threshold mode, T shares."""
+        holders = [h for h in self.clients.values() if h.can_decrypt]
+        key = self.federation.threshold_key
+        if key is not None and len({h.share_index for h in holders}) < key.threshold:
+            return False
+        return len(holders) >= self.federation.unmaskers
+
     async def _wait_for_clients(self) -> bool:
         c = self.config
         started = time.monotonic()
@@ -337,8 +350,7 @@ class Aggregator:
         wanted = self._previous_unmaskers(self._global_weights()[1]) if self.codec.encrypted else ()
         while not self._stop.is_set():
             connected = len(self.clients)
-            holders = sum(h.can_decrypt for h in self.clients.values())
-            enough_holders = not self.codec.encrypted or holders >= self.federation.unmaskers
+            enough_holders = not self.codec.encrypted or self._enough_key_holders()
             back = all(cid in self.clients for cid in wanted)
             if (
                 connected >= c.target_clients(connected)
@@ -624,7 +636,7 @@ class Aggregator:
                 await self.uploads.grant(handle, message)
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
-            elif isinstance(message, DecryptResult | UnmaskResult):
+            elif isinstance(message, DecryptResult | UnmaskResult | PartialDecryptResult):
                 handle.committee_idle.set()
                 waiter = handle.committee_waiter
                 if waiter is not None and not waiter.done():
