@@ -48,6 +48,8 @@ def _setup_logging(level: str, fmt: str) -> None:
 
 # ---------------------------------------------------------------------------- keygen
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    if args.threshold is not None or args.parties is not None:
+        return _keygen_threshold(args)
     from fedcore.crypto import generate_keypair
 
     out = Path(args.out)
@@ -64,6 +66,78 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     print(f"  public key  {public_path}  (aggregator and clients)")
     print(f"  private key {private_path}  (0600; key-holding clients only, never the aggregator)")
     print(f"  SHA-256     {public_key.sha256()}  (clients pin this key)")
+    return 0
+
+
+class _DealBar:
+    """A one-line progress bar on stderr for the dealer's steps (safe primes, keys)."""
+
+    _STEPS = ("safe prime p", "safe prime q", "verification keys")
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        index = self._STEPS.index(step) if step in self._STEPS else 0
+        fraction = (index + (done / total if total else 0.5)) / len(self._STEPS)
+        filled = int(30 * fraction)
+        detail = f"{done}/{total}" if total else f"{done:,} candidates"
+        line = (
+            f"[{'#' * filled}{'.' * (30 - filled)}] {step}: {detail} "
+            f"({time.perf_counter() - self._t0:.1f} s)"
+        )
+        if self._tty:
+            print(f"\r{line:<79}", end="", file=sys.stderr, flush=True)
+        elif total and done == total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._tty:
+            print(file=sys.stderr)
+
+
+def _keygen_threshold(args: argparse.Namespace) -> int:
+    from fedcore.crypto import deal
+
+    if args.threshold is None or args.parties is None:
+        print("error: --threshold T and --parties N go together", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    public_path = out / "public_key.json"
+    share_paths = [out / f"share-{i}.json" for i in range(1, args.parties + 1)]
+    existing = [p for p in (public_path, *share_paths) if p.exists()]
+    if existing and not args.force:
+        print(f"error: {existing[0]} exists (use --force to replace it)", file=sys.stderr)
+        return 2
+    bar = _DealBar()
+    t0 = time.perf_counter()
+    try:
+        public_key, shares = deal(args.bits, args.threshold, args.parties, progress=bar)
+    except (TypeError, ValueError) as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    seconds = time.perf_counter() - t0
+    public_key.save(public_path)
+    for share, path in zip(shares, share_paths, strict=True):
+        share.save(path)
+    print(
+        f"{args.bits}-bit {args.threshold}-of-{args.parties} threshold Paillier key "
+        f"in {seconds:.1f} s"
+    )
+    print(f"  public key  {public_path}  (aggregator and clients; T, N, verification keys)")
+    print(
+        f"  key shares  {share_paths[0].name} .. {share_paths[-1].name} in {out}  "
+        "(0600; one to each committee member, never to the aggregator)"
+    )
+    print(f"  SHA-256     {public_key.sha256()}  (clients pin this key)")
+    print(
+        "  p, q and the secret exponent existed only in this process and are gone; "
+        "deliver each share, then delete it here"
+    )
     return 0
 
 
@@ -206,6 +280,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         federation=Path(args.federation),
         public_key=Path(args.public_key) if args.public_key else None,
         private_key=Path(args.private_key) if args.private_key else None,
+        key_share=Path(args.key_share) if args.key_share else None,
         server_hostname=args.server_hostname,
         min_key_bits=args.min_key_bits,
     )
@@ -226,18 +301,25 @@ def _cmd_client(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedcore.demo import DemoOptions, run_demo
 
-    options = DemoOptions(
-        clients=args.clients,
-        rounds=args.rounds,
-        dataset=args.dataset,
-        key_bits=args.key_bits,
-        encrypted=not args.plaintext,
-        json_path=args.json,
-        partition=args.partition_scheme,
-        seed=args.seed,
-        workdir=args.workdir,
-        value_bits=args.value_bits,
-    )
+    try:
+        options = DemoOptions(
+            clients=args.clients,
+            rounds=args.rounds,
+            dataset=args.dataset,
+            key_bits=args.key_bits,
+            encrypted=not args.plaintext,
+            json_path=args.json,
+            partition=args.partition_scheme,
+            seed=args.seed,
+            workdir=args.workdir,
+            value_bits=args.value_bits,
+            key_mode=args.key_mode,
+            threshold=args.threshold,
+            parties=args.parties,
+        )
+    except ValueError as exc:
+        print(f"fedcore demo: error: {exc}", file=sys.stderr)
+        return 2
     summary = run_demo(options)
     return 0 if summary["rounds_completed"] == args.rounds else 1
 
@@ -261,10 +343,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("keygen", help="make a Paillier keypair (run by the key authority)")
+    p = sub.add_parser(
+        "keygen",
+        help="make a Paillier keypair, or a T-of-N threshold key (run by the key authority)",
+        description="Make the federation's Paillier key, on a machine that is not the "
+        "aggregator. Shared mode (default) writes public_key.json and private_key.json: "
+        "every committee member gets the whole private key. Threshold mode (--threshold T "
+        "--parties N) is a trusted-dealer ceremony: it finds two safe primes (a few "
+        "seconds at 2048 bits), splits the decryption exponent into N shares any T of "
+        "which decrypt, and writes public_key.json (n, T, N, verification keys, SHA-256) "
+        "and share-1.json .. share-N.json (mode 0600). KEEP: public_key.json (publish it "
+        "to the aggregator and every client). DELIVER AND DESTROY: each share-<i>.json "
+        "goes to exactly one committee member over a secure channel, then delete it from "
+        "the dealer machine; no copy of a share may reach the aggregator. NOTHING ELSE "
+        "is kept: p, q and the exponent exist only in memory during this command and are "
+        "never written. Whoever runs this command could have kept them: see "
+        "docs/threat-model.md.",
+    )
     p.add_argument("--bits", type=int, default=2048, help="modulus size (default 2048)")
-    p.add_argument("--out", required=True, help="directory for public_key.json/private_key.json")
-    p.add_argument("--force", action="store_true", help="overwrite an existing keypair")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory for public_key.json and private_key.json (or share-<i>.json)",
+    )
+    p.add_argument("--threshold", type=int, help="T: key shares needed to decrypt (with --parties)")
+    p.add_argument("--parties", type=int, help="N: key shares to deal, 2..64 (with --threshold)")
+    p.add_argument("--force", action="store_true", help="overwrite existing key files")
     p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser("certs", help="make the federation's CA and TLS certificates")
@@ -300,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", help="also pin this public key file (from the key authority)")
     p.add_argument("--private-key", help="Paillier private key: join the decryption committee")
     p.add_argument(
+        "--key-share",
+        help="threshold key share (share-<i>.json): join a threshold federation's committee",
+    )
+    p.add_argument(
         "--min-key-bits",
         type=int,
         default=2048,
@@ -326,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-bits", type=int, default=2048)
     p.add_argument("--value-bits", type=int, default=16)
     p.add_argument("--plaintext", action="store_true", help="float32 updates, no encryption")
+    p.add_argument(
+        "--key-mode",
+        default="shared",
+        choices=["shared", "threshold"],
+        help="shared: committee members hold the whole private key; threshold: each holds "
+        "one share of a T-of-N key (default shared)",
+    )
+    p.add_argument("--threshold", type=int, default=3, help="T for --key-mode threshold")
+    p.add_argument("--parties", type=int, default=5, help="N for --key-mode threshold")
     p.add_argument("--partition-scheme", default="iid", choices=["iid", "dirichlet"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="keep keys, certs and state here")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
-from fedcore.crypto import generate_keypair
+from fedcore.crypto import deal, generate_keypair
 from fedcore.data import client_shard, default_dataset_name, load_dataset
 from fedcore.model import load_flat_into, mlp
 from fedcore.training import evaluate
@@ -51,6 +51,9 @@ class DemoOptions:
     workdir: Path | None = None
     value_bits: int = 16
     committee_size: int = 3
+    key_mode: str = "shared"
+    threshold: int = 3
+    parties: int = 5
     round_timeout: float = 900.0
     quiet: bool = False
 
@@ -62,6 +65,25 @@ class DemoOptions:
             )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1; got {self.rounds}")
+        if self.key_mode not in ("shared", "threshold"):
+            raise ValueError(f"key_mode must be 'shared' or 'threshold'; got {self.key_mode!r}")
+        if self.key_mode == "threshold":
+            if not 1 <= self.threshold <= self.parties:
+                raise ValueError(
+                    f"threshold must be in 1..parties ({self.parties}); got {self.threshold}"
+                )
+            if self.parties > self.clients:
+                raise ValueError(
+                    f"a {self.threshold}-of-{self.parties} key needs at least {self.parties} "
+                    f"clients (one per key share); got --clients {self.clients}"
+                )
+
+    @property
+    def committee_members(self) -> int:
+        """How many demo clients hold key material (the whole key, or one share each)."""
+        if self.key_mode == "threshold":
+            return self.parties
+        return min(self.committee_size, self.clients)
 
 
 def _client_process(
@@ -71,7 +93,7 @@ def _client_process(
     port: int,
     pki: str,
     federation: str,
-    private_key: str | None,
+    key_file: str | None,
 ) -> None:
     """One demo client, in its own process: shard, model, train, upload, until done."""
     import torch
@@ -92,7 +114,8 @@ def _client_process(
         key=pki_dir / f"client-{index}.key",
         ca=pki_dir / "ca.pem",
         federation=Path(federation),
-        private_key=Path(private_key) if private_key else None,
+        private_key=Path(key_file) if key_file and options.key_mode == "shared" else None,
+        key_share=Path(key_file) if key_file and options.key_mode == "threshold" else None,
         server_hostname="localhost",
         min_key_bits=min(2048, options.key_bits),
     )
@@ -110,7 +133,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     dataset_name = options.dataset or default_dataset_name()
     out = print if not options.quiet else (lambda *a, **k: None)
     dataset = load_dataset(dataset_name)
-    mode = "ENCRYPTED (packed Paillier)" if options.encrypted else "PLAINTEXT (no encryption)"
+    mode = "PLAINTEXT (no encryption)"
+    if options.encrypted and options.key_mode == "threshold":
+        mode = (
+            f"ENCRYPTED (packed Paillier, {options.threshold}-of-{options.parties} threshold key)"
+        )
+    elif options.encrypted:
+        mode = "ENCRYPTED (packed Paillier)"
     if options.dataset is not None:
         why = "chosen"
     elif dataset_name == "fashion-mnist":
@@ -135,15 +164,30 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _make_keys(options: DemoOptions, keys: Path) -> list[Path]:
+    """Write the federation's key files; the key file of each committee client, in order."""
+    if options.key_mode == "threshold":
+        public, shares = deal(options.key_bits, options.threshold, options.parties)
+        public.save(keys / "public_key.json")
+        paths = []
+        for share in shares:
+            path = keys / f"share-{share.index}.json"
+            share.save(path)
+            paths.append(path)
+        return paths
+    public_key, private_key = generate_keypair(options.key_bits)
+    public_key.save(keys / "public_key.json")
+    private_key.save(keys / "private_key.json")
+    return [keys / "private_key.json"] * options.committee_members
+
+
 def _run(
     options: DemoOptions, dataset_name: str, dataset: Any, workdir: Path, out: Any
 ) -> dict[str, Any]:
     keys, pki = workdir / "keys", workdir / "pki"
     t0 = time.perf_counter()
-    public_key, private_key = generate_keypair(options.key_bits)
     keys.mkdir(parents=True, exist_ok=True)
-    public_key.save(keys / "public_key.json")
-    private_key.save(keys / "private_key.json")
+    key_files = _make_keys(options, keys)
     write_federation_pki(pki, clients=options.clients, sans=["localhost", "127.0.0.1"])
     out(f"  keys and certificates ready in {time.perf_counter() - t0:.1f} s ({workdir})")
 
@@ -164,7 +208,7 @@ def _run(
         round_timeout=options.round_timeout,
         wait_for_clients_timeout=300.0,
         value_bits=options.value_bits,
-        committee_size=min(options.committee_size, options.clients),
+        committee_size=options.committee_members,
         seed=options.seed,
         min_key_bits=min(2048, options.key_bits),
     )
@@ -210,7 +254,7 @@ def _run(
             f"http://127.0.0.1:{aggregator.metrics_port}/metrics; starting clients"
         )
         for index in range(options.clients):
-            holder = str(keys / "private_key.json") if index < config.committee_size else None
+            holder = str(key_files[index]) if index < len(key_files) else None
             process = ctx.Process(
                 target=_client_process,
                 args=(
@@ -248,6 +292,10 @@ def _run(
         "rounds": options.rounds,
         "rounds_completed": aggregator.checkpoint.rounds_completed,
         "encrypted": options.encrypted,
+        "key_mode": options.key_mode if options.encrypted else None,
+        "threshold": f"{options.threshold}-of-{options.parties}"
+        if options.encrypted and options.key_mode == "threshold"
+        else None,
         "key_bits": options.key_bits if options.encrypted else None,
         "value_bits": options.value_bits if options.encrypted else None,
         "partition": options.partition,

@@ -44,6 +44,24 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
     return Keys(public=out / "public_key.json", private=out / "private_key.json")
 
 
+@dataclass(frozen=True)
+class ThresholdKeys:
+    public: Path
+    shares: tuple[Path, ...]
+
+
+@pytest.fixture(scope="session")
+def threshold_keys(tmp_path_factory: pytest.TempPathFactory) -> ThresholdKeys:
+    """A 1024-bit 3-of-5 threshold key made by `fedcore keygen --threshold`."""
+    out = tmp_path_factory.mktemp("threshold-keys")
+    argv = ["keygen", "--bits", "1024", "--threshold", "3", "--parties", "5", "--out", str(out)]
+    assert fedcore_main(argv) == 0
+    return ThresholdKeys(
+        public=out / "public_key.json",
+        shares=tuple(out / f"share-{i}.json" for i in range(1, 6)),
+    )
+
+
 @pytest.fixture(scope="session")
 def digits() -> Dataset:
     return load_digits()
@@ -103,6 +121,7 @@ def make_client(
     *,
     federation: FederationParams,
     holds_key: bool = True,
+    hidden: Sequence[int] = (512, 256),
     train_wrapper: Callable[[Callable[..., int]], Callable[..., int]] | None = None,
     **config: Any,
 ) -> Client:
@@ -128,7 +147,7 @@ def make_client(
         "backoff_max": 0.5,
     }
     settings.update(config)
-    return Client(mlp(64), train_fn, None, ClientConfig(**settings))
+    return Client(mlp(64, hidden=hidden), train_fn, None, ClientConfig(**settings))
 
 
 def weight_of(index: int, data: Dataset, num_clients: int, federation: FederationParams) -> int:
@@ -153,7 +172,9 @@ async def run_federation(
     return checkpoint, list(results)
 
 
-def accuracy_of(weights: np.ndarray, data: Dataset) -> float:
-    model = mlp(64)
+def accuracy_of(
+    weights: np.ndarray, data: Dataset, *, hidden: Sequence[int] = (512, 256)
+) -> float:
+    model = mlp(64, hidden=hidden)
     load_flat_into(model, weights)
     return evaluate(model, data.x_test, data.y_test)["accuracy"]
