@@ -2,7 +2,8 @@
 
 from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
 from fedcore.aggregator.config import AggregatorConfig
-from fedcore.aggregator.service import Aggregator, RoundReport, build_model
+from fedcore.aggregator.rounds import RoundReport
+from fedcore.aggregator.service import Aggregator, build_model
 
 __all__ = [
     "Aggregator",

@@ -22,6 +22,7 @@ from fedcore.errors import FedcoreError
 __all__ = [
     "RejectedUpdate",
     "RoundPhase",
+    "RoundReport",
     "RoundState",
     "Upload",
     "pick_unmaskers",
@@ -191,3 +192,21 @@ class RoundState:
             "unmaskers": list(self.unmaskers),
             "total_weight": self.total_weight,
         }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundReport:
+    """What one finished round did, handed to ``on_round_complete`` and written to history."""
+
+    round_id: int
+    rounds_completed: int
+    contributors: tuple[str, ...]
+    total_weight: int
+    phase_seconds: dict[str, float]
+    client_metrics: dict[str, float]  # weighted mean evaluation, from the encrypted sum
+    client_timings: dict[str, float]  # mean client-reported seconds per phase
+    check_seconds: dict[str, float]  # privacy checks: token_check, member decrypt/unmask
+    bytes_received: int
+    fold_seconds: float
+    member_decrypt_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each committee member reported decrypting (or partially decrypting)."""

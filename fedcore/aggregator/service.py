@@ -16,7 +16,6 @@ import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes,
 from fedcore.aggregator.rounds import (
     RejectedUpdate,
     RoundPhase,
+    RoundReport,
     RoundState,
     pick_unmaskers,
     select_clients,
@@ -86,22 +86,6 @@ def build_model(
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
     return model
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundReport:
-    """What one finished round did, handed to ``on_round_complete`` and written to history."""
-
-    round_id: int
-    rounds_completed: int
-    contributors: tuple[str, ...]
-    total_weight: int
-    phase_seconds: dict[str, float]
-    client_metrics: dict[str, float]  # weighted mean evaluation, from the encrypted sum
-    client_timings: dict[str, float]  # mean client-reported seconds per phase
-    check_seconds: dict[str, float]  # privacy checks: token_check, member decrypt/unmask
-    bytes_received: int
-    fold_seconds: float
 
 
 class Aggregator:
@@ -525,6 +509,9 @@ class Aggregator:
                     ).items()
                 },
             },
+            member_decrypt_seconds=dict(
+                self._committee.per_member_decrypt if self._committee is not None else {}
+            ),
         )
 
     def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:
