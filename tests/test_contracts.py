@@ -22,7 +22,7 @@ from fedcore.contracts import (
     RoundPlan,
     SessionInfo,
 )
-from fedcore.crypto import PrivateKey, PublicKey, generate_keypair
+from fedcore.crypto import PrivateKey, PublicKey, deal, generate_keypair
 from fedcore.errors import ConfigError
 from fedcore.packing import PackingSpec
 from protocol.errors import ErrorCode
@@ -31,6 +31,7 @@ VECTORS = Path(__file__).resolve().parent / "vectors"
 _KEY = json.loads((VECTORS / "paillier_512.json").read_text())["key"]
 KEY_512 = PrivateKey(PublicKey(int(_KEY["n"])), int(_KEY["p"]), int(_KEY["q"])).public_key
 OTHER_512, _ = generate_keypair(512)
+THRESHOLD_512, _SHARES = deal(512, 2, 3)
 
 
 def _shared(**changes: Any) -> FederationParams:
@@ -116,6 +117,7 @@ _CHANGES: dict[str, Any] = {
     "samples_per_weight": {"samples_per_weight": 50},
     "report_metrics": {"report_metrics": (("accuracy", 1.0),)},
     "unmaskers": {"unmaskers": 2},
+    "threshold_key": {"mode": "threshold", "public_key": None, "threshold_key": THRESHOLD_512},
 }
 
 
@@ -142,9 +144,54 @@ def test_mismatches_names_exactly_the_differing_field(field: str) -> None:
     pinned = _shared()
     offered = dataclasses.replace(pinned, **_CHANGES[field])
     problems = pinned.mismatches(offered)
-    differing = {"mode", "public_key"} if field == "mode" else {field}
+    differing = {
+        "mode": {"mode", "public_key"},
+        "threshold_key": {"mode", "public_key", "threshold_key"},
+    }.get(field, {field})
     assert {line.split(":")[0] for line in problems} == differing
     assert pinned.mismatches(pinned) == []
+
+
+def _threshold(**changes: Any) -> FederationParams:
+    values: dict[str, Any] = {"mode": "threshold", "public_key": None}
+    values.update({"threshold_key": THRESHOLD_512, **changes})
+    return FederationParams(**values)
+
+
+def test_a_threshold_federation_pins_its_whole_threshold_key() -> None:
+    params = _threshold()
+    assert params.public_key == THRESHOLD_512.public_key and params.encrypted
+    document = params.to_document()
+    assert document["threshold_key"]["sha256"] == THRESHOLD_512.sha256()
+    assert document["threshold_key"]["verification_keys"] == [
+        str(v) for v in THRESHOLD_512.verification_keys
+    ]
+    again = FederationParams.from_bytes(params.to_bytes())
+    assert again == params and again.digest() == params.digest()
+    # a verification key swapped for another member's: refused, not silently trusted
+    forged = json.loads(params.to_bytes())
+    keys = forged["threshold_key"]["verification_keys"]
+    keys[0], keys[1] = keys[1], keys[0]
+    with pytest.raises(ValueError, match="sha256"):
+        FederationParams.from_document(forged)
+
+
+def test_threshold_mode_needs_its_key_and_no_other() -> None:
+    with pytest.raises(ValueError, match="threshold public key"):
+        FederationParams(mode="threshold", public_key=KEY_512)
+    with pytest.raises(ValueError, match="not the threshold key's n"):
+        _threshold(public_key=KEY_512)
+    with pytest.raises(ValueError, match="has no threshold key"):
+        _shared(threshold_key=THRESHOLD_512)
+
+
+def test_a_threshold_federation_mismatch_names_the_key() -> None:
+    pinned = _threshold()
+    other, _ = deal(512, 2, 3)
+    problems = pinned.mismatches(_threshold(threshold_key=other))
+    assert [line.split(":")[0] for line in problems] == ["public_key", "threshold_key"]
+    assert other.sha256()[:16] in problems[1] and THRESHOLD_512.sha256()[:16] in problems[1]
+    assert pinned.mismatches(_shared()) != []
 
 
 def test_mismatches_lists_every_differing_field() -> None:
