@@ -12,7 +12,13 @@ pooled encryption, decryption with and without the Z*_{n²} check, a client's ma
 an unmasker's mask sum per contributor, token and committee-credential signing and
 verification, ``check_modulus``; and the committee's unmask work and the aggregator's
 token checks for 10 and 1,000 signed tokens on the seed MLP's ciphertext count
-(``--contributors``), measured, not extrapolated. Measures; never asserts.
+(``--contributors``), measured, not extrapolated.
+
+Then threshold decryption (`fedcore.crypto.threshold`) on a key dealt for the same
+modulus size (``--threshold`` of ``--parties``), against shared-mode CRT decryption of
+the same number of real ciphertexts: one member's partial decryption with and without
+its batched proof, the proof alone, combining T partials and verifying one member's.
+Measures; never asserts timing (it does check that the plaintexts come back).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from fedcore.crypto import (
 )
 from fedcore.crypto.folding import SliceSum, native_available
 from fedcore.crypto.modexp import constant_time_backend
+from fedcore.crypto.threshold import combine, deal, verify
+from fedcore.crypto.threshold_proof import batch_bases, check_proof, prove
 from fedcore.packing import PackingSpec, decode_sum, encode_update
 
 SEED_MLP_VALUES = 535_818
@@ -75,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--contributors",
         default="10,1000",
         help="signed-token counts of the committee-at-scale figures (comma-separated; '' = skip)",
+    )
+    parser.add_argument(
+        "--threshold", type=int, default=3, help="shares needed to decrypt (threshold key)"
+    )
+    parser.add_argument("--parties", type=int, default=5, help="shares dealt (threshold key)")
+    parser.add_argument(
+        "--threshold-ciphertexts",
+        type=int,
+        default=None,
+        help="ciphertexts of the threshold comparison (default: the update's, at most 200 "
+        "at 2048 bits, scaled by (2048/bits)^3 for other key sizes)",
     )
 
 
@@ -191,6 +210,122 @@ def _privacy_figures(
                 out[f"{name}_at_{count}"] = figures[name]
             out[f"committee_ciphertexts_at_{count}"] = figures["ciphertexts"]
     return out
+
+
+def _threshold_figures(
+    args: argparse.Namespace,
+    sk: Any,
+    spec: PackingSpec,
+    update: np.ndarray,
+    n_ct: int,
+) -> dict[str, Any]:
+    """Threshold decryption against shared-mode CRT decryption, per ciphertext.
+
+    A ``threshold``-of-``parties`` key is dealt for micro's modulus size; the same packed
+    plaintexts are encrypted under it and under micro's key. The expensive passes (CRT
+    decryption, member 1's exponentiation alone, then its whole ``partial_decrypt``) run
+    once each on one core, like micro's decryption; the other T - 1 members' partials
+    (needed to combine, not timed) use every core. Cheap steps take the best of
+    ``--repeats``. Raises RuntimeError when a plaintext does not come back or a proof
+    does not verify.
+    """
+    bits, threshold, parties = sk.public_key.bits, args.threshold, args.parties
+    count = args.threshold_ciphertexts or min(n_ct, max(8, round(200 * (2048 / bits) ** 3)))
+    repeats = args.repeats
+    section_started = time.perf_counter()
+    _progress(f"dealing a {bits}-bit {threshold}-of-{parties} threshold key (two safe primes)")
+    started = time.perf_counter()
+    tpk, shares = deal(bits, threshold, parties)
+    deal_s = time.perf_counter() - started
+    _progress(f"dealt in {deal_s:.2f} s")
+
+    slots = spec.slots_per_ciphertext
+    plaintexts = encode_update(update[: count * slots], spec, rng=np.random.default_rng(4))
+    plaintexts = (plaintexts * -(-count // len(plaintexts)))[:count]
+    shared = sk.public_key.encrypt_vector(plaintexts)
+    ciphertexts = tpk.public_key.encrypt_vector(plaintexts)
+    context = b"bench micro: round 1, shard 0"
+    member, others = shares[0], shares[1:threshold]
+
+    _progress(f"threshold vs CRT decryption on {count} ciphertexts, one core")
+    sk.decrypt_vector(shared[:2])  # the CRT exponentiations are built once per key
+    started = time.perf_counter()
+    decrypted = sk.decrypt_vector(shared)
+    crt_s = (time.perf_counter() - started) / count
+    if decrypted != plaintexts:
+        raise RuntimeError("CRT decryption did not return the encrypted plaintexts")
+
+    exponentiation = member._exponentiation()  # built once per share, outside the timing
+    started = time.perf_counter()
+    exponentiation.powmod(ciphertexts)
+    exponentiation_s = (time.perf_counter() - started) / count
+    started = time.perf_counter()
+    partial = member.partial_decrypt(ciphertexts, context=context, workers=1)
+    partial_s = (time.perf_counter() - started) / count
+    _progress(
+        f"CRT decrypt {crt_s * 1e3:.3f} ms/ciphertext; partial decryption "
+        f"{exponentiation_s * 1e3:.3f} ms/ciphertext exponentiation alone "
+        f"({exponentiation_s / crt_s:.2f}x CRT), {partial_s * 1e3:.3f} ms with its proof "
+        f"({partial_s / crt_s:.2f}x)"
+    )
+
+    witness = tpk.delta * member.secret
+    values = list(partial.values)
+    batch_s = _best_of(
+        repeats, lambda: batch_bases(tpk, member.index, context, ciphertexts, values)
+    )
+    big_c, big_d = batch_bases(tpk, member.index, context, ciphertexts, values)
+    prove_s = _best_of(repeats, lambda: prove(tpk, member.index, witness, big_c, big_d))
+    proof = prove(tpk, member.index, witness, big_c, big_d)
+    if not check_proof(tpk, member.index, big_c, big_d, proof):
+        raise RuntimeError("a freshly made threshold proof does not verify")
+    _progress(
+        f"one member's proof per shard of {count}: batching {batch_s * 1e3:.2f} ms + "
+        f"proof {prove_s * 1e3:.2f} ms"
+    )
+
+    workers = max(1, os.cpu_count() or 1)
+    partials = [partial]
+    partials += [s.partial_decrypt(ciphertexts, context=context, workers=workers) for s in others]
+    answers: list[list[int]] = []
+
+    def combined() -> None:
+        answers.append(combine(tpk, partials))
+
+    combine_s = _best_of(repeats, combined) / count
+    if any(answer != plaintexts for answer in answers):
+        raise RuntimeError(f"combining {threshold} partials did not return the plaintexts")
+    verdicts: list[bool] = []
+
+    def verified() -> None:
+        verdicts.append(verify(tpk, ciphertexts, partial, context=context))
+
+    verify_s = _best_of(repeats, verified) / count
+    if not all(verdicts):
+        raise RuntimeError("an honest member's partial decryption did not verify")
+    if verify(tpk, ciphertexts, partial, context=context + b" (replayed)"):
+        raise RuntimeError("a partial decryption verified under another context")
+    _progress(
+        f"combine {threshold} partials {combine_s * 1e6:.1f} us/ciphertext; "
+        f"verify one member's {verify_s * 1e6:.1f} us/ciphertext "
+        f"(threshold section {time.perf_counter() - section_started:.1f} s)"
+    )
+    return {
+        "threshold": threshold,
+        "parties": parties,
+        "deal_s": deal_s,
+        "shard_ciphertexts": count,
+        "crt_decrypt_s_per_ct": crt_s,
+        "partial_exponentiation_s_per_ct": exponentiation_s,
+        "partial_decrypt_s_per_ct": partial_s,
+        "partial_vs_crt_ratio": exponentiation_s / crt_s,
+        "partial_with_proof_vs_crt_ratio": partial_s / crt_s,
+        "proof_batch_s_per_shard": batch_s,
+        "proof_prove_s": prove_s,
+        "proof_s_per_member_round": batch_s + prove_s,
+        "combine_s_per_ct": combine_s,
+        "verify_s_per_ct": verify_s,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -328,6 +463,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         result["decrypt_workers"] = args.decrypt_workers
         result["decrypt_parallel_s_per_value"] = (time.perf_counter() - started) / n_values
+    result.update(_threshold_figures(args, sk, spec, updates[0], n_ct))
 
     result["encrypt_speedup_vs_phe"] = phe_encrypt_s / packed_encrypt_s
     result["pool_encrypt_speedup_vs_phe"] = phe_encrypt_s / pool_encrypt_s

@@ -114,8 +114,19 @@ def test_micro_benchmark_reports_each_privacy_check(tmp_path: Path) -> None:
         "committee_unmask_s_at_3",
         "committee_unmask_s_at_5",
         "aggregator_token_checks_cold_s_at_5",
+        "deal_s",
+        "shard_ciphertexts",
+        "crt_decrypt_s_per_ct",
+        "partial_decrypt_s_per_ct",
+        "partial_exponentiation_s_per_ct",
+        "partial_vs_crt_ratio",
+        "partial_with_proof_vs_crt_ratio",
+        "proof_s_per_member_round",
+        "combine_s_per_ct",
+        "verify_s_per_ct",
     ):
         assert _positive(data[key]), key
+    assert (data["threshold"], data["parties"]) == (3, 5)
     assert data["committee_at_scale"]["5"]["contributors"] == 5
     text = "\n".join(micro_checks(data))
     assert "verify a token, cold CA cache" in text and "| 5 |" in text
