@@ -14,10 +14,13 @@ import pytest
 
 from fedcore.aggregator import Aggregator
 from fedcore.cli import main
+from fedcore.client import Client, ClientConfig
 from fedcore.contracts import FederationParams
-from fedcore.crypto import PrivateKey, PublicKey
+from fedcore.crypto import KeyShare, PrivateKey, PublicKey, ThresholdPublicKey, combine
+from fedcore.errors import ConfigError
+from fedcore.model import mlp
 
-from .conftest import Keys, aggregator_argv, aggregator_config
+from .conftest import Keys, ThresholdKeys, aggregator_argv, aggregator_config
 
 
 def _client_argv(pki: Path, index: int, port: int, federation: Path) -> list[str]:
@@ -204,3 +207,130 @@ async def test_a_client_pinned_to_another_federation_stops_with_one_line(
     assert len(lines) == 1 and "min_clients: the aggregator says 3, pinned 4" in lines[0]
     assert "Traceback" not in err.decode()
     assert aggregator.metrics.registry.get_sample_value("fedcore_updates_accepted_total") == 0
+
+
+def test_keygen_threshold_deals_shares_any_t_of_which_decrypt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["keygen", "--bits", "512", "--threshold", "2", "--parties", "3", "--out"]
+    assert main([*argv, str(tmp_path)]) == 0
+    public = ThresholdPublicKey.load(tmp_path / "public_key.json")
+    assert (public.threshold, public.parties, public.public_key.bits) == (2, 3, 512)
+    shares = [KeyShare.load(tmp_path / f"share-{i}.json") for i in (1, 2, 3)]
+    for i in (1, 2, 3):
+        assert stat.S_IMODE(os.stat(tmp_path / f"share-{i}.json").st_mode) == 0o600
+    out = capsys.readouterr().out
+    assert public.sha256() in out and "delete it here" in out
+    assert not list(tmp_path.glob("*private*")), "the dealer must not write p and q"
+    ciphertexts = public.public_key.encrypt_vector([42, 7])
+    partials = [share.partial_decrypt(ciphertexts) for share in shares]
+    assert combine(public, partials[1:]) == [42, 7] == combine(public, partials[::2])
+    assert main([*argv, str(tmp_path)]) == 2  # never overwrites shares by accident
+    assert "use --force" in capsys.readouterr().err
+    assert ThresholdPublicKey.load(tmp_path / "public_key.json") == public
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--threshold", "2"], "--threshold T and --parties N go together"),
+        (["--threshold", "4", "--parties", "3"], "threshold must be in 1..parties (3), got 4"),
+        (["--threshold", "2", "--parties", "65"], "parties must be in 2..64"),
+        (["--threshold", "2", "--parties", "3", "--bits", "520"], "multiple of 16"),
+    ],
+)
+def test_keygen_threshold_bad_flags_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main(["keygen", "--bits", "512", "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_key_share_in_a_shared_federation_is_refused(
+    tmp_path: Path, pki: Path, keys: Keys, threshold_keys: ThresholdKeys
+) -> None:
+    config = aggregator_config(tmp_path, pki, keys)
+    shared = config.federation(config.load_public_key())
+    settings = {
+        "cert": pki / "client-0.pem",
+        "key": pki / "client-0.key",
+        "ca": pki / "ca.pem",
+        "min_key_bits": 1024,
+    }
+    with pytest.raises(ConfigError, match="threshold key share, but the federation's key mode"):
+        Client(
+            mlp(64),
+            lambda *a: 1,
+            None,
+            ClientConfig(**settings, federation=shared, key_share=threshold_keys.shares[0]),
+        )
+    tconfig = aggregator_config(
+        tmp_path, pki, Keys(public=threshold_keys.public, private=keys.private)
+    )
+    threshold = tconfig.federation(tconfig.load_public_key())
+    assert threshold.mode == "threshold"
+    with pytest.raises(ConfigError, match="no whole private key"):
+        Client(
+            mlp(64),
+            lambda *a: 1,
+            None,
+            ClientConfig(**settings, federation=threshold, private_key=keys.private),
+        )
+    other = tmp_path / "other"
+    assert (
+        main(
+            ["keygen", "--bits", "1024", "--threshold", "3", "--parties", "5", "--out", str(other)]
+        )
+        == 0
+    )
+    with pytest.raises(ConfigError, match="belongs to threshold key"):
+        Client(
+            mlp(64),
+            lambda *a: 1,
+            None,
+            ClientConfig(**settings, federation=threshold, key_share=other / "share-1.json"),
+        )
+
+
+def test_demo_threshold_needs_a_client_per_share(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--key-mode", "threshold", "--clients", "4", "--dataset", "digits"]
+    assert main(argv) == 2
+    assert "needs at least 5 clients (one per key share)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_a_3_of_5_threshold_federation(tmp_path: Path) -> None:
+    """`fedcore demo --key-mode threshold`: five share holders over TLS, in processes."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedcore.cli",
+            "demo",
+            "--key-mode",
+            "threshold",
+            "--dataset",
+            "digits",
+            "--clients",
+            "5",
+            "--rounds",
+            "1",
+            "--key-bits",
+            "1024",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["rounds_completed"] == 1 and summary["key_mode"] == "threshold"
+    assert summary["threshold"] == "3-of-5"
+    # one round of the demo's training on digits: well above chance (10%), not converged
+    assert 0.2 < summary["final_accuracy"] <= 1.0
+    assert "3-of-5 threshold key" in proc.stdout
