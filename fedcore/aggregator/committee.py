@@ -79,8 +79,10 @@ class CommitteeDecryption:
         """Seconds each member reported decrypting in the last round, by client id."""
 
     def _shards(self, members: int) -> list[tuple[int, int]]:
-        # a result travels in one frame to us: keep it within half our frame limit
-        width = self.codec.public_key.plaintext_bytes
+        # a result travels in one frame to us: keep it within half our frame limit (a
+        # partial decryption is as wide as a ciphertext, a plaintext half that)
+        key = self.codec.public_key
+        width = key.ciphertext_bytes if self.federation.threshold_key else key.plaintext_bytes
         max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
         count = max(members, -(-self.codec.item_count // max_items))
         return self.codec.shard_ranges(count)

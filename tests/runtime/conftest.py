@@ -172,9 +172,7 @@ async def run_federation(
     return checkpoint, list(results)
 
 
-def accuracy_of(
-    weights: np.ndarray, data: Dataset, *, hidden: Sequence[int] = (512, 256)
-) -> float:
+def accuracy_of(weights: np.ndarray, data: Dataset, *, hidden: Sequence[int] = (512, 256)) -> float:
     model = mlp(64, hidden=hidden)
     load_flat_into(model, weights)
     return evaluate(model, data.x_test, data.y_test)["accuracy"]

@@ -289,3 +289,29 @@ async def test_a_lying_member_is_caught_named_excluded_and_the_model_is_right(
     gap = float(np.max(np.abs(checkpoint.global_weights - honest.global_weights)))
     assert gap < 1e-3, gap
     assert accuracy_of(checkpoint.global_weights, digits, hidden=HIDDEN) > 0.5
+
+
+def test_partial_decryption_answers_fit_the_aggregator_frame(
+    tmp_path: Path, pki: Path, threshold_keys: ThresholdKeys
+) -> None:
+    """A partial is as wide as a ciphertext: shards are cut so each answer fits a frame."""
+    from fedcore.aggregator.committee import CommitteeDecryption
+    from fedcore.codec import EncryptedCodec, codec_for
+    from fedcore.contracts import SessionInfo
+    from fedcore.metrics import AggregatorMetrics
+    from protocol.framing import DEFAULT_MAX_FRAME_SIZE
+
+    tkeys = _threshold_keys_as_keys(threshold_keys)
+    config = aggregator_config(tmp_path, pki, tkeys)
+    federation = config.federation(config.load_public_key())
+    session = SessionInfo(num_values=10_000_000, chunk_items=64, model_layout="[]", rounds=1)
+    codec = codec_for(federation, session)
+    assert isinstance(codec, EncryptedCodec)
+    committee = CommitteeDecryption(
+        config=config, federation=federation, codec=codec, metrics=AggregatorMetrics(), clients={}
+    )
+    shards = committee._shards(5)
+    width = codec.public_key.ciphertext_bytes
+    assert sum(count for _, count in shards) == codec.item_count
+    assert max(count for _, count in shards) * width <= DEFAULT_MAX_FRAME_SIZE // 2
+    assert len(shards) > 5  # the size, not the member count, decided the cut here
