@@ -182,12 +182,15 @@ class CommitteeDecryption:
             for task in tasks:  # one shard failed the round: stop waiting for the others
                 task.cancel()
         log.info(
-            "round %d: %d shards decrypted by %d committee members and unmasked by %s in %.2f s",
+            "round %d: %d shards %s by %d committee members and unmasked by %s in %.2f s "
+            "(member seconds: %s)",
             state.round_id,
             len(shards),
+            "decrypted" if threshold is None else f"decrypted {threshold.threshold} times",
             len(members),
             ", ".join(state.unmaskers),
             time.monotonic() - t0,
+            ", ".join(f"{cid} {sec:.2f}" for cid, sec in sorted(self.per_member_decrypt.items())),
         )
         out: list[int] = []
         for start, _count in shards:
