@@ -133,6 +133,20 @@ def _write_private_file(path: Path, data: bytes) -> None:
         raise
 
 
+def _read_secret_file(path: Path, what: str, *, limit: int = _MAX_KEY_DOCUMENT) -> bytes:
+    """A secret key file's bytes; KeyFileError if missing or readable by group or others."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{what} {path} is accessible by group or others "
+            f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
+        )
+    return _read_key_file(path, limit=limit)
+
+
 def _read_key_file(path: Path, *, limit: int = _MAX_KEY_DOCUMENT) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -363,17 +377,7 @@ class PrivateKey:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivateKey:
         """Read a private key file; KeyFileError if group/world readable or malformed."""
-        path = Path(path)
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"private key file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
-            )
-        data = _read_key_file(path)
+        data = _read_secret_file(Path(path), "private key file")
         try:
             return cls.from_bytes(data)
         except ValueError as exc:

@@ -35,7 +35,6 @@ import math
 import operator
 import os
 import secrets
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -326,17 +325,7 @@ class KeyShare:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KeyShare:
         """Read a share file; KeyFileError if group/world readable or malformed."""
-        path = Path(path)
-        try:
-            mode = os.stat(path).st_mode
-        except OSError as exc:
-            raise KeyFileError(f"cannot read key share file {path}: {exc.strerror}") from exc
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyFileError(
-                f"key share file {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
-            )
-        data = _keys._read_key_file(path, limit=_MAX_DOCUMENT)
+        data = _keys._read_secret_file(Path(path), "key share file", limit=_MAX_DOCUMENT)
         try:
             return cls.from_bytes(data)
         except ValueError as exc:

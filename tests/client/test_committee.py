@@ -43,7 +43,7 @@ from fedcore.crypto.masking import public_key_bytes
 from fedcore.errors import PackingError
 from protocol.errors import ErrorCode
 from protocol.messages import DecryptRequest, UnmaskRequest
-from protocol.tls import FederationPKI, write_federation_pki
+from protocol.tls import FederationPKI
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 _KEY = json.loads((VECTORS / "paillier_512.json").read_text())["key"]
@@ -52,22 +52,6 @@ FEDERATION = FederationParams(mode="shared", public_key=PRIVATE_KEY.public_key, 
 SESSION = SessionInfo(num_values=50, chunk_items=2, model_layout="[]", rounds=10)
 MODEL_A = bytes(range(32))
 MODEL_B = bytes(range(1, 33))
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> FederationPKI:
-    """client-0 and client-5 hold the key (committee); client-1..4 contribute."""
-    return write_federation_pki(Path(tmp_path_factory.mktemp("pki")), clients=6)
-
-
-@pytest.fixture(scope="module")
-def ca(pki: FederationPKI) -> CertificateAuthority:
-    return CertificateAuthority.load(pki.ca_cert)
-
-
-@pytest.fixture(scope="module")
-def signers(pki: FederationPKI) -> list[Signer]:
-    return [Signer.load(paths.cert, paths.key) for paths in pki.clients]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ is played with the library functions it uses.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from fedcore.crypto import (
 from fedcore.crypto.threshold_proof import EqualityProof
 from fedcore.errors import PackingError
 from protocol.messages import DecryptRequest, PartialDecryptRequest, UnmaskRequest
-from protocol.tls import FederationPKI, write_federation_pki
 from tests.runtime.malicious import correlation, raw_estimate
 
 from .test_committee import _seal
@@ -41,22 +39,6 @@ KEY, SHARES = deal(512, 3, 5)
 FEDERATION = FederationParams(mode="threshold", public_key=None, threshold_key=KEY)
 SESSION = SessionInfo(num_values=200, chunk_items=4, model_layout="[]", rounds=10)
 LEAK_BOUND = 0.1
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> FederationPKI:
-    """client-0..2 hold shares 1..3 (client-0 unmasks); client-3..5 contribute."""
-    return write_federation_pki(Path(tmp_path_factory.mktemp("pki")), clients=6)
-
-
-@pytest.fixture(scope="module")
-def ca(pki: FederationPKI) -> CertificateAuthority:
-    return CertificateAuthority.load(pki.ca_cert)
-
-
-@pytest.fixture(scope="module")
-def signers(pki: FederationPKI) -> list[Signer]:
-    return [Signer.load(paths.cert, paths.key) for paths in pki.clients]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +100,17 @@ def _request(ciphertexts: list[Any], contributors: bytes, **changes: Any) -> Par
     return PartialDecryptRequest(**values)
 
 
+def _unmask_request(masked: list[int], contributors: bytes) -> UnmaskRequest:
+    return UnmaskRequest(
+        round_id=5,
+        shard_id=0,
+        start=0,
+        item_count=len(masked),
+        contributors=contributors,
+        payload=serialize_plaintexts(masked, KEY.public_key),
+    )
+
+
 async def _combined(
     members: list[CommitteeMember],
     codec: EncryptedCodec,
@@ -148,17 +141,7 @@ async def test_three_members_decrypt_and_the_unmasker_releases_the_mean(
     masked = await _combined(members, codec, _fold([p for p, _, _ in sealed]), contributors)
     with pytest.raises(PackingError):
         codec.decode(masked)  # combined but still masked: noise to the aggregator
-    answer = await members[0].unmask(
-        UnmaskRequest(
-            round_id=5,
-            shard_id=0,
-            start=0,
-            item_count=len(masked),
-            contributors=contributors,
-            payload=serialize_plaintexts(masked, KEY.public_key),
-        ),
-        codec,
-    )
+    answer = await members[0].unmask(_unmask_request(masked, contributors), codec)
     result = codec.decode(deserialize_plaintexts(answer.payload, KEY.public_key))
     clipped = [np.clip(u.astype(np.float64), -FEDERATION.clip, FEDERATION.clip) for *_, u in sealed]
     expected = sum(clipped) / 3
@@ -182,17 +165,7 @@ async def test_one_upload_dressed_up_as_the_sum_stays_noise(
     victim, _, truth = sealed[1]
     alone = await _combined(members, codec, _ciphertexts(victim), contributors)
     with pytest.raises(CommitteeRefusal, match="does not decode"):
-        await members[0].unmask(
-            UnmaskRequest(
-                round_id=5,
-                shard_id=0,
-                start=0,
-                item_count=len(alone),
-                contributors=contributors,
-                payload=serialize_plaintexts(alone, KEY.public_key),
-            ),
-            codec,
-        )
+        await members[0].unmask(_unmask_request(alone, contributors), codec)
     leak = abs(correlation(raw_estimate(alone, codec.spec, SESSION.num_values), truth))
     print(f"threshold: one upload decrypted alone, |correlation| with the victim {leak:.4f}")
     assert leak < LEAK_BOUND

@@ -47,7 +47,7 @@ def _rejected(aggregator: Aggregator, reason: str) -> float:
 
 def _federation(
     tmp_path: Path, pki: Path, keys: Keys, digits: Any, *, rounds: int, **changes: Any
-) -> tuple[Aggregator, list[Client]]:
+) -> Aggregator:
     config = aggregator_config(
         tmp_path,
         pki,
@@ -61,8 +61,7 @@ def _federation(
         decrypt_shard_timeout=10.0,
         **changes,
     )
-    aggregator = Aggregator(config)
-    return aggregator, []
+    return Aggregator(config)
 
 
 def _threshold_clients(
@@ -94,7 +93,7 @@ async def test_a_3_of_5_federation_trains_like_shared_mode(
 ) -> None:
     rounds = 4
     # shared mode: every committee client holds p and q
-    shared, _ = _federation(tmp_path / "shared", pki, keys, digits, rounds=rounds)
+    shared = _federation(tmp_path / "shared", pki, keys, digits, rounds=rounds)
     shared_clients = [
         make_client(i, pki, keys, digits, MEMBERS, federation=shared.federation, hidden=HIDDEN)
         for i in range(MEMBERS)
@@ -102,7 +101,7 @@ async def test_a_3_of_5_federation_trains_like_shared_mode(
     shared_checkpoint, _ = await run_federation(shared, shared_clients)
     # threshold mode: the same federation, each member holds one share
     tkeys = _threshold_keys_as_keys(threshold_keys)
-    aggregator, _ = _federation(tmp_path / "threshold", pki, tkeys, digits, rounds=rounds)
+    aggregator = _federation(tmp_path / "threshold", pki, tkeys, digits, rounds=rounds)
     assert aggregator.federation.mode == "threshold"
     clients = _threshold_clients(aggregator, pki, threshold_keys, digits)
     checkpoint, results = await run_federation(aggregator, clients)
@@ -141,7 +140,7 @@ async def _run_with(
     and stops it for good, as a killed process would.
     """
     tkeys = _threshold_keys_as_keys(threshold_keys)
-    aggregator, _ = _federation(tmp_path, pki, tkeys, digits, rounds=1, **changes)
+    aggregator = _federation(tmp_path, pki, tkeys, digits, rounds=1, **changes)
     clients = _threshold_clients(aggregator, pki, threshold_keys, digits)
     task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.wait_started(), 30)
