@@ -50,6 +50,7 @@ def codec() -> EncryptedCodec:
 
 @pytest.fixture
 def members(signers: list[Signer], ca: CertificateAuthority) -> list[CommitteeMember]:
+    """client-0..2 hold shares 1..3 (client-0 unmasks); client-3..5 contribute."""
     return [CommitteeMember(SHARES[i], signers[i], ca, FEDERATION) for i in range(3)]
 
 
