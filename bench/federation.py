@@ -9,7 +9,11 @@ real edge machines, so client CPU work runs on every core and each client can st
 `EncryptionPool` worker). Each finished round becomes a `RoundRecord` built from the
 aggregator's `RoundReport`, which also says what the privacy checks cost that round
 (``check_seconds``: the aggregator's token checks and the committee members' own decrypt
-and unmask seconds; ``client_timings["mask_s"]``: the contributors' mean masking seconds).
+and unmask seconds; ``member_decrypt_seconds``: each member's own (partial-)decryption
+seconds; ``client_timings["mask_s"]``: the contributors' mean masking seconds).
+`deal_key_shares` turns the credentials into a T-of-N threshold federation's: a dealt
+threshold public key (the aggregator then runs in threshold mode) and one key share per
+committee client (`ClientSpec.key_share`), nobody holding the whole private key.
 Every figure is one fedcore reports itself; nothing of fedcore is wrapped or patched.
 This module measures; it never asserts timings and knows nothing of report formats.
 """
@@ -23,7 +27,7 @@ import multiprocessing
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ import numpy as np
 
 from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
 from fedcore.client import Client, ClientConfig, ClientResult
-from fedcore.crypto import generate_keypair
+from fedcore.crypto import deal, generate_keypair
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.data import Dataset, client_shard, load_dataset
 from fedcore.model import mlp
@@ -45,6 +49,7 @@ __all__ = [
     "RoundRecord",
     "aggregator_config",
     "cpu_seconds",
+    "deal_key_shares",
     "make_credentials",
     "run_federation",
 ]
@@ -61,13 +66,18 @@ _CHILD_JOIN_S = 60.0
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Credentials:
-    """Where a federation's Paillier keys and TLS certificates live."""
+    """Where a federation's Paillier keys and TLS certificates live.
+
+    A threshold federation's ``public_key`` is the dealt threshold public key, it has no
+    ``private_key`` and ``key_shares[i - 1]`` is the file of key share ``i``.
+    """
 
     public_key: Path
-    private_key: Path
+    private_key: Path | None
     pki: Path
     key_bits: int
     clients: int
+    key_shares: tuple[Path, ...] = ()
 
     @property
     def ca(self) -> Path:
@@ -96,6 +106,33 @@ def make_credentials(workdir: Path, *, clients: int, key_bits: int) -> Credentia
         key_bits=key_bits,
         clients=clients,
     )
+
+
+def deal_key_shares(
+    credentials: Credentials, directory: Path, *, threshold: int, parties: int
+) -> tuple[Credentials, float]:
+    """Deal a ``threshold``-of-``parties`` key of the credentials' size into ``directory``.
+
+    Returns the threshold federation's credentials (same PKI, the threshold public key,
+    no private key, the share files in share order) and the seconds `deal` took.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    public, shares = deal(credentials.key_bits, threshold, parties)
+    deal_s = time.perf_counter() - started
+    public.save(directory / "public_key.json")
+    paths = []
+    for share in shares:
+        path = directory / f"share-{share.index}.json"
+        share.save(path)
+        paths.append(path)
+    dealt = replace(
+        credentials,
+        public_key=directory / "public_key.json",
+        private_key=None,
+        key_shares=tuple(paths),
+    )
+    return dealt, deal_s
 
 
 def aggregator_config(
@@ -140,6 +177,7 @@ class ClientSpec:
     max_samples: int | None = None
     decrypt_workers: int = 1
     encryption_pool: bool = True
+    key_share: int | None = None  # threshold federations: this client's share index (1..N)
 
     def shard(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """This client's training data: its partition, cut to ``max_samples`` (seeded)."""
@@ -163,13 +201,15 @@ def build_client(
 ) -> Client:
     """A real `fedcore.Client` of the seed-MLP shape for ``dataset``, pinning ``federation``."""
     x, y = spec.shard(dataset)
+    share = None if spec.key_share is None else credentials.key_shares[spec.key_share - 1]
     config = ClientConfig(
         cert=credentials.pki / f"client-{spec.index}.pem",
         key=credentials.pki / f"client-{spec.index}.key",
         ca=credentials.ca,
         federation=federation,
         public_key=credentials.public_key,
-        private_key=credentials.private_key if spec.holds_key else None,
+        private_key=credentials.private_key if spec.holds_key and share is None else None,
+        key_share=share,
         server_hostname="localhost",
         min_key_bits=credentials.min_key_bits,
         decrypt_workers=spec.decrypt_workers,
@@ -198,6 +238,8 @@ class RoundRecord:
     ``member_unmask`` (the seconds the committee members reported, summed over shards;
     their token-set checks are inside them). ``client_timings["mask_s"]`` is the
     contributors' mean seconds deriving and adding their one-time masks.
+    ``member_decrypt_seconds`` is the report's own too: the seconds each committee member
+    (by client id) reported decrypting, or partially decrypting, this round's shards.
     """
 
     round: int
@@ -209,6 +251,7 @@ class RoundRecord:
     contributors: int
     total_weight: int
     check_seconds: dict[str, float] = field(default_factory=dict)
+    member_decrypt_seconds: dict[str, float] = field(default_factory=dict)
     accuracy: float | None = None
 
     @property
@@ -294,9 +337,11 @@ def _client_result_json(result: ClientResult) -> dict[str, Any]:
 def _federation_summary(aggregator: Aggregator) -> dict[str, Any]:
     """The pinned parameters a reader needs to interpret the figures."""
     fed = aggregator.federation
+    key = fed.threshold_key
     return {
         "digest": fed.digest().hex()[:16],
         "mode": fed.mode,
+        "threshold": None if key is None else f"{key.threshold}-of-{key.parties}",
         "min_clients": fed.min_clients,
         "headroom_bits": fed.headroom_bits,
         "max_weight": fed.max_weight,
@@ -344,6 +389,7 @@ def run_federation(
             contributors=len(report.contributors),
             total_weight=report.total_weight,
             check_seconds=dict(report.check_seconds),
+            member_decrypt_seconds=dict(report.member_decrypt_seconds),
             accuracy=None if evaluate is None else float(evaluate(weights)),
         )
         records.append(record)

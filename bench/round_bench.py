@@ -17,7 +17,21 @@ while the other members decrypt. Every figure is one fedcore reports itself: the
 round report's ``check_seconds`` (the aggregator's token checks; the members' own
 decrypt and unmask seconds, which each shard answer carries) and the clients' ``mask_s``
 timing. The aggregator's decrypt phase covers unmasking and decryption, which overlap
-across shards and members. Measures; never asserts.
+across shards and members.
+
+``--key-mode threshold --threshold T --parties N`` compares threshold decryption with
+shared-key decryption on the same workload instead: the clients become max(--clients, N),
+a T-of-N key of the same size is dealt here (timed: ``deal_s``) and clients 0..N-1 hold
+shares 1..N; then the same federation runs in shared mode with the private key on those
+same N clients and a committee of N, so both spread decryption over N members. Each shard
+goes to one member in shared mode, to T members (partial decryptions with proofs, which
+the aggregator verifies and combines) in threshold mode. Reported for both: the phases
+(the aggregator's ``decrypt`` phase and its ratio threshold / shared), each member's own
+decrypt seconds (the round report's ``member_decrypt_seconds``, mean over rounds; max
+and mean over members), shards per round and member answers per round (the clients'
+counts), ciphertexts per update, and the global model's test accuracy after each round
+(evaluated outside every phase). No plaintext run and no committee-scaling runs in this
+mode (``--key-mode shared`` measures those). Measures; never asserts.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +51,14 @@ from bench.federation import (
     FederationResult,
     RoundRecord,
     aggregator_config,
+    deal_key_shares,
     make_credentials,
     run_federation,
 )
 from fedcore.crypto.modexp import constant_time_backend
 from fedcore.data import Dataset, fashion_mnist_available, load_dataset
-from fedcore.model import mlp
-from fedcore.training import TrainConfig
+from fedcore.model import load_flat_into, mlp
+from fedcore.training import TrainConfig, evaluate
 
 # Phases of a round as this benchmark reports them, in data-path order.
 PHASES = (
@@ -78,6 +94,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--committee-sizes",
         default="1,2,4",
         help="committee sizes of the decryption-scaling runs (comma-separated; '' = skip)",
+    )
+    parser.add_argument(
+        "--key-mode",
+        choices=("shared", "threshold"),
+        default="shared",
+        help="shared (default): encrypted vs plaintext and committee scaling; threshold: "
+        "a T-of-N threshold key vs a shared key, same workload, committee of N each",
+    )
+    parser.add_argument(
+        "--threshold", type=int, default=3, help="T of the threshold key (default 3)"
+    )
+    parser.add_argument(
+        "--parties",
+        type=int,
+        default=5,
+        help="N of the threshold key (default 5); clients become max(--clients, N)",
     )
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
     parser.add_argument("--key-bits", type=int, default=2048, help=argparse.SUPPRESS)
@@ -197,8 +229,15 @@ def _run(
     committee: int,
     encrypted: bool,
     in_process: Dataset | None,
+    holders: int | None = None,
+    evaluate_global: Callable[[np.ndarray], float] | None = None,
 ) -> FederationResult:
-    """One federation; ``in_process`` (the loaded dataset) runs clients as tasks here."""
+    """One federation; ``in_process`` (the loaded dataset) runs clients as tasks here.
+
+    ``holders``: only clients 0..holders-1 hold key material (None: every client); with
+    threshold credentials client i holds key share i + 1 instead of the private key.
+    """
+    shares = len(credentials.key_shares)
     config = aggregator_config(
         credentials,
         workdir / name,
@@ -216,8 +255,9 @@ def _run(
             clients=clients,
             dataset=dataset,
             train=TrainConfig(seed=i),
-            holds_key=True,  # every client may sit on the committee
+            holds_key=holders is None or i < holders,  # by default all may sit on it
             max_samples=samples,
+            key_share=i + 1 if i < shares and (holders is None or i < holders) else None,
         )
         for i in range(clients)
     ]
@@ -228,11 +268,14 @@ def _run(
         encrypted=encrypted,
         processes=in_process is None,
         dataset=in_process,
+        evaluate=evaluate_global,
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the encrypted and plaintext federations and the committee-scaling runs."""
+def _workload(
+    args: argparse.Namespace, clients: int
+) -> tuple[str, Dataset, dict[str, Any], int, int | None]:
+    """The dataset, the workload description, the rounds and the per-client sample cap."""
     if args.dataset == "auto":
         dataset_name = "fashion-mnist" if fashion_mnist_available() else "digits"
     else:
@@ -247,9 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     rounds = args.rounds or (2 if args.quick else 3)
     samples = args.samples_per_client or (1000 if args.quick else None)
-    clients = args.clients
     shard = len(data.y_train) // clients
-    committee_sizes = [int(s) for s in str(args.committee_sizes).split(",") if s.strip()]
     workload = {
         "dataset": dataset_name,
         "model": note,
@@ -268,6 +309,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "EncryptionPool worker process)",
         "machine_cores_shared": "yes: other work may run on the same cores",
     }
+    return dataset_name, data, workload, rounds, samples
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the encrypted and plaintext federations and the committee-scaling runs.
+
+    ``--key-mode threshold`` runs the threshold-vs-shared comparison instead.
+    """
+    if args.key_mode == "threshold":
+        return run_threshold(args)
+    clients = args.clients
+    dataset_name, data, workload, rounds, samples = _workload(args, clients)
+    features, classes = data.num_features, data.num_classes
+    committee_sizes = [int(s) for s in str(args.committee_sizes).split(",") if s.strip()]
     _progress(f"workload: {workload}")
     with tempfile.TemporaryDirectory(prefix="fedcore-round-bench-") as tmp:
         workdir = Path(tmp)
@@ -379,3 +434,168 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encrypted": enc,
         "plaintext": plain,
     }
+
+
+# ------------------------------------------------------------------ threshold key mode
+def _evaluator(data: Dataset) -> Callable[[np.ndarray], float]:
+    """Test accuracy of the global weights (the round bench's only use of the test set)."""
+    model = mlp(data.num_features, classes=data.num_classes)
+
+    def accuracy(weights: np.ndarray) -> float:
+        load_flat_into(model, weights)
+        return float(evaluate(model, data.x_test, data.y_test)["accuracy"])
+
+    return accuracy
+
+
+def _members(result: FederationResult) -> dict[str, Any]:
+    """Each member's own decrypt seconds (fedcore's ``member_decrypt_seconds``), per round.
+
+    A member of the round's committee that decrypted nothing in a round counts 0 s there.
+    ``max_over_mean`` > 1 says how unevenly the decryption work fell on the members.
+    """
+    rounds = result.rounds
+    names = sorted({m for r in rounds for m in r.member_decrypt_seconds})
+    each = {m: _mean([r.member_decrypt_seconds.get(m, 0.0) for r in rounds]) for m in names}
+    values = list(each.values())
+    peak, mean = (max(values), _mean(values)) if values else (float("nan"), float("nan"))
+    unmaskers = int(result.federation.get("unmaskers") or 1)
+    clients = result.client_results
+    return {
+        "member_decrypt_s_per_round": each,
+        "member_decrypt_s_by_round": [dict(r.member_decrypt_seconds) for r in rounds],
+        "members": len(names),
+        "member_decrypt_s_max": peak,
+        "member_decrypt_s_mean": mean,
+        "member_decrypt_s_max_over_mean": peak / mean if mean > 0 else None,
+        "member_decrypt_s_sum_per_round": _mean(
+            [sum(r.member_decrypt_seconds.values()) for r in rounds]
+        ),
+        # the clients' own counts: every shard is unmasked once by each unmasker, and
+        # answered by one member (shared) or T members (threshold)
+        "shards_per_round": sum(c.get("shards_unmasked", 0) for c in clients)
+        / max(1, len(rounds) * unmaskers),
+        "member_answers_per_round": sum(c.get("shards_decrypted", 0) for c in clients)
+        / max(1, len(rounds)),
+        "accuracy_each_round": [r.accuracy for r in rounds],
+        "final_accuracy": rounds[-1].accuracy if rounds else None,
+    }
+
+
+def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
+    """A T-of-N threshold federation, then the same workload with a shared key."""
+    t, n = args.threshold, args.parties
+    if not 1 <= t <= n or n < 2:
+        raise ValueError(f"--threshold must be in 1..--parties, --parties >= 2; got {t}, {n}")
+    clients = max(args.clients, n)
+    clients_note = (
+        f"{clients} clients (--clients {args.clients} raised to --parties {n}: one client "
+        "per key share)"
+        if clients != args.clients
+        else f"{clients} clients (--clients; N = {n} of them hold key material)"
+    )
+    dataset_name, data, workload, rounds, samples = _workload(args, clients)
+    workload.update(
+        key_mode="threshold",
+        threshold=t,
+        parties=n,
+        committee_size=n,
+        clients_note=clients_note,
+        key_holders=f"clients 0..{n - 1}: key shares 1..{n} (threshold run), the whole "
+        "private key (shared run); the others hold nothing",
+    )
+    _progress(clients_note)
+    _progress(f"workload: {workload}")
+    evaluate_global = _evaluator(data)
+    with tempfile.TemporaryDirectory(prefix="fedcore-round-bench-") as tmp:
+        workdir = Path(tmp)
+        shared_credentials = make_credentials(workdir, clients=clients, key_bits=args.key_bits)
+        _progress(f"dealing a {args.key_bits}-bit {t}-of-{n} key")
+        credentials, deal_s = deal_key_shares(
+            shared_credentials, workdir / "threshold-keys", threshold=t, parties=n
+        )
+        _progress(f"dealt in {deal_s:.1f} s")
+        common: dict[str, Any] = {
+            "dataset": dataset_name,
+            "features": data.num_features,
+            "classes": data.num_classes,
+            "clients": clients,
+            "rounds": rounds,
+            "samples": samples,
+            "committee": n,
+            "encrypted": True,
+            "holders": n,
+            "evaluate_global": evaluate_global,
+            "in_process": data if args.in_process else None,
+        }
+        _progress(f"threshold federation ({t}-of-{n}): {rounds} rounds")
+        threshold_run = _run(credentials, workdir, "threshold", **common)
+        _progress(f"shared-key federation (committee of {n}): {rounds} rounds")
+        shared_run = _run(shared_credentials, workdir, "shared", **common)
+    out: dict[str, Any] = {"workload": workload, "clients": clients, "clients_note": clients_note}
+    out.update(key_mode="threshold", threshold=t, parties=n, deal_s=deal_s)
+    summaries = {}
+    for mode, result in (("threshold", threshold_run), ("shared", shared_run)):
+        summary = summarize(result, clients)
+        summary["members"] = _members(result)
+        summaries[mode] = summary
+        out[f"{mode}_mode"] = result.federation.get("mode")
+        out[f"{mode}_round_s"] = summary["round_s"]
+        out[f"{mode}_decrypt_s"] = summary["aggregator_phase_s"]["decrypt"]
+        for key in ("member_decrypt_s_max", "member_decrypt_s_mean", "shards_per_round"):
+            out[f"{mode}_{key}"] = summary["members"][key]
+        out[f"{mode}_member_answers_per_round"] = summary["members"]["member_answers_per_round"]
+        out[f"{mode}_final_accuracy"] = summary["members"]["final_accuracy"]
+        out[f"{mode}_cpu_s_per_round"] = summary["cpu_s_per_round"]
+        out[f"{mode}_cpu_s_aggregator_per_round"] = summary["cpu_s_aggregator_per_round"]
+        out[f"{mode}_phase_s"] = summary["phase_s"]
+    thr, sh = summaries["threshold"], summaries["shared"]
+    out["decrypt_threshold_over_shared"] = (
+        out["threshold_decrypt_s"] / out["shared_decrypt_s"]
+        if out["shared_decrypt_s"] > 0
+        else float("nan")
+    )
+    out["round_threshold_over_shared"] = (
+        thr["round_s"] / sh["round_s"] if sh["round_s"] > 0 else float("nan")
+    )
+    out["member_decrypt_threshold_over_shared"] = (
+        out["threshold_member_decrypt_s_mean"] / out["shared_member_decrypt_s_mean"]
+        if out["shared_member_decrypt_s_mean"] > 0
+        else float("nan")
+    )
+    out["ciphertexts_per_update"] = threshold_run.federation.get("items_per_update")
+    out["skipped"] = "plaintext run and committee-scaling runs (run --key-mode shared)"
+    out["threshold_note"] = (
+        f"both runs: the same {clients} clients, data, seeds and rounds, with key material on "
+        f"clients 0..{n - 1} and every one of those {n} on the committee. Shared: each shard "
+        f"is decrypted (CRT, constant-time {constant_time_backend()}) by one member. "
+        f"Threshold: each shard is partially decrypted, with a proof, by {t} of the {n} "
+        "members (a rotating window), and the aggregator verifies the proofs and combines "
+        "the partials inside its decrypt phase; unmasking is inside both decrypt phases. "
+        "member_decrypt_s are the members' own reported wall seconds (mean over rounds per "
+        "member; max and mean over members); they overlap across members and, with more "
+        "member processes than cores, include waiting for a core. cpu_s_per_round counts "
+        "every process (aggregator: proof checks and combining in threshold mode)"
+    )
+    out["threshold_run"] = thr
+    out["shared_run"] = sh
+    _print_comparison(out, thr, sh)
+    return out
+
+
+def _print_comparison(out: dict[str, Any], thr: dict[str, Any], sh: dict[str, Any]) -> None:
+    """The per-phase and per-member figures side by side (the runner prints the scalars)."""
+    print(f"{out['threshold']}-of-{out['parties']} threshold key vs shared key:")
+    print(f"  {'phase (mean s/round)':<26}{'threshold':>12}{'shared':>12}")
+    for name in PHASES:
+        print(f"  {name:<26}{thr['phase_s'][name]:>12.3f}{sh['phase_s'][name]:>12.3f}")
+    print(f"  {'round':<26}{thr['round_s']:>12.3f}{sh['round_s']:>12.3f}")
+    print(f"  {'member decrypt (mean s/round)':<32}{'threshold':>12}{'shared':>12}")
+    names = sorted(
+        set(thr["members"]["member_decrypt_s_per_round"])
+        | set(sh["members"]["member_decrypt_s_per_round"])
+    )
+    for name in names:
+        a = thr["members"]["member_decrypt_s_per_round"].get(name, float("nan"))
+        b = sh["members"]["member_decrypt_s_per_round"].get(name, float("nan"))
+        print(f"  {name:<32}{a:>12.3f}{b:>12.3f}")

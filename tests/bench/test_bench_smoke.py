@@ -224,3 +224,26 @@ def test_all_runs_every_registered_benchmark_then_reports(tmp_path: Path) -> Non
     assert ["micro", "--key-bits", "3072", "--quick"] in [argv[:4] for argv in ran]
     assert all("--quick" in argv for argv in ran)
     assert report.exists() and "python -m bench round --quick" in report.read_text()
+
+
+def test_round_benchmark_compares_threshold_with_shared_decryption(tmp_path: Path) -> None:
+    argv = ["round", "--dataset", "digits", *TINY, "--in-process"]
+    argv += ["--key-mode", "threshold", "--threshold", "2", "--parties", "3"]
+    data = _run(argv, tmp_path / "round-threshold.json")
+    assert data["clients"] == data["workload"]["clients"] == 3  # raised from 2 to N
+    assert (data["threshold"], data["parties"]) == (2, 3)
+    assert (data["threshold_mode"], data["shared_mode"]) == ("threshold", "shared")
+    for key in ("deal_s", "threshold_decrypt_s", "shared_decrypt_s"):
+        assert _positive(data[key]), key
+    assert _positive(data["decrypt_threshold_over_shared"])
+    for mode in ("threshold", "shared"):
+        members = data[f"{mode}_run"]["members"]
+        assert set(members["member_decrypt_s_per_round"]) == {f"client-{i}" for i in range(3)}
+        assert all(_positive(v) for v in members["member_decrypt_s_per_round"].values())
+        assert members["member_decrypt_s_max"] >= members["member_decrypt_s_mean"] > 0
+        assert 0.0 <= members["final_accuracy"] <= 1.0
+    # each shard: one member's answer with a shared key, T members' with a threshold key
+    shards = data["threshold_shards_per_round"]
+    assert shards == data["shared_shards_per_round"] >= 1
+    assert data["threshold_member_answers_per_round"] == 2 * shards
+    assert data["shared_member_answers_per_round"] == shards
