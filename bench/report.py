@@ -383,6 +383,30 @@ def micro_checks(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def micro_threshold(data: dict[str, Any]) -> list[str]:
+    """Threshold decryption's costs per ciphertext next to a CRT decryption, if measured."""
+    if "partial_decrypt_s_per_ct" not in data:
+        return []
+    return [
+        "",
+        f"Threshold key ({data.get('threshold')}-of-{data.get('parties')}, dealt in "
+        f"{_fmt(data.get('deal_s'))} s), {_fmt(data.get('shard_ciphertexts'))} ciphertexts:",
+        "",
+        "| per ciphertext (s) | value | vs CRT decryption |",
+        "|---|---:|---:|",
+        f"| CRT decryption (shared mode) | {_fmt(data.get('crt_decrypt_s_per_ct'))} | 1 |",
+        f"| partial decryption, exponentiation | "
+        f"{_fmt(data.get('partial_exponentiation_s_per_ct'))} | "
+        f"{_fmt(data.get('partial_vs_crt_ratio'))} |",
+        f"| partial decryption with its proof | {_fmt(data.get('partial_decrypt_s_per_ct'))} | "
+        f"{_fmt(data.get('partial_with_proof_vs_crt_ratio'))} |",
+        f"| combine T partials | {_fmt(data.get('combine_s_per_ct'))} | |",
+        f"| verify one member's partials | {_fmt(data.get('verify_s_per_ct'))} | |",
+        "",
+        f"One member's proof for one shard: {_fmt(data.get('proof_s_per_member_round'))} s.",
+    ]
+
+
 def _accuracy_section(data: dict[str, Any], name: str, out: Path) -> list[str]:
     w = data.get("workload", {})
     lines = [
@@ -468,6 +492,7 @@ def _micro_section(
             )
         lines += ["", text + "."]
     lines += micro_checks(data)
+    lines += micro_threshold(data)
     if name == "micro" and plot_micro_costs(data, out / "micro-costs.png", larger_keys):
         lines += ["", "![micro-costs.png](micro-costs.png)"]
     lines.append("")
