@@ -1,12 +1,16 @@
 """Committee decryption: the round's summed ciphertexts to key holders, masks to unmaskers.
 
-Each shard of the sum goes to whichever key holder is free; a member that drops, times
-out or answers with the wrong shape loses its shard to another. The decrypted (still
-masked) shard then goes to the round's unmasker, which removes exactly the folded
-contributors' masks and releases the result only if it decodes. Every request carries
-the signed tokens of the contributors, so members can refuse anything but a
-quorum-sized, named set. The aggregator holds no private key and no mask key: this
-module only moves ciphertexts, tokens and plaintexts, and checks what comes back.
+Shared mode: each shard of the sum goes to whichever key holder is free; a member that
+drops, times out or answers with the wrong shape loses its shard to another. Threshold
+mode: each shard goes to T share holders of a rotating window, every partial decryption
+is verified against the member's proof before the T are combined, and a member that
+fails or lies is replaced (a liar is also counted, named and excluded). Either way the
+decrypted (still masked) shard then goes to the round's unmasker, which removes exactly
+the folded contributors' masks and releases the result only if it decodes. Every
+request carries the signed tokens of the contributors, so members can refuse anything
+but a quorum-sized, named set. The aggregator holds no private key, no key share and
+no mask key: this module only moves ciphertexts, tokens and plaintexts, and checks what
+comes back.
 """
 
 from __future__ import annotations
