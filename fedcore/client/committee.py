@@ -1,5 +1,9 @@
 """The committee role of a key-holding client: decrypt shards and unmask named sums.
 
+A member holds the whole private key (shared mode: it decrypts) or one share of a
+threshold key (threshold mode: it partially decrypts and proves its answer, and T
+members' answers combine into the plaintexts). The rules are the same for both.
+
 A member checks every request before it works on it, and refuses what an honest
 aggregator never asks for:
 
