@@ -4,13 +4,13 @@ Shared mode: each shard of the sum goes to whichever key holder is free; a membe
 drops, times out or answers with the wrong shape loses its shard to another. Threshold
 mode: each shard goes to T share holders of a rotating window, every partial decryption
 is verified against the member's proof before the T are combined, and a member that
-fails or lies is replaced (a liar is also counted, named and excluded). Either way the
-decrypted (still masked) shard then goes to the round's unmasker, which removes exactly
-the folded contributors' masks and releases the result only if it decodes. Every
-request carries the signed tokens of the contributors, so members can refuse anything
-but a quorum-sized, named set. The aggregator holds no private key, no key share and
-no mask key: this module only moves ciphertexts, tokens and plaintexts, and checks what
-comes back.
+fails or lies is replaced (a liar is also counted, named and excluded from decrypting).
+Either way the decrypted (still masked) shard then goes to the round's unmasker, which
+removes exactly the folded contributors' masks and releases the result only if it
+decodes. Every request carries the signed tokens of the contributors, so members can
+refuse anything but a quorum-sized, named set. The aggregator holds no private key, no
+key share and no mask key: this module only moves ciphertexts, tokens and plaintexts,
+and checks what comes back.
 """
 
 from __future__ import annotations
@@ -113,7 +113,6 @@ class CommitteeDecryption:
         else:
             members = self._share_holders(members, threshold)
         self.per_member_decrypt = {}
-        excluded: set[str] = set()
         contributors = pack_tokens([state.folded[cid] for cid in sorted(state.folded)])
         shards = self._shards(len(members))
         t0 = time.monotonic()
@@ -151,7 +150,7 @@ class CommitteeDecryption:
                 values = await decrypt_one(shard_id, start, count)
             else:
                 values = await self._threshold_shard(
-                    state, members, excluded, contributors, summed, (shard_id, start, count)
+                    state, members, contributors, summed, (shard_id, start, count)
                 )
             for unmasker in unmaskers:
                 assert unmasker is not None
@@ -206,7 +205,8 @@ class CommitteeDecryption:
         """One connected member per share index, in share order (RoundError below T)."""
         by_index: dict[int, ClientHandle] = {}
         for member in members:
-            by_index.setdefault(member.share_index, member)
+            if not member.decrypt_excluded:
+                by_index.setdefault(member.share_index, member)
         if len(by_index) < key.threshold:
             raise RoundError(
                 f"{len(by_index)} distinct key shares are connected; this "
@@ -218,7 +218,6 @@ class CommitteeDecryption:
         self,
         state: RoundState,
         members: list[ClientHandle],
-        excluded: set[str],
         contributors: bytes,
         summed: bytes,
         shard: tuple[int, int, int],
@@ -228,8 +227,9 @@ class CommitteeDecryption:
         The shard goes to T members of a rotating window over the share holders (so each
         does about T/N of the work); a member that fails, times out or sends a partial
         whose proof does not verify is replaced by the next one. A member with a bad
-        proof is counted (``bad_decrypt_result``), named in the log, disconnected and
-        excluded for the rest of the round. With fewer than T verified partials the round
+        proof is counted (``bad_decrypt_result``), named in the log and excluded from
+        decrypting for as long as it stays connected (it is not disconnected: it may be
+        the round's unmasker). With fewer than T verified partials the round
         fails and nothing of this shard is decrypted.
         """
         key = self.federation.threshold_key
@@ -276,16 +276,20 @@ class CommitteeDecryption:
                     ):
                         why = "its partial decryption proof does not verify"
             if why:
-                excluded.add(member.client_id)
+                # Excluded from decrypting while it stays connected, but not disconnected:
+                # it may be the round's unmasker, whose masks nobody else can remove.
+                member.decrypt_excluded = True
                 log.warning(
-                    "round %d: committee member %s (key share %d) excluded: shard %d %s",
+                    "round %d: committee member %s (key share %d) excluded from decrypting: "
+                    "shard %d %s",
                     state.round_id,
                     member.client_id,
                     member.share_index,
                     shard_id,
                     why,
                 )
-                await self._bad_result(member, f"shard {shard_id}: {why}")
+                label = RejectReason.BAD_DECRYPT_RESULT.label
+                self.metrics.updates_rejected_total.labels(reason=label).inc()
                 return None
             self._count_seconds(member, request, result.seconds)
             return partial
@@ -296,7 +300,7 @@ class CommitteeDecryption:
             while len(valid) < key.threshold:
                 while queue and len(valid) + len(pending) < key.threshold:
                     member = queue.pop(0)
-                    if member.client_id in excluded:
+                    if member.decrypt_excluded:
                         continue
                     if self._clients.get(member.client_id) is not member:
                         continue
@@ -342,6 +346,8 @@ class CommitteeDecryption:
         async with member.committee_lock:
             if self._clients.get(member.client_id) is not member:
                 return None  # left while this request waited for its turn
+            if member.decrypt_excluded and isinstance(request, PartialDecryptRequest):
+                return None  # its proof failed while this request waited
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[Any] = loop.create_future()
             member.committee_waiter = waiter

@@ -28,14 +28,16 @@ log = logging.getLogger(__name__)
 class ClientHandle:
     """One connected client: its identity, connection and per-connection bookkeeping.
 
-    ``credential`` is a key holder's verified committee credential (its wire bytes, which
-    RoundStart relays to clients) and ``mask_public`` its mask key; both are empty for a
-    client without the private key; ``share_index`` is the threshold key share the
-    credential names (0 in shared mode). One committee request is outstanding per connection
-    at a time (``committee_lock``); its answer resolves ``committee_waiter`` and sets
-    ``committee_idle`` (even when nobody waits any more: a RoundStart may only follow
-    once the member's session is back from DECRYPTING). ``last_error`` is the reason of
-    the Error frame the client closed with, if any.
+    ``credential`` is a key holder's verified committee credential (its wire bytes,
+    which RoundStart relays to clients) and ``mask_public`` its mask key; both are
+    empty for a client without the private key; ``share_index`` is the threshold key
+    share the credential names (0 in shared mode); ``decrypt_excluded`` is set once
+    its partial decryption failed its proof (it is asked no more while connected).
+    One committee request is outstanding per connection at a time
+    (``committee_lock``); its answer resolves ``committee_waiter`` and sets
+    ``committee_idle`` (even when nobody waits any more: a RoundStart may only
+    follow once the member's session is back from DECRYPTING). ``last_error`` is the
+    reason of the Error frame the client closed with, if any.
     """
 
     client_id: str
@@ -43,6 +45,7 @@ class ClientHandle:
     credential: bytes = b""
     mask_public: bytes = b""
     share_index: int = 0
+    decrypt_excluded: bool = False
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_waiter: asyncio.Future[Any] | None = None

@@ -323,7 +323,8 @@ class Aggregator:
         """Enough committee members for the unmaskers and, in threshold mode, T shares."""
         holders = [h for h in self.clients.values() if h.can_decrypt]
         key = self.federation.threshold_key
-        if key is not None and len({h.share_index for h in holders}) < key.threshold:
+        shares = {h.share_index for h in holders if not h.decrypt_excluded}
+        if key is not None and len(shares) < key.threshold:
             return False
         return len(holders) >= self.federation.unmaskers
 

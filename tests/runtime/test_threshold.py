@@ -232,58 +232,85 @@ async def test_fewer_than_t_members_fail_the_round_and_decrypt_nothing(
     assert "needs 3" in failed[0] and "nothing was decrypted" in failed[0], failed
 
 
-def _liar(aggregator: Aggregator, client: Client, kill: Any) -> Any:
-    """A member whose partials use a wrong share (s_i + 1), with a proof made for it.
+def _lies(liars: list[str], lies: list[int], *, unmasker: bool) -> Any:
+    """One member lies: the first asked that is (or is not) the round's unmasker.
 
-    It passes every check a member makes and answers in time; only the proof against
-    its published verification key can tell.
+    Its partials use a wrong share (s_i + 1) and carry a proof made for that share: it
+    passes every check a member makes and answers in time; only the proof against its
+    published verification key can tell.
     """
-    member = client.committee
-    assert member is not None
-    honest = member.partial_decrypt
-    share = member.private_key
-    assert isinstance(share, KeyShare)
-    wrong = KeyShare.__new__(KeyShare)
-    wrong.public_key, wrong.index, wrong.secret = share.public_key, share.index, share.secret + 1
-    wrong._exponent, wrong._lock = None, threading.Lock()
 
-    async def partial_decrypt(request: PartialDecryptRequest, codec: Any) -> Any:
-        answer: PartialDecryptResult = await honest(request, codec)
-        context = decryption_context(
-            aggregator.federation.digest(),
-            request.round_id,
-            request.start,
-            request.item_count,
-            request.contributors,
-        )
-        ciphertexts = deserialize_ciphertexts(request.payload, codec.public_key)
-        lie = wrong.partial_decrypt(ciphertexts, context=context)
-        payload = serialize_ciphertexts(lie.values, codec.public_key)
-        assert payload != answer.payload
-        return dataclasses.replace(answer, payload=payload, proof=lie.proof.to_bytes())
+    def make(aggregator: Aggregator, client: Client, kill: Any) -> Any:
+        member = client.committee
+        assert member is not None
+        honest = member.partial_decrypt
+        share = member.private_key
+        assert isinstance(share, KeyShare)
+        wrong = KeyShare.__new__(KeyShare)
+        wrong.public_key, wrong.index = share.public_key, share.index
+        wrong.secret, wrong._exponent, wrong._lock = share.secret + 1, None, threading.Lock()
 
-    return partial_decrypt
+        async def partial_decrypt(request: PartialDecryptRequest, codec: Any) -> Any:
+            answer: PartialDecryptResult = await honest(request, codec)
+            assert aggregator.round is not None
+            is_unmasker = _name(client) in aggregator.round.unmaskers
+            if not liars and is_unmasker == unmasker:
+                liars.append(_name(client))
+            if _name(client) not in liars:
+                return answer
+            context = decryption_context(
+                aggregator.federation.digest(),
+                request.round_id,
+                request.start,
+                request.item_count,
+                request.contributors,
+            )
+            ciphertexts = deserialize_ciphertexts(request.payload, codec.public_key)
+            lie = wrong.partial_decrypt(ciphertexts, context=context)
+            lies.append(request.shard_id)
+            payload = serialize_ciphertexts(lie.values, codec.public_key)
+            assert payload != answer.payload
+            return dataclasses.replace(answer, payload=payload, proof=lie.proof.to_bytes())
+
+        return partial_decrypt
+
+    return make
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unmasker", [False, True], ids=["a-member", "the-unmasker"])
 async def test_a_lying_member_is_caught_named_excluded_and_the_model_is_right(
     tmp_path: Path,
     pki: Path,
     threshold_keys: ThresholdKeys,
     digits: Any,
     caplog: pytest.LogCaptureFixture,
+    unmasker: bool,
 ) -> None:
     # reference: the same one-round federation with five honest members
     _, honest, _ = await _run_with(tmp_path / "honest", pki, threshold_keys, digits, {})
     caplog.set_level(logging.WARNING, logger="fedcore.aggregator.committee")
+    liars: list[str] = []
+    lies: list[int] = []
     aggregator, checkpoint, _clients = await _run_with(
-        tmp_path / "lying", pki, threshold_keys, digits, {1: _liar}
+        tmp_path / "lying",
+        pki,
+        threshold_keys,
+        digits,
+        dict.fromkeys(range(MEMBERS), _lies(liars, lies, unmasker=unmasker)),
     )
-    assert checkpoint.rounds_completed == 1
-    assert _rejected(aggregator, "bad_decrypt_result") == 1
+    assert len(liars) == 1, liars
+    assert checkpoint.rounds_completed == 1  # even when the liar must unmask the round
+    # every lie it sent was caught (requests already on their way when the first lie was
+    # found may bring more, at most one per shard it was asked for); then it is asked
+    # nothing more
+    assert 1 <= len(lies) <= 3 and len(set(lies)) == len(lies), lies
+    assert _rejected(aggregator, "bad_decrypt_result") == len(lies)
     named = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
-    assert len(named) == 1, named
-    assert "client-1 (key share 2)" in named[0] and "proof does not verify" in named[0]
+    assert len(named) == len(lies), named
+    share = int(liars[0].removeprefix("client-")) + 1
+    for line in named:
+        assert f"{liars[0]} (key share {share})" in line and "proof does not verify" in line
     # the lie changed nothing: only verified partials were combined
     gap = float(np.max(np.abs(checkpoint.global_weights - honest.global_weights)))
     assert gap < 1e-3, gap
