@@ -281,6 +281,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
         public_key=Path(args.public_key) if args.public_key else None,
         private_key=Path(args.private_key) if args.private_key else None,
         key_share=Path(args.key_share) if args.key_share else None,
+        decrypt_workers=args.decrypt_workers,
         server_hostname=args.server_hostname,
         min_key_bits=args.min_key_bits,
     )
@@ -406,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--key-share",
         help="threshold key share (share-<i>.json): join a threshold federation's committee",
+    )
+    p.add_argument(
+        "--decrypt-workers",
+        type=int,
+        default=1,
+        help="key holders: decrypt on this many processes, or partially decrypt on this "
+        "many threads (default 1)",
     )
     p.add_argument(
         "--min-key-bits",
