@@ -171,7 +171,11 @@ _AGG_FLAGS: dict[str, tuple[type, str]] = {
     "max_inflight_uploads": (int, "updates buffered at once (bounds memory)"),
     "state_dir": (str, "directory for checkpoints (resume after restart)"),
     "model": (str, "module:factory that builds the torch model"),
-    "committee_size": (int, "key-holding clients that decrypt each round's sum"),
+    "committee_size": (
+        int,
+        "key-holding clients that decrypt each round's sum (shared mode; a threshold "
+        "federation uses every connected share holder)",
+    ),
     "value_bits": (int, "quantization bits per value"),
     "clip": (float, "clip bound for each update value"),
     "seed": (int, "seed for model init and client selection"),

@@ -60,6 +60,8 @@ class AggregatorConfig:
     report_metrics: tuple[tuple[str, float], ...] = DEFAULT_REPORT_METRICS
     min_key_bits: int = MIN_SECURE_KEY_BITS
     chunk_ciphertexts: int = 256
+    # Shared mode: how many key holders decrypt each round's sum. A threshold federation
+    # uses every connected share holder (each shard goes to T of them).
     committee_size: int = 3
     decrypt_shard_timeout: float = 120.0
     resume_grace: float = 30.0
