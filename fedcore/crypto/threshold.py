@@ -30,6 +30,7 @@ or the federation.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import operator
@@ -128,8 +129,6 @@ class ThresholdPublicKey:
 
     def sha256(self) -> str:
         """SHA-256 over the canonical document's fields: what clients and members pin."""
-        import hashlib
-
         hasher = hashlib.sha256(b"fedcore threshold public key v1")
         width = self.public_key.ciphertext_bytes
         hasher.update(self.public_key.n.to_bytes(self.public_key.plaintext_bytes, "big"))
