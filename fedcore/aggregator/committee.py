@@ -121,8 +121,7 @@ class CommitteeDecryption:
         for member in members:
             free.put_nowait(member)
 
-        async def decrypt_one(shard_id: int, start: int, count: int) -> list[int]:
-            payload = self.codec.shard_payload(summed, start, count)
+        async def decrypt_one(request: DecryptRequest) -> list[int]:
             for _attempt in range(3 * len(members) + 3):
                 try:
                     member = await asyncio.wait_for(free.get(), c.decrypt_shard_timeout)
@@ -130,28 +129,27 @@ class CommitteeDecryption:
                     break
                 if self._clients.get(member.client_id) is not member:
                     continue  # disconnected while queued; it never comes back to the queue
-                request = DecryptRequest(
-                    round_id=state.round_id,
-                    shard_id=shard_id,
-                    start=start,
-                    item_count=count,
-                    payload=payload,
-                    contributors=contributors,
-                )
-                values = await self._request(member, request, count)
+                values = await self._request(member, request, request.item_count)
                 if self._clients.get(member.client_id) is member:
                     free.put_nowait(member)
                 if values is not None:
                     return values
-            raise RoundError(f"no committee member decrypted shard {shard_id}")
+            raise RoundError(f"no committee member decrypted shard {request.shard_id}")
 
         async def shard(shard_id: int, start: int, count: int) -> None:
-            if threshold is None:
-                values = await decrypt_one(shard_id, start, count)
+            request_type = DecryptRequest if threshold is None else PartialDecryptRequest
+            decrypt_request = request_type(
+                round_id=state.round_id,
+                shard_id=shard_id,
+                start=start,
+                item_count=count,
+                payload=self.codec.shard_payload(summed, start, count),
+                contributors=contributors,
+            )
+            if isinstance(decrypt_request, PartialDecryptRequest):
+                values = await self._threshold_shard(members, decrypt_request)
             else:
-                values = await self._threshold_shard(
-                    state, members, contributors, summed, (shard_id, start, count)
-                )
+                values = await decrypt_one(decrypt_request)
             for unmasker in unmaskers:
                 assert unmasker is not None
                 request = UnmaskRequest(
@@ -215,12 +213,7 @@ class CommitteeDecryption:
         return [by_index[index] for index in sorted(by_index)]
 
     async def _threshold_shard(
-        self,
-        state: RoundState,
-        members: list[ClientHandle],
-        contributors: bytes,
-        summed: bytes,
-        shard: tuple[int, int, int],
+        self, members: list[ClientHandle], request: PartialDecryptRequest
     ) -> list[int]:
         """One shard's masked plaintexts from T verified partial decryptions.
 
@@ -234,20 +227,15 @@ class CommitteeDecryption:
         """
         key = self.federation.threshold_key
         assert key is not None
-        shard_id, start, count = shard
-        payload = self.codec.shard_payload(summed, start, count)
-        request = PartialDecryptRequest(
-            round_id=state.round_id,
-            shard_id=shard_id,
-            start=start,
-            item_count=count,
-            payload=payload,
-            contributors=contributors,
-        )
+        shard_id, count = request.shard_id, request.item_count
         context = decryption_context(
-            self._federation_digest, state.round_id, start, count, contributors
+            self._federation_digest,
+            request.round_id,
+            request.start,
+            count,
+            request.contributors,
         )
-        ciphertexts = deserialize_ciphertexts(payload, key.public_key, validate=False)
+        ciphertexts = deserialize_ciphertexts(request.payload, key.public_key, validate=False)
         first = shard_id * key.threshold % len(members)
         queue = members[first:] + members[:first]
 
@@ -282,7 +270,7 @@ class CommitteeDecryption:
                 log.warning(
                     "round %d: committee member %s (key share %d) excluded from decrypting: "
                     "shard %d %s",
-                    state.round_id,
+                    request.round_id,
                     member.client_id,
                     member.share_index,
                     shard_id,
