@@ -37,6 +37,7 @@ from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
 from fedcore.client import Client, ClientConfig, ClientResult
 from fedcore.crypto import deal, generate_keypair
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
+from fedcore.crypto.threshold import save_key_files
 from fedcore.data import Dataset, client_shard, load_dataset
 from fedcore.model import mlp
 from fedcore.training import TrainConfig, make_train_fn, train_local
@@ -120,18 +121,8 @@ def deal_key_shares(
     started = time.perf_counter()
     public, shares = deal(credentials.key_bits, threshold, parties)
     deal_s = time.perf_counter() - started
-    public.save(directory / "public_key.json")
-    paths = []
-    for share in shares:
-        path = directory / f"share-{share.index}.json"
-        share.save(path)
-        paths.append(path)
-    dealt = replace(
-        credentials,
-        public_key=directory / "public_key.json",
-        private_key=None,
-        key_shares=tuple(paths),
-    )
+    public_path, paths = save_key_files(public, shares, directory)
+    dealt = replace(credentials, public_key=public_path, private_key=None, key_shares=tuple(paths))
     return dealt, deal_s
 
 

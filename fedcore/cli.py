@@ -98,15 +98,14 @@ class _DealBar:
 
 
 def _keygen_threshold(args: argparse.Namespace) -> int:
-    from fedcore.crypto import deal
+    from fedcore.crypto.threshold import deal, key_file_paths, save_key_files
 
     if args.threshold is None or args.parties is None:
         print("error: --threshold T and --parties N go together", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    public_path = out / "public_key.json"
-    share_paths = [out / f"share-{i}.json" for i in range(1, args.parties + 1)]
+    public_path, share_paths = key_file_paths(out, args.parties)
     existing = [p for p in (public_path, *share_paths) if p.exists()]
     if existing and not args.force:
         print(f"error: {existing[0]} exists (use --force to replace it)", file=sys.stderr)
@@ -121,9 +120,7 @@ def _keygen_threshold(args: argparse.Namespace) -> int:
         return 2
     bar.close()
     seconds = time.perf_counter() - t0
-    public_key.save(public_path)
-    for share, path in zip(shares, share_paths, strict=True):
-        share.save(path)
+    save_key_files(public_key, shares, out)
     print(
         f"{args.bits}-bit {args.threshold}-of-{args.parties} threshold Paillier key "
         f"in {seconds:.1f} s"

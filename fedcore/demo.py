@@ -26,6 +26,7 @@ import numpy as np
 
 from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
 from fedcore.crypto import deal, generate_keypair
+from fedcore.crypto.threshold import save_key_files
 from fedcore.data import client_shard, default_dataset_name, load_dataset
 from fedcore.model import load_flat_into, mlp
 from fedcore.training import evaluate
@@ -168,13 +169,7 @@ def _make_keys(options: DemoOptions, keys: Path) -> list[Path]:
     """Write the federation's key files; the key file of each committee client, in order."""
     if options.key_mode == "threshold":
         public, shares = deal(options.key_bits, options.threshold, options.parties)
-        public.save(keys / "public_key.json")
-        paths = []
-        for share in shares:
-            path = keys / f"share-{share.index}.json"
-            share.save(path)
-            paths.append(path)
-        return paths
+        return save_key_files(public, shares, keys)[1]
     public_key, private_key = generate_keypair(options.key_bits)
     public_key.save(keys / "public_key.json")
     private_key.save(keys / "private_key.json")

@@ -63,6 +63,8 @@ __all__ = [
     "ThresholdPublicKey",
     "combine",
     "deal",
+    "key_file_paths",
+    "save_key_files",
     "verify",
 ]
 
@@ -402,6 +404,25 @@ def deal(
     shares = [KeyShare(public, i, int(s)) for i, s in enumerate(secrets_, start=1)]
     del p, q, m, nm, d, coefficients, secrets_
     return public, shares
+
+
+def key_file_paths(directory: str | os.PathLike[str], parties: int) -> tuple[Path, list[Path]]:
+    """Where a dealt key's files go: ``public_key.json`` and ``share-1.json`` … ``share-N.json``."""
+    directory = Path(directory)
+    return directory / "public_key.json", [
+        directory / f"share-{i}.json" for i in range(1, parties + 1)
+    ]
+
+
+def save_key_files(
+    public_key: ThresholdPublicKey, shares: Sequence[KeyShare], directory: str | os.PathLike[str]
+) -> tuple[Path, list[Path]]:
+    """Write the public key and every share (0600) at :func:`key_file_paths`; their paths."""
+    public_path, share_paths = key_file_paths(directory, public_key.parties)
+    public_key.save(public_path)
+    for share in shares:
+        share.save(share_paths[share.index - 1])
+    return public_path, [share_paths[share.index - 1] for share in shares]
 
 
 def _lagrange(indices: Sequence[int], delta: mpz) -> list[mpz]:
