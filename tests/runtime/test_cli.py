@@ -16,7 +16,15 @@ from fedcore.aggregator import Aggregator
 from fedcore.cli import main
 from fedcore.client import Client, ClientConfig
 from fedcore.contracts import FederationParams
-from fedcore.crypto import KeyShare, PrivateKey, PublicKey, ThresholdPublicKey, combine
+from fedcore.crypto import (
+    KeyShare,
+    PrivateKey,
+    PublicKey,
+    ThresholdPublicKey,
+    combine,
+    deal,
+    generate_keypair,
+)
 from fedcore.errors import ConfigError
 from fedcore.model import mlp
 
@@ -334,3 +342,33 @@ def test_demo_runs_a_3_of_5_threshold_federation(tmp_path: Path) -> None:
     # one round of the demo's training on digits: well above chance (10%), not converged
     assert 0.2 < summary["final_accuracy"] <= 1.0
     assert "3-of-5 threshold key" in proc.stdout
+
+
+def test_a_client_pins_the_key_file_of_either_mode(
+    tmp_path: Path, pki: Path, keys: Keys, threshold_keys: ThresholdKeys
+) -> None:
+    """--public-key: the federation file's key must be the key authority's (or dealer's)."""
+    config = aggregator_config(tmp_path, pki, keys)
+    shared = config.federation(config.load_public_key())
+    tconfig = aggregator_config(
+        tmp_path, pki, Keys(public=threshold_keys.public, private=keys.private)
+    )
+    threshold = tconfig.federation(tconfig.load_public_key())
+    settings = {"cert": pki / "client-0.pem", "key": pki / "client-0.key", "ca": pki / "ca.pem"}
+    other_shared, _ = generate_keypair(1024)
+    other_shared.save(tmp_path / "other-public.json")
+    other_threshold, _ = deal(1024, 3, 5)
+    other_threshold.save(tmp_path / "other-threshold.json")
+    for federation, right, wrong, what in (
+        (shared, keys.public, tmp_path / "other-public.json", "public key"),
+        (threshold, threshold_keys.public, tmp_path / "other-threshold.json", "threshold key"),
+    ):
+        pinned = ClientConfig(
+            **settings, federation=federation, public_key=right, min_key_bits=1024
+        )
+        assert pinned.load_federation() == federation
+        mismatched = ClientConfig(
+            **settings, federation=federation, public_key=wrong, min_key_bits=1024
+        )
+        with pytest.raises(ConfigError, match=f"federation file's {what} .* is not the one in"):
+            mismatched.load_federation()
