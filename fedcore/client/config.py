@@ -94,19 +94,18 @@ class ClientConfig:
             else FederationParams.load(self.federation)
         )
         federation.check_key(min_key_bits=self.min_key_bits)
-        if federation.threshold_key is not None and self.public_key is not None:
-            pinned_threshold = ThresholdPublicKey.load(self.public_key)
-            if pinned_threshold != federation.threshold_key:
+        if federation.public_key is not None and self.public_key is not None:
+            pinned: PublicKey | ThresholdPublicKey
+            offered: PublicKey | ThresholdPublicKey
+            if federation.threshold_key is not None:
+                what, offered = "threshold key", federation.threshold_key
+                pinned = ThresholdPublicKey.load(self.public_key)
+            else:
+                what, offered = "public key", federation.public_key
+                pinned = PublicKey.load(self.public_key)
+            if pinned != offered:
                 raise ConfigError(
-                    f"the federation file's threshold key "
-                    f"({federation.threshold_key.fingerprint()}...) is not the one in "
-                    f"{self.public_key} ({pinned_threshold.fingerprint()}...)"
-                )
-        elif federation.public_key is not None and self.public_key is not None:
-            pinned = PublicKey.load(self.public_key)
-            if pinned != federation.public_key:
-                raise ConfigError(
-                    f"the federation file's public key ({federation.public_key.fingerprint()}...) "
+                    f"the federation file's {what} ({offered.fingerprint()}...) "
                     f"is not the one in {self.public_key} ({pinned.fingerprint()}...)"
                 )
         return federation
