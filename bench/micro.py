@@ -27,13 +27,13 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gmpy2
 import numpy as np
 
 from bench.privacy_costs import (
+    best_of,
     committee_at_scale,
     credential_costs,
     encryption_costs,
@@ -125,15 +125,6 @@ def _aggregator_engines(pk: Any, first: bytes, second: bytes, repeats: int) -> d
             for update_id, _ in updates:
                 part.commit(update_id)
             best[name] = min(best[name], (time.perf_counter() - started) / batch)
-    return best
-
-
-def _best_of(repeats: int, action: Callable[[], object]) -> float:
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        started = time.perf_counter()
-        action()
-        best = min(best, time.perf_counter() - started)
     return best
 
 
@@ -271,11 +262,9 @@ def _threshold_figures(
 
     witness = tpk.delta * member.secret
     values = list(partial.values)
-    batch_s = _best_of(
-        repeats, lambda: batch_bases(tpk, member.index, context, ciphertexts, values)
-    )
+    batch_s = best_of(repeats, lambda: batch_bases(tpk, member.index, context, ciphertexts, values))
     big_c, big_d = batch_bases(tpk, member.index, context, ciphertexts, values)
-    prove_s = _best_of(repeats, lambda: prove(tpk, member.index, witness, big_c, big_d))
+    prove_s = best_of(repeats, lambda: prove(tpk, member.index, witness, big_c, big_d))
     proof = prove(tpk, member.index, witness, big_c, big_d)
     if not check_proof(tpk, member.index, big_c, big_d, proof):
         raise RuntimeError("a freshly made threshold proof does not verify")
@@ -292,7 +281,7 @@ def _threshold_figures(
     def combined() -> None:
         answers.append(combine(tpk, partials))
 
-    combine_s = _best_of(repeats, combined) / count
+    combine_s = best_of(repeats, combined) / count
     if any(answer != plaintexts for answer in answers):
         raise RuntimeError(f"combining {threshold} partials did not return the plaintexts")
     verdicts: list[bool] = []
@@ -300,7 +289,7 @@ def _threshold_figures(
     def verified() -> None:
         verdicts.append(verify(tpk, ciphertexts, partial, context=context))
 
-    verify_s = _best_of(repeats, verified) / count
+    verify_s = best_of(repeats, verified) / count
     if not all(verdicts):
         raise RuntimeError("an honest member's partial decryption did not verify")
     if verify(tpk, ciphertexts, partial, context=context + b" (replayed)"):
@@ -378,11 +367,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"warm pool encrypt: {pool_encrypt_s * 1e6:.3f} us/value (fill {pool_fill_s:.2f} s)")
 
     wire = serialize_ciphertexts(first, pk)
-    serialize_s = _best_of(repeats, lambda: serialize_ciphertexts(first, pk)) / n_values
+    serialize_s = best_of(repeats, lambda: serialize_ciphertexts(first, pk)) / n_values
     deserialize_s = (
-        _best_of(repeats, lambda: deserialize_ciphertexts(wire, pk, validate=False)) / n_values
+        best_of(repeats, lambda: deserialize_ciphertexts(wire, pk, validate=False)) / n_values
     )
-    validate_s = _best_of(repeats, lambda: validate_ciphertexts(first, pk)) / n_values
+    validate_s = best_of(repeats, lambda: validate_ciphertexts(first, pk)) / n_values
     _progress(f"validate: {validate_s * 1e9:.1f} ns/value; {len(wire) / n_values:.3f} bytes/value")
 
     # The floor and the fold are timed alternately so both see the same machine load.

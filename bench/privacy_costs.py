@@ -77,6 +77,7 @@ from protocol.tls import write_federation_pki
 
 __all__ = [
     "BEFORE_EXPONENT_BITS",
+    "best_of",
     "committee_at_scale",
     "credential_costs",
     "encryption_costs",
@@ -88,7 +89,8 @@ BEFORE_EXPONENT_BITS = 224
 MAX_WEIGHT = 64  # fedcore's default weight bound: the headroom holds N clients of it
 
 
-def _best_of(repeats: int, action: Callable[[], object]) -> float:
+def best_of(repeats: int, action: Callable[[], object]) -> float:
+    """The shortest of ``repeats`` (at least one) timed runs of ``action``, in seconds."""
     best = float("inf")
     for _ in range(max(1, repeats)):
         started = time.perf_counter()
@@ -144,9 +146,9 @@ def encryption_costs(
     pool.close()
 
     constants = CrtConstants(sk.p, sk.q)
-    decrypt_before = _best_of(repeats, lambda: crt_decrypt(ciphertexts, constants))
-    decrypt_after = _best_of(repeats, lambda: sk.decrypt_vector(ciphertexts))
-    check = _best_of(repeats, lambda: validate_ciphertexts(ciphertexts, pk))
+    decrypt_before = best_of(repeats, lambda: crt_decrypt(ciphertexts, constants))
+    decrypt_after = best_of(repeats, lambda: sk.decrypt_vector(ciphertexts))
+    check = best_of(repeats, lambda: validate_ciphertexts(ciphertexts, pk))
     return {
         "encrypt_sample_ciphertexts": count,
         "encrypt_exponent_bits_before": BEFORE_EXPONENT_BITS,
@@ -211,20 +213,20 @@ def masking_costs(
     key = client_key(clients[0])
     if key != unmasker_key(clients[0]):
         raise RuntimeError("client and unmasker derived different mask keys")
-    key_s = _best_of(repeats, lambda: client_key(clients[0]))
+    key_s = best_of(repeats, lambda: client_key(clients[0]))
     masks = mask_values(key, n, 0, count)
-    values_s = _best_of(repeats, lambda: mask_values(key, n, 0, count))
+    values_s = best_of(repeats, lambda: mask_values(key, n, 0, count))
     masked = add_masks(plaintexts, masks, n)
-    add_s = _best_of(repeats, lambda: add_masks(plaintexts, masks, n))
+    add_s = best_of(repeats, lambda: add_masks(plaintexts, masks, n))
 
     def seal_masking() -> list[int]:
         # fedcore.client.pipeline.seal's masking for one unmasker, line for line
         combined = add_masks([0] * count, mask_values(client_key(clients[0]), n, 0, count), n)
         return add_masks(plaintexts, combined, n)
 
-    client_s = _best_of(repeats, seal_masking)
+    client_s = best_of(repeats, seal_masking)
 
-    unmask_key_s = _best_of(repeats, lambda: unmasker_key(clients[1]))
+    unmask_key_s = best_of(repeats, lambda: unmasker_key(clients[1]))
     keys = [unmasker_key(client) for client in clients]
     sum_add_s = float("inf")
     for client_mask_key in keys:
@@ -234,7 +236,7 @@ def masking_costs(
     total = MaskSum(n, 0, count)
     total.add_all(keys)
     sums, result_s = _timed(total.result)
-    remove_s = _best_of(repeats, lambda: remove_masks(masked, sums, n))
+    remove_s = best_of(repeats, lambda: remove_masks(masked, sums, n))
     if remove_masks(masked, mask_values(key, n, 0, count), n) != [int(m) for m in plaintexts]:
         raise RuntimeError("removing a client's masks did not give its plaintexts back")
     return {
@@ -297,7 +299,7 @@ def credential_costs(pk: PublicKey, repeats: int) -> dict[str, Any]:
         "unmaskers": unmaskers,
         "item_count": 7000,
     }
-    sign_s = _best_of(repeats, lambda: _token(signer, **fields))
+    sign_s = best_of(repeats, lambda: _token(signer, **fields))
     wires = [_token(signer, **fields).to_wire() for _ in range(runs)]
 
     def check(wire: bytes, ca: CertificateAuthority) -> str:
@@ -308,9 +310,9 @@ def credential_costs(pk: PublicKey, repeats: int) -> dict[str, Any]:
     )
     warm_ca = authorities[-1]
     check(wires[0], warm_ca)
-    warm = _best_of(repeats, lambda: check(wires[0], warm_ca))
+    warm = best_of(repeats, lambda: check(wires[0], warm_ca))
     credential = CommitteeCredential.issue(member, federation=federation, mask_public=unmaskers[0])
-    credential_sign_s = _best_of(
+    credential_sign_s = best_of(
         repeats,
         lambda: CommitteeCredential.issue(member, federation=federation, mask_public=unmaskers[0]),
     )
@@ -319,7 +321,7 @@ def credential_costs(pk: PublicKey, repeats: int) -> dict[str, Any]:
         for ca in authorities[runs : 2 * runs]
     )
     check_modulus(pk.n, min_bits=pk.bits)  # the first call builds the small-prime product
-    modulus_s = _best_of(repeats, lambda: check_modulus(pk.n, min_bits=pk.bits))
+    modulus_s = best_of(repeats, lambda: check_modulus(pk.n, min_bits=pk.bits))
     return {
         "token_sign_s": sign_s,
         "token_verify_cold_s": cold,
