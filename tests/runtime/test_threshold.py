@@ -46,7 +46,7 @@ def _rejected(aggregator: Aggregator, reason: str) -> float:
 
 
 def _federation(
-    tmp_path: Path, pki: Path, keys: Keys, digits: Any, *, rounds: int, **changes: Any
+    tmp_path: Path, pki: Path, keys: Keys, *, rounds: int, **changes: Any
 ) -> Aggregator:
     config = aggregator_config(
         tmp_path,
@@ -71,7 +71,7 @@ def _threshold_clients(
         make_client(
             i,
             pki,
-            Keys(public=tkeys.public, private=Path("unused")),
+            _threshold_keys_as_keys(tkeys),
             digits,
             MEMBERS,
             federation=aggregator.federation,
@@ -93,7 +93,7 @@ async def test_a_3_of_5_federation_trains_like_shared_mode(
 ) -> None:
     rounds = 4
     # shared mode: every committee client holds p and q
-    shared = _federation(tmp_path / "shared", pki, keys, digits, rounds=rounds)
+    shared = _federation(tmp_path / "shared", pki, keys, rounds=rounds)
     shared_clients = [
         make_client(i, pki, keys, digits, MEMBERS, federation=shared.federation, hidden=HIDDEN)
         for i in range(MEMBERS)
@@ -101,7 +101,7 @@ async def test_a_3_of_5_federation_trains_like_shared_mode(
     shared_checkpoint, _ = await run_federation(shared, shared_clients)
     # threshold mode: the same federation, each member holds one share
     tkeys = _threshold_keys_as_keys(threshold_keys)
-    aggregator = _federation(tmp_path / "threshold", pki, tkeys, digits, rounds=rounds)
+    aggregator = _federation(tmp_path / "threshold", pki, tkeys, rounds=rounds)
     assert aggregator.federation.mode == "threshold"
     clients = _threshold_clients(aggregator, pki, threshold_keys, digits)
     checkpoint, results = await run_federation(aggregator, clients)
@@ -140,7 +140,7 @@ async def _run_with(
     and stops it for good, as a killed process would.
     """
     tkeys = _threshold_keys_as_keys(threshold_keys)
-    aggregator = _federation(tmp_path, pki, tkeys, digits, rounds=1, **changes)
+    aggregator = _federation(tmp_path, pki, tkeys, rounds=1, **changes)
     clients = _threshold_clients(aggregator, pki, threshold_keys, digits)
     task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.wait_started(), 30)
