@@ -58,6 +58,7 @@ class ErrorCode(IntEnum):
     BAD_TOKEN = 28  # a contributor token or committee credential does not verify
     REQUEST_REFUSED = 29  # a committee member refused a decrypt/unmask request
     SUM_NOT_DECODABLE = 30  # the unmasked sum is not a sum of honest contributions
+    OVER_CAPACITY = 31  # more contributors than the sum's slot headroom holds
     INTERNAL = 99
 
 

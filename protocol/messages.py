@@ -11,6 +11,7 @@ of frames or sockets.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
@@ -68,6 +69,8 @@ __all__ = [
     "MAX_METRIC_ENTRIES",
     "MAX_PUBLIC_KEY_LEN",
     "MAX_REASON_LEN",
+    "MAX_RELAYED_CLIENTS",
+    "MAX_RELAY_NAME_LEN",
     "MAX_STATEMENT_LEN",
     "MAX_STATUS_LEN",
     "MAX_VALUE_BITS",
@@ -85,6 +88,7 @@ __all__ = [
     "Message",
     "PartialDecryptRequest",
     "PartialDecryptResult",
+    "RelayStatus",
     "RoundEnd",
     "RoundStart",
     "UnmaskRequest",
@@ -100,8 +104,14 @@ __all__ = [
 # 2: uploads wait for an UploadGrant (UploadRequest -> UploadGrant -> UpdateChunk ...).
 # 3: clients pin the federation and sign a token per upload; the committee unmasks.
 # 4: threshold federations: PartialDecrypt messages; committee credentials name a share.
-PROTOCOL_VERSION = 4
+# 5: relays: Hello.relay, UpdateDone.contributors (a relay's leaf tokens), RelayStatus.
+PROTOCOL_VERSION = 5
 
+
+# A relay tree reports at most this many clients behind one connection.
+MAX_RELAYED_CLIENTS = 10_000_000
+MAX_RELAY_NAME_LEN = 64
+_RELAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # --------------------------------------------------------------------------- messages
 
@@ -111,26 +121,37 @@ class Hello:
     """Client -> aggregator: first message on a connection.
 
     ``committee`` is a key holder's signed committee credential (empty for a client
-    that does not hold the private key). Nothing about the client's data is sent.
+    that does not hold the private key). ``relay`` is set by a relay (an edge aggregator
+    that uploads its clients' folded sum rather than an update of its own) to its
+    instance name: replicas sharing one relay certificate are told apart by it.
+    Nothing about the client's data is sent.
     """
 
     type_id: ClassVar[int] = 1
     version: int
     committee: bytes = b""
+    relay: str = ""
 
     def __post_init__(self) -> None:
         check_int("version", self.version, 0, 255)
         check_bytes("committee", self.committee, MAX_STATEMENT_LEN)
+        check_str("relay", self.relay, MAX_RELAY_NAME_LEN)
+        if self.relay and not _RELAY_NAME.fullmatch(self.relay):
+            raise ValueError(f"relay name must match {_RELAY_NAME.pattern}, got {self.relay!r}")
+        if self.relay and self.committee:
+            raise ValueError("a relay holds no key: committee must be empty when relay is set")
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
-        return {"version": self.version, "committee": self.committee}
+        return {"version": self.version, "committee": self.committee, "relay": self.relay}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Hello:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(wire, cls, ("version",), ("committee",))
-        return cls(version=f["version"], committee=f.get("committee", b""))
+        f = pick_fields(wire, cls, ("version",), ("committee", "relay"))
+        return cls(
+            version=f["version"], committee=f.get("committee", b""), relay=f.get("relay", "")
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -323,6 +344,8 @@ class UpdateDone:
     """Client -> aggregator: the upload is complete (count, sha256 digest, signed token).
 
     ``token`` is the client's signed contributor token (empty in plaintext federations);
+    a relay sends none of its own but ``contributors``: the packed tokens of the
+    clients folded into its sum, which the aggregator checks one by one.
     ``timings`` and ``metrics`` carry operational figures only (seconds per phase,
     local iterations), nothing about the client's data.
     """
@@ -335,6 +358,7 @@ class UpdateDone:
     token: bytes = b""
     timings: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    contributors: bytes = b""
 
     def __post_init__(self) -> None:
         check_int("round_id", self.round_id)
@@ -344,6 +368,9 @@ class UpdateDone:
         check_bytes("token", self.token, MAX_STATEMENT_LEN)
         check_metrics(self, "timings", self.timings)
         check_metrics(self, "metrics", self.metrics)
+        check_bytes("contributors", self.contributors, MAX_CONTRIBUTORS_LEN)
+        if self.token and self.contributors:
+            raise ValueError("an UpdateDone carries a token or contributors, not both")
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -355,6 +382,7 @@ class UpdateDone:
             "token": self.token,
             "timings": self.timings,
             "metrics": self.metrics,
+            "contributors": self.contributors,
         }
 
     @classmethod
@@ -364,7 +392,7 @@ class UpdateDone:
             wire,
             cls,
             ("round_id", "chunk_count", "item_count", "digest"),
-            ("token", "timings", "metrics"),
+            ("token", "timings", "metrics", "contributors"),
         )
         return cls(
             round_id=f["round_id"],
@@ -374,6 +402,7 @@ class UpdateDone:
             token=f.get("token", b""),
             timings=f.get("timings", {}),
             metrics=f.get("metrics", {}),
+            contributors=f.get("contributors", b""),
         )
 
 
@@ -480,6 +509,32 @@ class Error:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RelayStatus:
+    """Relay -> aggregator: how many clients are connected through this relay now.
+
+    The aggregator counts them towards the clients it waits for before a round and
+    selects only relays with clients; the count is advisory (quorum counts the
+    contributor tokens that arrive, never this number).
+    """
+
+    type_id: ClassVar[int] = 19
+    clients: int
+
+    def __post_init__(self) -> None:
+        check_int("clients", self.clients, 0, MAX_RELAYED_CLIENTS)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {"clients": self.clients}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> RelayStatus:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(wire, cls, ("clients",))
+        return cls(clients=f["clients"])
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Bye:
     """Either way: orderly close; nothing may follow it."""
 
@@ -516,6 +571,7 @@ Message: TypeAlias = (
     | UnmaskResult
     | PartialDecryptRequest
     | PartialDecryptResult
+    | RelayStatus
     | Heartbeat
     | Error
     | Bye
@@ -543,6 +599,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         UnmaskResult,
         PartialDecryptRequest,
         PartialDecryptResult,
+        RelayStatus,
     )
 }
 

@@ -47,6 +47,7 @@ from .messages import (
     Message,
     PartialDecryptRequest,
     PartialDecryptResult,
+    RelayStatus,
     RoundEnd,
     RoundStart,
     UnmaskRequest,
@@ -100,6 +101,7 @@ _TERMINAL = frozenset({State.CLOSED, State.ERROR})
 _UPLOAD_MESSAGES = (UploadRequest, UpdateChunk, UpdateDone)
 _UPLOAD_STATES = (State.ROUND, State.AWAIT_GRANT, State.UPLOADING)
 _LIVE = [s for s in State if s not in _TERMINAL]
+_JOINED = [s for s in _LIVE if s not in (State.HANDSHAKE, State.AWAIT_WELCOME)]
 _C, _A = Role.CLIENT, Role.AGGREGATOR
 
 # (state, message type, sender) -> next state. Expanded below into the one table.
@@ -126,6 +128,8 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     (State.AWAIT_ACK, Ack, _A): State.READY,
     (State.AWAIT_ACK, RoundEnd, _A): State.READY,
     **{(s, Heartbeat, r): s for s in _LIVE for r in Role},
+    # a relay reports its client count whenever it changes, whatever it is doing
+    **{(s, RelayStatus, _C): s for s in _JOINED},
     **{(s, Error, r): State.ERROR for s in _LIVE for r in Role},
     **{(s, Bye, r): State.CLOSED for s in _LIVE for r in Role},
     # after a violation we may still tell the peer why (once; see Session.send)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from protocol import (
     MAX_CHUNKS_PER_UPDATE,
     MAX_INT,
+    MAX_RELAYED_CLIENTS,
     Ack,
     Bye,
     DecryptRequest,
@@ -16,6 +17,7 @@ from protocol import (
     Heartbeat,
     Hello,
     Message,
+    RelayStatus,
     RoundEnd,
     RoundStart,
     UnmaskRequest,
@@ -42,6 +44,11 @@ reasons = st.text(max_size=200)
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, version=st.integers(0, 255), committee=payloads),
+    st.builds(
+        Hello,
+        version=st.integers(0, 255),
+        relay=st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True),
+    ),
     st.builds(
         Welcome,
         version=st.integers(0, 255),
@@ -75,6 +82,15 @@ messages: st.SearchStrategy[Message] = st.one_of(
         timings=float_maps,
         metrics=float_maps,
     ),
+    st.builds(
+        UpdateDone,
+        round_id=ids,
+        chunk_count=st.integers(0, MAX_CHUNKS_PER_UPDATE),
+        item_count=uints,
+        digest=st.binary(min_size=32, max_size=32),
+        contributors=payloads,
+    ),
+    st.builds(RelayStatus, clients=st.integers(0, MAX_RELAYED_CLIENTS)),
     st.builds(Ack, round_id=ids, accepted=st.booleans(), reason=reasons),
     st.builds(
         RoundEnd,

@@ -27,6 +27,7 @@ from protocol import (
     Hello,
     InvalidMessage,
     Message,
+    RelayStatus,
     RoundEnd,
     RoundStart,
     UnknownMessageType,
@@ -45,8 +46,8 @@ def test_every_message_round_trips_through_its_wire_map(msg: Message) -> None:
 
 
 def test_type_ids_are_unique_and_cover_every_message() -> None:
-    assert sorted(MESSAGE_TYPES) == list(range(1, 19))
-    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 18
+    assert sorted(MESSAGE_TYPES) == list(range(1, 20))
+    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 19
 
 
 def test_messages_are_frozen_keyword_only_and_slotted() -> None:
@@ -95,6 +96,12 @@ BAD_VALUES = [
     (Hello, {"version": 1, "committee": "credential"}, TypeError, "committee"),
     (Hello, {"version": 1, "committee": bytes(16 * 1024 + 1)}, ValueError, "committee"),
     (Hello, {"version": 1.0}, TypeError, "version"),
+    (Hello, {"version": 1, "relay": True}, TypeError, "relay"),
+    (Hello, {"version": 1, "relay": "a/b"}, ValueError, "relay name"),
+    (Hello, {"version": 1, "relay": "r" * 65}, ValueError, "relay"),
+    (Hello, {"version": 1, "relay": "r-0", "committee": b"c"}, ValueError, "relay"),
+    (UpdateDone, {**GOOD_DONE, "contributors": b"tokens"}, ValueError, "not both"),
+    (RelayStatus, {"clients": -1}, ValueError, "clients"),
     (
         Welcome,
         {"version": 1, "client_id": "", "federation": b"", "session_config": {}},
