@@ -477,6 +477,7 @@ class RejectReason(enum.Enum):
     DIGEST_MISMATCH = ("digest_mismatch", ErrorCode.DIGEST_MISMATCH)
     BAD_TOKEN = ("bad_token", ErrorCode.BAD_TOKEN)
     BAD_DECRYPT_RESULT = ("bad_decrypt_result", ErrorCode.BAD_DECRYPT_RESULT)
+    OVER_CAPACITY = ("over_capacity", ErrorCode.OVER_CAPACITY)
     PROTOCOL_ERROR = ("protocol_error", ErrorCode.PROTOCOL_VIOLATION)
 
     def __init__(self, label: str, code: ErrorCode) -> None:

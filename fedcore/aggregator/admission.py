@@ -3,7 +3,10 @@
 The aggregator verifies what clients and committee members will verify again: a key
 holder's committee credential must be signed by its own CA-certified certificate, and
 an upload's contributor token must be signed by its sender and name this federation,
-round, model version, unmaskers, ciphertext count and upload digest. Checking here
+round, model version, unmaskers, ciphertext count and upload digest. A relay's upload
+carries its clients' tokens instead: each must be signed by a distinct client and name
+the same federation, round, model version, unmaskers and ciphertext count (the relay
+checked each upload digest; the masks make a sum of anything else noise). Checking here
 keeps garbage out of RoundStarts and decryption requests and names the culprit early;
 the clients' checks are the ones privacy rests on. Knows nothing of folding or rounds'
 timing.
@@ -13,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
-from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import RejectedUpdate, RoundState
 from fedcore.contracts import FederationParams, RejectReason, SessionInfo
@@ -23,6 +27,7 @@ from fedcore.credentials import (
     CommitteeCredential,
     ContributorToken,
     CredentialError,
+    unpack_tokens,
 )
 from fedcore.errors import ConfigError
 from fedcore.metrics import AggregatorMetrics
@@ -41,14 +46,17 @@ class Gatekeeper:
     def __init__(
         self,
         *,
-        config: AggregatorConfig,
+        ca: Path,
+        allowed_clients: Sequence[str] | None,
         federation: FederationParams,
         session: SessionInfo,
         item_count: int,
         metrics: AggregatorMetrics,
+        accept_key_holders: bool = True,
     ) -> None:
-        self.config = config
         self.metrics = metrics
+        self._allowed = None if allowed_clients is None else frozenset(allowed_clients)
+        self._accept_key_holders = accept_key_holders
         self._encrypted = federation.encrypted
         # shared mode: holders of the whole key say share 0; threshold: shares 1..N
         self._share_indices = (
@@ -63,7 +71,7 @@ class Gatekeeper:
         self.token_check_seconds = 0.0
         """Seconds spent checking contributor tokens since the last reset (per round)."""
         try:
-            self._ca = CertificateAuthority.load(config.ca)
+            self._ca = CertificateAuthority.load(ca)
         except CredentialError as exc:
             raise ConfigError(str(exc)) from None
 
@@ -89,7 +97,7 @@ class Gatekeeper:
             return None
         if not isinstance(hello, Hello):  # the session allows nothing else first
             return None
-        allowed = self.config.allowed_clients
+        allowed = self._allowed
         if allowed is not None and client_id not in allowed:
             log.warning("refused %r: not in allowed_clients", client_id)
             await self._refuse(
@@ -104,6 +112,19 @@ class Gatekeeper:
                     code=int(ErrorCode.UNSUPPORTED_VERSION),
                     reason=f"aggregator speaks version {PROTOCOL_VERSION}",
                 )
+            )
+            return None
+        if hello.relay and not self._encrypted:
+            await self._refuse(
+                conn, RejectReason.UNKNOWN_CLIENT, "relays need an encrypted federation"
+            )
+            return None
+        if hello.committee and not self._accept_key_holders:
+            await self._refuse(
+                conn,
+                RejectReason.BAD_TOKEN,
+                "committee credential refused: this is a relay; key holders connect to the "
+                "root aggregator",
             )
             return None
         credential, mask_public = b"", b""
@@ -128,12 +149,16 @@ class Gatekeeper:
             share_index = parsed.share_index
         else:
             share_index = 0
+        if hello.relay:
+            # replicas of one relay deployment share a certificate: the name tells them apart
+            client_id = f"{client_id}/{hello.relay}"
         return ClientHandle(
             client_id=client_id,
             conn=conn,
             credential=credential,
             mask_public=mask_public,
             share_index=share_index,
+            relay=bool(hello.relay),
         )
 
     def check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
@@ -147,26 +172,67 @@ class Gatekeeper:
             self.token_check_seconds += time.perf_counter() - started
 
     def _check_token(self, client_id: str, state: RoundState, done: UpdateDone) -> bytes:
+        if done.contributors:
+            raise RejectedUpdate(
+                RejectReason.BAD_TOKEN, "only a relay may upload other clients' tokens"
+            )
+        signer = self._token_problems(done.token, state, f"from {client_id}", done.digest)
+        if signer != client_id:
+            raise RejectedUpdate(
+                RejectReason.BAD_TOKEN, f"contributor token is signed by {signer!r}"
+            )
+        return done.token
+
+    def check_relay_tokens(self, state: RoundState, done: UpdateDone) -> dict[str, bytes]:
+        """A relay's contributors (client id -> token), each token checked, each client once."""
+        started = time.perf_counter()
         try:
-            token = ContributorToken.from_wire(done.token)
+            if done.token or not done.contributors:
+                raise RejectedUpdate(
+                    RejectReason.BAD_TOKEN, "a relay's upload must carry its clients' tokens"
+                )
+            try:
+                tokens = unpack_tokens(done.contributors)
+            except CredentialError as exc:
+                raise RejectedUpdate(RejectReason.BAD_TOKEN, f"relay tokens: {exc}") from None
+            contributors: dict[str, bytes] = {}
+            for i, raw in enumerate(tokens):
+                signer = self._token_problems(raw, state, f"#{i} of the relay's", None)
+                if signer in contributors:
+                    raise RejectedUpdate(
+                        RejectReason.REPLAY, f"the relay names {signer!r} twice in one sum"
+                    )
+                contributors[signer] = raw
+            return contributors
+        finally:
+            self.token_check_seconds += time.perf_counter() - started
+
+    def _token_problems(
+        self, raw: bytes, state: RoundState, which: str, upload_digest: bytes | None
+    ) -> str:
+        """The signer of a valid token for this round (RejectedUpdate BAD_TOKEN otherwise)."""
+        try:
+            token = ContributorToken.from_wire(raw)
             signer = token.verify(self._ca)
         except CredentialError as exc:
-            raise RejectedUpdate(RejectReason.BAD_TOKEN, f"contributor token: {exc}") from None
+            raise RejectedUpdate(
+                RejectReason.BAD_TOKEN, f"contributor token {which}: {exc}"
+            ) from None
         problems = [
             what
             for what, ok in (
-                (f"signed by {signer!r}", signer == client_id),
                 ("for another federation", token.federation == self._federation_digest),
                 (f"for round {token.round_id}", token.round_id == state.round_id),
                 ("for another model version", token.model_digest == state.model_digest),
                 ("masked for other unmaskers", token.unmaskers == state.unmasker_keys),
                 (f"counting {token.item_count} ciphertexts", token.item_count == self._item_count),
-                ("for other bytes", token.upload_digest == done.digest),
+                ("for other bytes", upload_digest is None or token.upload_digest == upload_digest),
             )
             if not ok
         ]
         if problems:
             raise RejectedUpdate(
-                RejectReason.BAD_TOKEN, "contributor token is " + ", ".join(problems)
+                RejectReason.BAD_TOKEN,
+                f"contributor token {which} ({signer}) is " + ", ".join(problems),
             )
-        return done.token
+        return signer

@@ -33,6 +33,8 @@ class ClientHandle:
     empty for a client without the private key; ``share_index`` is the threshold key
     share the credential names (0 in shared mode); ``decrypt_excluded`` is set once
     its partial decryption failed its proof (it is asked no more while connected).
+    ``relay`` marks a relay (an edge aggregator uploading its clients' folded sum),
+    ``relayed_clients`` the client count it last reported.
     One committee request is outstanding per connection at a time
     (``committee_lock``); its answer resolves ``committee_waiter`` and sets
     ``committee_idle`` (even when nobody waits any more: a RoundStart may only
@@ -46,6 +48,8 @@ class ClientHandle:
     mask_public: bytes = b""
     share_index: int = 0
     decrypt_excluded: bool = False
+    relay: bool = False
+    relayed_clients: int = 0
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     committee_waiter: asyncio.Future[Any] | None = None

@@ -43,6 +43,7 @@ class RoundPhase(enum.Enum):
 
     COLLECTING = "collecting"
     DECRYPTING = "decrypting"
+    FORWARDING = "forwarding"  # a relay uploading its sum upstream
     COMPLETED = "completed"
     FAILED = "failed"
 
@@ -129,9 +130,14 @@ class Upload:
 class RoundState:
     """One round: who was asked, who has been folded (with their tokens), the running sum.
 
-    ``folded`` maps each contributor to its signed contributor token (empty in plaintext
-    runs): the committee decrypts only for exactly these contributors. The total
-    weight is not known here: it comes out of the decrypted sum.
+    ``selected`` are the sources asked for an update: clients and relays. ``sources``
+    are those whose upload was folded. ``folded`` maps each contributor (a client,
+    whether it uploaded here or through a relay) to its signed contributor token
+    (empty in plaintext runs): the committee decrypts only for exactly these
+    contributors, and quorum counts them. ``relayed`` records which contributors
+    each relay brought. ``capacity`` is the most contributors the sum can hold
+    (the federation's slot headroom). The total weight is not known here: it comes
+    out of the decrypted sum.
     """
 
     round_id: int
@@ -140,8 +146,14 @@ class RoundState:
     model_digest: bytes = b""
     unmaskers: tuple[str, ...] = ()
     unmasker_keys: tuple[bytes, ...] = ()
+    capacity: int | None = None
+    until_deadline: bool = False
+    """Collect until the deadline even once every selected source is in (a relay that
+    starts a round with no client yet cannot know how many will come back)."""
     phase: RoundPhase = RoundPhase.COLLECTING
+    sources: set[str] = field(default_factory=set)
     folded: dict[str, bytes] = field(default_factory=dict)
+    relayed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     running_sum: Any = None
     total_weight: int | None = None
     started_at: float = field(default_factory=time.monotonic)
@@ -157,32 +169,57 @@ class RoundState:
                 RejectReason.NOT_SELECTED,
                 f"{client_id} was not selected for round {self.round_id}",
             )
-        if client_id in self.folded:
+        if client_id in self.sources or client_id in self.folded:
             raise RejectedUpdate(
                 RejectReason.REPLAY, f"{client_id} already contributed to round {self.round_id}"
             )
 
+    def _admit(self, source: str, contributors: Mapping[str, bytes]) -> None:
+        self.check_can_upload(source)
+        again = sorted(set(contributors) & set(self.folded))
+        if again:
+            raise RejectedUpdate(
+                RejectReason.REPLAY,
+                f"{', '.join(again[:5])} already contributed to round {self.round_id}",
+            )
+        if self.capacity is not None and len(self.folded) + len(contributors) > self.capacity:
+            raise RejectedUpdate(
+                RejectReason.OVER_CAPACITY,
+                f"{len(contributors)} more contributors would exceed the {self.capacity} "
+                f"this federation's slot headroom sums (round {self.round_id} has "
+                f"{len(self.folded)}); give the relays a smaller clients_per_round",
+            )
+        self.sources.add(source)
+        self.folded.update(contributors)
+
     def fold(self, client_id: str, update: Any, fold_fn: Any, token: bytes = b"") -> None:
         """Fold a complete, checked update into ``running_sum``, once per client."""
-        self.check_can_upload(client_id)
+        self._admit(client_id, {client_id: token})
         if self.running_sum is None:
             self.running_sum = update
         else:
             fold_fn(self.running_sum, update)
-        self.folded[client_id] = token
 
-    def mark_folded(self, client_id: str, token: bytes = b"") -> None:
-        """Record a client whose update was folded elsewhere (a `FoldEngine`), once."""
-        self.check_can_upload(client_id)
-        self.folded[client_id] = token
+    def mark_folded(
+        self, source: str, contributors: Mapping[str, bytes], *, relay: bool = False
+    ) -> None:
+        """Record an upload folded elsewhere (a `FoldEngine`), once per source and client.
+
+        ``contributors`` maps each client in the upload to its token: the source
+        itself for a client, the clients folded into a relay's sum for a relay.
+        """
+        self._admit(source, contributors)
+        if relay:
+            self.relayed[source] = tuple(sorted(contributors))
 
     @property
     def pending(self) -> set[str]:
-        """Selected clients that have not been folded yet."""
-        return set(self.selected) - set(self.folded)
+        """Selected sources (clients, relays) that have not been folded yet."""
+        return set(self.selected) - self.sources
 
     def summary(self) -> dict[str, Any]:
         """Plain-value record of the round, for checkpoints and logs."""
+        relays = {relay: len(leaves) for relay, leaves in sorted(self.relayed.items())}
         return {
             "round_id": self.round_id,
             "phase": self.phase.value,
@@ -191,6 +228,7 @@ class RoundState:
             "contributors": sorted(self.folded),
             "unmaskers": list(self.unmaskers),
             "total_weight": self.total_weight,
+            **({"relays": relays} if relays else {}),
         }
 
 

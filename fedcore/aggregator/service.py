@@ -1,16 +1,16 @@
-"""The aggregator daemon: connections, the round loop, committee decryption, checkpoints.
+"""The root aggregator daemon: its lifecycle, the round loop, committee decryption, checkpoints.
 
 It holds the Paillier public key only and never decrypts: sums go to a committee of
-key-holding clients in shards, and only when at least ``min_clients`` complete updates
-were folded. Memory is bounded by ``max_inflight_uploads`` buffered updates plus one
-running sum, whatever the number of connected clients. All socket work goes through
-``protocol.transport``; all arithmetic through `fedcore.codec`.
+key-holding clients in shards, and only when at least ``min_clients`` contributors'
+updates were folded (directly or through relays). Connections, uploads and folding are
+the `ClientHub`'s; memory is bounded by ``max_inflight_uploads`` buffered updates plus
+one running sum, whatever the number of connected clients. All socket work goes
+through ``protocol.transport``; all arithmetic through `fedcore.codec`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import importlib
 import logging
@@ -25,10 +25,9 @@ from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.checkpoint import Checkpoint
 from fedcore.aggregator.committee import CommitteeDecryption, SumNotDecodable
 from fedcore.aggregator.config import AggregatorConfig
-from fedcore.aggregator.folding import FoldEngine
-from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes, send_quietly
+from fedcore.aggregator.hub import ROUND_START_CONCURRENCY, ClientHub
+from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import (
-    RejectedUpdate,
     RoundPhase,
     RoundReport,
     RoundState,
@@ -39,35 +38,21 @@ from fedcore.aggregator.uploads import UploadGate
 from fedcore.client.config import FEDERATION_COMPLETE
 from fedcore.client.pipeline import model_digest
 from fedcore.codec import PLAINTEXT_CHUNK_FLOATS, EncryptedCodec, PlaintextCodec, codec_for
-from fedcore.contracts import ClientReport, RejectReason, RoundPlan, SessionInfo
+from fedcore.contracts import RoundPlan, SessionInfo
 from fedcore.crypto import PublicKey
-from fedcore.errors import ConfigError, InvalidCiphertextError, PackingError, RoundError
+from fedcore.errors import ConfigError, PackingError, RoundError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
 from fedcore.packing import ContributionSum
-from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
 from protocol.messages import (
-    Ack,
-    DecryptResult,
-    Error,
-    PartialDecryptResult,
-    RoundEnd,
     RoundStart,
-    UnmaskResult,
-    UpdateChunk,
-    UpdateDone,
-    UploadRequest,
 )
 from protocol.tls import server_context
-from protocol.transport import Connection, Server, TransportConfig
+from protocol.transport import Server, TransportConfig
 
 __all__ = ["ROUND_START_CONCURRENCY", "Aggregator", "RoundReport", "build_model"]
 
 log = logging.getLogger(__name__)
-
-# RoundStart frames carry the whole model (2 MB for the seed MLP); sending them to
-# 1,000 clients at once would buffer gigabytes, so only this many are in flight.
-ROUND_START_CONCURRENCY = 32
 
 
 def build_model(
@@ -136,24 +121,22 @@ class Aggregator:
             )
             self.metrics.restore(checkpoint.metrics)
         self.checkpoint = checkpoint
-        self.clients: dict[str, ClientHandle] = {}
-        self.round: RoundState | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._gate = Gatekeeper(
-            config=config,
-            federation=self.federation,
-            session=self.session_info,
-            item_count=self.codec.item_count,
-            metrics=self.metrics,
-        )
-        self.uploads = UploadGate(
+        self.hub = ClientHub(
+            gate=Gatekeeper(
+                ca=config.ca,
+                allowed_clients=config.allowed_clients,
+                federation=self.federation,
+                session=self.session_info,
+                item_count=self.codec.item_count,
+                metrics=self.metrics,
+            ),
             codec=self.codec,
+            metrics=self.metrics,
             max_inflight=config.max_inflight_uploads,
             resume_grace=config.resume_grace,
-            metrics=self.metrics,
-            round_for=self._round_for,
-            clients=self.clients,
-            tasks=self._tasks,
+            fold_workers=config.fold_workers,
+            committee_timeout=config.decrypt_shard_timeout,
+            round_start=self._round_start_message,
         )
         self._committee: CommitteeDecryption | None = None
         if isinstance(self.codec, EncryptedCodec):
@@ -162,21 +145,29 @@ class Aggregator:
                 federation=self.federation,
                 codec=self.codec,
                 metrics=self.metrics,
-                clients=self.clients,
+                clients=self.hub.clients,
             )
-        self._client_reports: dict[str, ClientReport] = {}
-        self._round_bytes = 0
-        self._round_fold_s = 0.0
-        self._clients_changed = asyncio.Event()
-        self._round_full = asyncio.Event()
         self._stop = asyncio.Event()
         self._server: Server | None = None
         self._metrics_server: MetricsServer | None = None
         self._started = asyncio.Event()
-        self._folder: FoldEngine | None = None
         self._weights_blob = b""  # this round's global model, encoded once for everyone
         self._round_committee: tuple[bytes, ...] = ()  # the unmaskers' credentials
-        self._ended_rounds: collections.deque[int] = collections.deque(maxlen=8)
+
+    @property
+    def clients(self) -> dict[str, ClientHandle]:
+        """Connected clients and relays, by certificate identity."""
+        return self.hub.clients
+
+    @property
+    def round(self) -> RoundState | None:
+        """The round in progress, if any."""
+        return self.hub.round
+
+    @property
+    def uploads(self) -> UploadGate:
+        """The upload gate (partial uploads and their slots)."""
+        return self.hub.uploads
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -198,8 +189,8 @@ class Aggregator:
     def request_stop(self) -> None:
         """Stop after the current step: the open round is abandoned, never half-counted."""
         self._stop.set()
-        self._round_full.set()
-        self._clients_changed.set()
+        self.hub.round_full.set()
+        self.hub.clients_changed.set()
 
     def _transport_config(self) -> TransportConfig:
         c = self.config
@@ -216,11 +207,8 @@ class Aggregator:
         """Serve until every round is done (or `request_stop`); return the final checkpoint."""
         c = self.config
         ssl_ctx = server_context(c.cert, c.key, c.ca)
-        if isinstance(self.codec, EncryptedCodec):
-            self._folder = FoldEngine(
-                self.codec.public_key, self.codec.item_count, workers=c.fold_workers
-            )
-        self._server = Server(self._handle_connection, ssl_ctx, self._transport_config())
+        self.hub.open()
+        self._server = Server(self.hub.handle_connection, ssl_ctx, self._transport_config())
         await self._server.start(c.host, c.port)
         if c.metrics_port is not None:
             self._metrics_server = MetricsServer(
@@ -255,7 +243,8 @@ class Aggregator:
             not self._stop.is_set(),
             {
                 "rounds_completed": self.checkpoint.rounds_completed,
-                "connected_clients": len(self.clients),
+                "connected_clients": self.hub.leaf_count,
+                "relays": len(self.clients) - len(self.hub.direct_clients()),
                 "round": None if self.round is None else self.round.round_id,
             },
         )
@@ -266,17 +255,12 @@ class Aggregator:
         self.checkpoint.save(self.config.state_dir)
         done = self.checkpoint.rounds_completed >= self.config.rounds
         reason = FEDERATION_COMPLETE if done else "aggregator stopping; reconnect later"
-        for handle in list(self.clients.values()):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(handle.conn.close(reason=reason), 5)
+        await self.hub.close_all(reason)
         if self._server is not None:
             await self._server.shutdown(5.0)
-        for task in list(self._tasks):
-            task.cancel()
+        self.hub.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
-        if self._folder is not None:
-            self._folder.close()
         log.info("aggregator stopped after %d rounds", self.checkpoint.rounds_completed)
 
     # ------------------------------------------------------------------ round loop
@@ -334,7 +318,7 @@ class Aggregator:
         deadline = started + c.wait_for_clients_timeout
         wanted = self._previous_unmaskers(self._global_weights()[1]) if self.codec.encrypted else ()
         while not self._stop.is_set():
-            connected = len(self.clients)
+            connected = self.hub.leaf_count
             enough_holders = not self.codec.encrypted or self._enough_key_holders()
             back = all(cid in self.clients for cid in wanted)
             if (
@@ -347,9 +331,9 @@ class Aggregator:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            self._clients_changed.clear()
+            self.hub.clients_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._clients_changed.wait(), min(remaining, 1.0))
+                await asyncio.wait_for(self.hub.clients_changed.wait(), min(remaining, 1.0))
         return False
 
     async def _run_one_round(self) -> bool:
@@ -362,8 +346,11 @@ class Aggregator:
         self.checkpoint.next_round_id += 1
         self.checkpoint.metrics = self.metrics.snapshot()
         self.checkpoint.save(c.state_dir)
-        candidates = list(self.clients)
-        selected = select_clients(
+        # Relays with clients are always asked (each selects among its own clients);
+        # the selection rule applies to the clients connected here.
+        candidates = self.hub.direct_clients()
+        relays = self.hub.busy_relays()
+        selected = relays + select_clients(
             candidates, c.target_clients(len(candidates)), seed=c.seed, round_id=round_id
         )
         self._weights_blob, digest = self._global_weights()
@@ -384,47 +371,31 @@ class Aggregator:
             model_digest=digest,
             unmaskers=tuple(unmaskers),
             unmasker_keys=unmasker_keys,
+            capacity=self.federation.max_contributors,
         )
-        self.round = state
-        if self._folder is not None:
-            self._folder.reset()
-        self._round_full.clear()
-        self._client_reports = {}
-        self._gate.token_check_seconds = 0.0
-        self._round_bytes = 0
-        self._round_fold_s = 0.0
+        self.hub.begin(state)
         self.metrics.current_round.set(round_id)
         phases["select"] = time.monotonic() - t0
-        log.info("round %d: selected %d of %d clients", round_id, len(selected), len(candidates))
+        log.info(
+            "round %d: selected %d of %d clients%s",
+            round_id,
+            len(selected) - len(relays),
+            len(candidates),
+            f" and {len(relays)} relays" if relays else "",
+        )
 
         t_collect = time.monotonic()
-        sending = asyncio.Semaphore(ROUND_START_CONCURRENCY)
-
-        async def send(cid: str) -> None:
-            async with sending:
-                await self._send_round_start(cid)
-
-        await asyncio.gather(*(send(cid) for cid in selected))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._round_full.wait(), c.round_timeout)
-        state.phase = RoundPhase.DECRYPTING
-        self._ended_rounds.append(round_id)
+        await self.hub.collect(state, c.round_timeout, RoundPhase.DECRYPTING)
         phases["collect"] = time.monotonic() - t_collect
-        self.uploads.drop_all()
-        for cid in state.pending:
-            handle = self.clients.get(cid)
-            if handle is not None:
-                await send_quietly(
-                    handle, RoundEnd(round_id=round_id, status="closed", reason="round closed")
-                )
         if self._stop.is_set():
             log.info("round %d abandoned: stopping (nothing of it is counted)", round_id)
-            self.round = None
+            self.hub.round = None
             return False
         log.info(
-            "round %d: collected %d/%d updates in %.2f s",
+            "round %d: collected %d updates from %d/%d sources in %.2f s",
             round_id,
             len(state.folded),
+            len(state.sources),
             len(selected),
             phases["collect"],
         )
@@ -472,7 +443,7 @@ class Aggregator:
             state.total_weight,
             " ".join(f"{k}={v:.2f}s" for k, v in phases.items()),
         )
-        self.round = None
+        self.hub.round = None
         if self._on_round_complete is not None:
             pending = self._on_round_complete(report, self.checkpoint.global_weights)
             if asyncio.iscoroutine(pending):
@@ -483,8 +454,8 @@ class Aggregator:
         self, state: RoundState, phases: dict[str, float], result: ContributionSum
     ) -> RoundReport:
         timings: dict[str, list[float]] = {}
-        for cid in state.folded:
-            report = self._client_reports.get(cid)
+        for cid in state.sources:
+            report = self.hub.reports.get(cid)
             for k, v in (report.timings if report is not None else {}).items():
                 timings.setdefault(k, []).append(v)
         evaluation: dict[str, float] = {}
@@ -499,10 +470,10 @@ class Aggregator:
             phase_seconds=dict(phases),
             client_metrics=evaluation,
             client_timings={k: float(np.mean(v)) for k, v in timings.items()},
-            bytes_received=self._round_bytes,
-            fold_seconds=self._round_fold_s,
+            bytes_received=self.hub.round_bytes,
+            fold_seconds=self.hub.round_fold_s,
             check_seconds={
-                "token_check": self._gate.token_check_seconds,
+                "token_check": self.hub.gate.token_check_seconds,
                 **{
                     f"member_{kind}": seconds
                     for kind, seconds in (
@@ -517,7 +488,7 @@ class Aggregator:
 
     def _fail_round(self, state: RoundState, label: str, reason: str) -> bool:
         state.phase = RoundPhase.FAILED
-        self.round = None
+        self.hub.round = None
         log.warning("round %d failed: %s", state.round_id, reason)
         self.metrics.rounds_failed_total.labels(reason=label).inc()
         self.checkpoint.history.append({**state.summary(), "failure": reason})
@@ -525,13 +496,8 @@ class Aggregator:
         self.checkpoint.save(self.config.state_dir)
         return False
 
-    async def _send_round_start(self, client_id: str) -> None:
-        state = self.round
-        handle = self.clients.get(client_id)
-        if state is None or handle is None:
-            return
-        held = self.uploads.held_chunks(client_id, state.round_id)
-        message = RoundStart(
+    def _round_start_message(self, state: RoundState, held: int) -> RoundStart:
+        return RoundStart(
             round_id=state.round_id,
             weights=self._weights_blob,
             clip=self.federation.clip,  # what clients pinned, from the one place it lives
@@ -545,12 +511,6 @@ class Aggregator:
             ).config(),
             committee=self._round_committee,
         )
-        try:  # a committee answer still on its way keeps the session in DECRYPTING
-            await asyncio.wait_for(handle.committee_idle.wait(), self.config.decrypt_shard_timeout)
-        except TimeoutError:
-            await close_client(handle, ErrorCode.TIMEOUT, "committee request unanswered")
-            return
-        await send_quietly(handle, message)
 
     # ------------------------------------------------------------------ decryption
     async def _finish_sum(self, state: RoundState) -> ContributionSum:
@@ -558,141 +518,7 @@ class Aggregator:
             raise RoundError("refusing to decrypt a sum of fewer than min_clients updates")
         if isinstance(self.codec, PlaintextCodec):
             return self.codec.decode(state.running_sum)
-        assert self._committee is not None and self._folder is not None
-        summed = await self._folder.result()
+        assert self._committee is not None and self.hub.folder is not None
+        summed = await self.hub.folder.result()
         plaintexts = await self._committee.decrypt(state, summed)
         return self.codec.decode(plaintexts)
-
-    # ------------------------------------------------------------------ connections
-    async def _handle_connection(self, conn: Connection) -> None:
-        handle = await self._gate.admit(conn)
-        if handle is None:
-            return
-        client_id = handle.client_id
-        previous = self.clients.get(client_id)
-        if previous is not None:
-            log.info("%s reconnected; closing its previous connection", client_id)
-            await close_client(previous, None, "replaced by a newer connection")
-        try:
-            await handle.send(self._gate.welcome(client_id))
-        except (ProtocolError, OSError, ConnectionError):
-            return
-        self.clients[client_id] = handle
-        self.metrics.connected_clients.set(len(self.clients))
-        self._clients_changed.set()
-        log.info("%s joined%s", client_id, " (committee member)" if handle.can_decrypt else "")
-        state = self.round
-        if (
-            state is not None
-            and state.phase is RoundPhase.COLLECTING
-            and client_id in state.pending
-        ):
-            await self._send_round_start(client_id)
-        try:
-            while True:
-                message = await conn.receive()
-                count_bytes(handle, self.metrics)
-                await self._dispatch(handle, message)
-        except ConnectionClosed as exc:
-            if isinstance(exc.peer_message, Error):
-                handle.last_error = exc.peer_message.reason
-                handle.last_error_code = ErrorCode(exc.peer_message.code)
-                log.warning("%s closed with an error: %s", client_id, exc.peer_message.reason)
-        except ProtocolError as exc:
-            log.info("%s: protocol error: %s", client_id, exc)
-            reason = RejectReason.for_code(exc.code)
-            self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
-        finally:
-            count_bytes(handle, self.metrics)
-            if self.clients.get(client_id) is handle:
-                del self.clients[client_id]
-                self.uploads.keep_or_drop_partial(client_id)
-            waiter = handle.committee_waiter
-            if waiter is not None and not waiter.done():
-                why = f": {handle.last_error}" if handle.last_error else ""
-                waiter.set_exception(ConnectionError(f"{client_id} disconnected{why}"))
-            handle.committee_idle.set()
-            self.metrics.connected_clients.set(len(self.clients))
-            self._clients_changed.set()
-            log.info("%s left", client_id)
-
-    async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
-        try:
-            if isinstance(message, UpdateChunk):
-                self.uploads.add_chunk(handle, message)
-            elif isinstance(message, UploadRequest):
-                await self.uploads.grant(handle, message)
-            elif isinstance(message, UpdateDone):
-                await self._on_done(handle, message)
-            elif isinstance(message, DecryptResult | UnmaskResult | PartialDecryptResult):
-                handle.committee_idle.set()
-                waiter = handle.committee_waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message)
-            else:
-                log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
-        except RejectedUpdate as exc:
-            round_id = getattr(message, "round_id", None)
-            if exc.reason is RejectReason.STALE_ROUND and round_id in self._ended_rounds:
-                # Sent before our RoundEnd reached the client: a race, not misbehaviour.
-                log.debug(
-                    "%s: late %s for round %s", handle.client_id, type(message).__name__, round_id
-                )
-                self.uploads.drop(handle.client_id)
-                return
-            await self._reject(handle, exc.reason, str(exc))
-        except InvalidCiphertextError as exc:
-            await self._reject(handle, RejectReason.INVALID_CIPHERTEXT, str(exc))
-
-    async def _on_done(self, handle: ClientHandle, done: UpdateDone) -> None:
-        cid = handle.client_id
-        state = self._round_for(done.round_id)
-        upload, chunks = self.uploads.finish(handle, done)
-        token = self._gate.check_token(cid, state, done)
-        update = self.codec.join(chunks)
-        t0 = time.monotonic()
-        if self._folder is not None:
-            assert isinstance(update, bytes)
-            update_id = await self._folder.stage(update)
-            try:
-                state.mark_folded(cid, token)  # the round may have closed while we validated
-            except RejectedUpdate as exc:
-                self._folder.abort(update_id)
-                if exc.reason is RejectReason.STALE_ROUND:  # RoundEnd already told the client
-                    self.uploads.drop(cid)
-                    return
-                raise
-            self._folder.commit(update_id)
-        else:
-            assert isinstance(self.codec, PlaintextCodec)
-            state.fold(cid, update, self.codec.fold)
-        fold_s = time.monotonic() - t0
-        self._round_fold_s += fold_s
-        self.metrics.fold_seconds.observe(fold_s)
-        self._round_bytes += upload.bytes_received
-        self.uploads.drop(cid)
-        self.metrics.updates_accepted_total.inc()
-        report = ClientReport.from_wire(done.timings, done.metrics)
-        self.metrics.observe_client_report(*report.to_wire())
-        self._client_reports[cid] = report
-        await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
-        if not state.pending:
-            self._round_full.set()
-
-    def _round_for(self, round_id: int) -> RoundState:
-        state = self.round
-        if state is None or round_id != state.round_id:
-            current = "none" if state is None else str(state.round_id)
-            raise RejectedUpdate(
-                RejectReason.STALE_ROUND,
-                f"round {round_id} is not open (current round: {current})",
-            )
-        if state.phase is not RoundPhase.COLLECTING:
-            raise RejectedUpdate(RejectReason.STALE_ROUND, f"round {round_id} is closed")
-        return state
-
-    async def _reject(self, handle: ClientHandle, reason: RejectReason, message: str) -> None:
-        log.warning("%s: update refused (%s): %s", handle.client_id, reason.label, message)
-        self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
-        self.uploads.drop(handle.client_id)
-        await close_client(handle, reason.code, message)

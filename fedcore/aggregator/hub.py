@@ -1,0 +1,337 @@
+"""The collecting half of every aggregator: connections, uploads, folding, one round's contributors.
+
+The root aggregator and each relay run one hub. It admits clients and relays (Hello ->
+Welcome through the `Gatekeeper`), sends the round's RoundStart to the selected ones,
+takes chunked uploads through the `UploadGate`, checks contributor tokens, folds each
+complete update once (`FoldEngine`), and says when the round is full. A relay's upload
+is folded like a client's: it carries the tokens of the clients folded into it, which
+are checked one by one and counted as contributors (quorum counts leaves, never relays).
+
+The hub never decides when a round starts or ends, never decrypts and holds no key:
+`fedcore.aggregator.service` (the root) and `fedcore.aggregator.relay` drive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fedcore.aggregator.admission import Gatekeeper
+from fedcore.aggregator.folding import FoldEngine
+from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes, send_quietly
+from fedcore.aggregator.rounds import RejectedUpdate, RoundPhase, RoundState
+from fedcore.aggregator.uploads import UploadGate
+from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
+from fedcore.contracts import ClientReport, RejectReason
+from fedcore.errors import InvalidCiphertextError
+from fedcore.metrics import AggregatorMetrics
+from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
+from protocol.messages import (
+    Ack,
+    DecryptResult,
+    Error,
+    PartialDecryptResult,
+    RelayStatus,
+    RoundEnd,
+    RoundStart,
+    UnmaskResult,
+    UpdateChunk,
+    UpdateDone,
+    UploadRequest,
+)
+from protocol.transport import Connection
+
+__all__ = ["ROUND_START_CONCURRENCY", "ClientHub", "RoundStartFor"]
+
+log = logging.getLogger(__name__)
+
+# RoundStart frames carry the whole model (2 MB for the seed MLP); sending them to
+# 1,000 clients at once would buffer gigabytes, so only this many are in flight.
+ROUND_START_CONCURRENCY = 32
+
+RoundStartFor = Callable[[RoundState, int], RoundStart]
+"""Builds the RoundStart of a round for one client, given the chunks it already sent."""
+
+
+class ClientHub:
+    """Connected clients and relays, their uploads, and the round being collected."""
+
+    def __init__(
+        self,
+        *,
+        gate: Gatekeeper,
+        codec: UpdateCodec,
+        metrics: AggregatorMetrics,
+        max_inflight: int,
+        resume_grace: float,
+        fold_workers: int,
+        committee_timeout: float,
+        round_start: RoundStartFor,
+        late_joiners: bool = False,
+    ) -> None:
+        self.gate = gate
+        self.codec = codec
+        self.metrics = metrics
+        self.clients: dict[str, ClientHandle] = {}
+        self.round: RoundState | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.uploads = UploadGate(
+            codec=codec,
+            max_inflight=max_inflight,
+            resume_grace=resume_grace,
+            metrics=metrics,
+            round_for=self.round_for,
+            clients=self.clients,
+            tasks=self.tasks,
+        )
+        self.folder: FoldEngine | None = None
+        self._fold_workers = fold_workers
+        self._committee_timeout = committee_timeout
+        self._round_start = round_start
+        self._late_joiners = late_joiners
+        self.clients_changed = asyncio.Event()
+        self.round_full = asyncio.Event()
+        self.reports: dict[str, ClientReport] = {}
+        """Each folded source's operational report (timings, iterations) this round."""
+        self.round_bytes = 0
+        self.round_fold_s = 0.0
+        self._ended_rounds: collections.deque[int] = collections.deque(maxlen=8)
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        """Start the fold engine (encrypted federations)."""
+        if isinstance(self.codec, EncryptedCodec) and self.folder is None:
+            self.folder = FoldEngine(
+                self.codec.public_key, self.codec.item_count, workers=self._fold_workers
+            )
+
+    async def close_all(self, reason: str) -> None:
+        """Say goodbye to every connection (``reason`` travels in the Bye)."""
+        for handle in list(self.clients.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(handle.conn.close(reason=reason), 5)
+
+    def close(self) -> None:
+        """Cancel background tasks and stop the fold workers."""
+        for task in list(self.tasks):
+            task.cancel()
+        if self.folder is not None:
+            self.folder.close()
+
+    # ------------------------------------------------------------------ who is here
+    @property
+    def leaf_count(self) -> int:
+        """Clients connected here or through a relay (each relay reports its own count)."""
+        return sum(h.relayed_clients if h.relay else 1 for h in self.clients.values())
+
+    def direct_clients(self) -> list[str]:
+        """Connected clients that train themselves (not relays)."""
+        return [cid for cid, h in self.clients.items() if not h.relay]
+
+    def busy_relays(self) -> list[str]:
+        """Connected relays that report at least one client: each is asked every round."""
+        return [cid for cid, h in self.clients.items() if h.relay and h.relayed_clients > 0]
+
+    def _count_changed(self) -> None:
+        self.metrics.connected_clients.set(self.leaf_count)
+        self.clients_changed.set()
+
+    # ------------------------------------------------------------------ one round
+    def begin(self, state: RoundState) -> None:
+        """Make ``state`` the round being collected: an empty sum, no reports yet."""
+        self.round = state
+        if self.folder is not None:
+            self.folder.reset()
+        self.round_full.clear()
+        self.reports = {}
+        self.gate.token_check_seconds = 0.0
+        self.round_bytes = 0
+        self.round_fold_s = 0.0
+
+    async def collect(self, state: RoundState, timeout: float, next_phase: RoundPhase) -> None:
+        """Send RoundStart to the selected, wait until all contributed or ``timeout``, close.
+
+        The round moves to ``next_phase`` (no upload is taken after it); uploads in
+        progress are dropped, and whoever was selected but did not contribute gets a
+        RoundEnd.
+        """
+        sending = asyncio.Semaphore(ROUND_START_CONCURRENCY)
+
+        async def send(cid: str) -> None:
+            async with sending:
+                await self.send_round_start(cid)
+
+        await asyncio.gather(*(send(cid) for cid in sorted(state.selected)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.round_full.wait(), max(0.0, timeout))
+        state.phase = next_phase
+        self._ended_rounds.append(state.round_id)
+        self.uploads.drop_all()
+        for cid in state.pending:
+            handle = self.clients.get(cid)
+            if handle is not None:
+                await send_quietly(
+                    handle,
+                    RoundEnd(round_id=state.round_id, status="closed", reason="round closed"),
+                )
+
+    async def send_round_start(self, client_id: str) -> None:
+        """The open round's RoundStart to one client (resuming its partial upload if any)."""
+        state = self.round
+        handle = self.clients.get(client_id)
+        if state is None or handle is None:
+            return
+        message = self._round_start(state, self.uploads.held_chunks(client_id, state.round_id))
+        try:  # a committee answer still on its way keeps the session in DECRYPTING
+            await asyncio.wait_for(handle.committee_idle.wait(), self._committee_timeout)
+        except TimeoutError:
+            await close_client(handle, ErrorCode.TIMEOUT, "committee request unanswered")
+            return
+        await send_quietly(handle, message)
+
+    def round_for(self, round_id: int) -> RoundState:
+        """The open round if it is ``round_id`` and still collecting (RejectedUpdate else)."""
+        state = self.round
+        if state is None or round_id != state.round_id:
+            current = "none" if state is None else str(state.round_id)
+            raise RejectedUpdate(
+                RejectReason.STALE_ROUND,
+                f"round {round_id} is not open (current round: {current})",
+            )
+        if state.phase is not RoundPhase.COLLECTING:
+            raise RejectedUpdate(RejectReason.STALE_ROUND, f"round {round_id} is closed")
+        return state
+
+    # ------------------------------------------------------------------ connections
+    async def handle_connection(self, conn: Connection) -> None:
+        """Serve one connection from Hello to goodbye (the transport's handler)."""
+        handle = await self.gate.admit(conn)
+        if handle is None:
+            return
+        client_id = handle.client_id
+        previous = self.clients.get(client_id)
+        if previous is not None:
+            log.info("%s reconnected; closing its previous connection", client_id)
+            await close_client(previous, None, "replaced by a newer connection")
+        try:
+            await handle.send(self.gate.welcome(client_id))
+        except (ProtocolError, OSError, ConnectionError):
+            return
+        self.clients[client_id] = handle
+        self._count_changed()
+        role = " (relay)" if handle.relay else " (committee member)" if handle.can_decrypt else ""
+        log.info("%s joined%s", client_id, role)
+        state = self.round
+        if state is not None and state.phase is RoundPhase.COLLECTING:
+            if self._late_joiners and not handle.relay and client_id not in state.selected:
+                # a relay asks every client it has, also one that (re)joins mid-round
+                state.selected = state.selected | {client_id}
+            if client_id in state.pending:
+                await self.send_round_start(client_id)
+        try:
+            while True:
+                message = await conn.receive()
+                count_bytes(handle, self.metrics)
+                await self._dispatch(handle, message)
+        except ConnectionClosed as exc:
+            if isinstance(exc.peer_message, Error):
+                handle.last_error = exc.peer_message.reason
+                handle.last_error_code = ErrorCode(exc.peer_message.code)
+                log.warning("%s closed with an error: %s", client_id, exc.peer_message.reason)
+        except ProtocolError as exc:
+            log.info("%s: protocol error: %s", client_id, exc)
+            reason = RejectReason.for_code(exc.code)
+            self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
+        finally:
+            count_bytes(handle, self.metrics)
+            if self.clients.get(client_id) is handle:
+                del self.clients[client_id]
+                self.uploads.keep_or_drop_partial(client_id)
+            waiter = handle.committee_waiter
+            if waiter is not None and not waiter.done():
+                why = f": {handle.last_error}" if handle.last_error else ""
+                waiter.set_exception(ConnectionError(f"{client_id} disconnected{why}"))
+            handle.committee_idle.set()
+            self._count_changed()
+            log.info("%s left", client_id)
+
+    async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
+        try:
+            if isinstance(message, UpdateChunk):
+                self.uploads.add_chunk(handle, message)
+            elif isinstance(message, UploadRequest):
+                await self.uploads.grant(handle, message)
+            elif isinstance(message, UpdateDone):
+                await self._on_done(handle, message)
+            elif isinstance(message, DecryptResult | UnmaskResult | PartialDecryptResult):
+                handle.committee_idle.set()
+                waiter = handle.committee_waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(message)
+            elif isinstance(message, RelayStatus) and handle.relay:
+                handle.relayed_clients = message.clients
+                self._count_changed()
+            else:
+                log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
+        except RejectedUpdate as exc:
+            round_id = getattr(message, "round_id", None)
+            if exc.reason is RejectReason.STALE_ROUND and round_id in self._ended_rounds:
+                # Sent before our RoundEnd reached the client: a race, not misbehaviour.
+                log.debug(
+                    "%s: late %s for round %s", handle.client_id, type(message).__name__, round_id
+                )
+                self.uploads.drop(handle.client_id)
+                return
+            await self._reject(handle, exc.reason, str(exc))
+        except InvalidCiphertextError as exc:
+            await self._reject(handle, RejectReason.INVALID_CIPHERTEXT, str(exc))
+
+    async def _on_done(self, handle: ClientHandle, done: UpdateDone) -> None:
+        cid = handle.client_id
+        state = self.round_for(done.round_id)
+        upload, chunks = self.uploads.finish(handle, done)
+        if handle.relay:
+            contributors = self.gate.check_relay_tokens(state, done)
+        else:
+            contributors = {cid: self.gate.check_token(cid, state, done)}
+        update = self.codec.join(chunks)
+        t0 = time.monotonic()
+        if self.folder is not None:
+            assert isinstance(update, bytes)
+            update_id = await self.folder.stage(update)
+            try:
+                # the round may have closed while we validated
+                state.mark_folded(cid, contributors, relay=handle.relay)
+            except RejectedUpdate as exc:
+                self.folder.abort(update_id)
+                if exc.reason is RejectReason.STALE_ROUND:  # RoundEnd already told the client
+                    self.uploads.drop(cid)
+                    return
+                raise
+            self.folder.commit(update_id)
+        else:
+            assert isinstance(self.codec, PlaintextCodec)
+            state.fold(cid, update, self.codec.fold, contributors[cid])
+        fold_s = time.monotonic() - t0
+        self.round_fold_s += fold_s
+        self.metrics.fold_seconds.observe(fold_s)
+        self.round_bytes += upload.bytes_received
+        self.uploads.drop(cid)
+        self.metrics.updates_accepted_total.inc()
+        report = ClientReport.from_wire(done.timings, done.metrics)
+        self.metrics.observe_client_report(*report.to_wire())
+        self.reports[cid] = report
+        await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
+        if not state.pending and not state.until_deadline:
+            self.round_full.set()
+
+    async def _reject(self, handle: ClientHandle, reason: RejectReason, message: str) -> None:
+        log.warning("%s: update refused (%s): %s", handle.client_id, reason.label, message)
+        self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
+        self.uploads.drop(handle.client_id)
+        await close_client(handle, reason.code, message)
