@@ -143,10 +143,15 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from protocol.tls import write_federation_pki
 
     sans = args.san or ["localhost", "127.0.0.1"]
-    write_federation_pki(Path(args.out), clients=args.clients, sans=sans, days=args.days)
+    if args.clients < 0 or args.relays < 0:
+        raise FedcoreError("--clients and --relays must be >= 0")
+    write_federation_pki(
+        Path(args.out), clients=args.clients, relays=args.relays, sans=sans, days=args.days
+    )
+    relays = f", relay-0..{args.relays - 1}.pem/.key" if args.relays else ""
     print(
         f"federation PKI in {args.out}: ca.pem, ca.key (keep offline), aggregator.pem/.key "
-        f"(SAN {', '.join(sans)}), client-0..{args.clients - 1}.pem/.key"
+        f"(SAN {', '.join(sans)}){relays}, client-0..{args.clients - 1}.pem/.key"
     )
     return 0
 
@@ -237,6 +242,53 @@ def _cmd_federation(args: argparse.Namespace) -> int:
         f"{federation.headroom_bits} headroom bits (up to {federation.max_contributors} clients "
         f"a round), clip {federation.clip}, weight <= {federation.max_weight}"
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------- relay
+_RELAY_FLAGS: dict[str, tuple[type, str]] = {
+    "upstream": (str, "HOST:PORT of the root aggregator (or of a relay nearer the root)"),
+    "cert": (str, "this relay's certificate (PEM; `fedcore certs --relays N` makes them)"),
+    "key": (str, "this relay's private TLS key (PEM)"),
+    "ca": (str, "federation CA certificate (PEM)"),
+    "federation": (str, "pin this federation file: the upstream must offer exactly it"),
+    "name": (str, "instance name upstream (default: host name; replicas sharing a cert differ)"),
+    "server_hostname": (str, "name to check in the upstream's certificate (default: its host)"),
+    "host": (str, "address to listen on for clients (default 127.0.0.1)"),
+    "port": (int, "TCP port for clients (default 8765)"),
+    "metrics_host": (str, "address of /metrics and /healthz (default 127.0.0.1)"),
+    "metrics_port": (int, "HTTP port for /metrics and /healthz (default 9100)"),
+    "clients_per_round": (int, "clients of this relay asked per round (default: all)"),
+    "max_inflight_uploads": (int, "client updates buffered at once (default 8)"),
+    "fold_workers": (int, "fold worker threads (default 0: in the event loop's thread)"),
+    "max_connections": (int, "most client connections (default 2048)"),
+    "reconnect_attempts": (
+        int,
+        "failed upstream connects in a row before giving up (default: never)",
+    ),
+}
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    from fedcore.aggregator import Relay, RelayConfig
+    from protocol.transport import install_uvloop, tune_allocator
+
+    flags = {name: getattr(args, name) for name in _RELAY_FLAGS if getattr(args, name) is not None}
+    if args.config is not None:
+        config = RelayConfig.from_toml(args.config, **flags)
+    else:
+        config = RelayConfig.from_mapping(flags)
+    relay = Relay(config)
+    tune_allocator()
+    install_uvloop()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, relay.request_stop)
+        await relay.run()
+
+    asyncio.run(serve())
     return 0
 
 
@@ -376,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("certs", help="make the federation's CA and TLS certificates")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--clients", type=int, default=4, help="client certificates to issue")
+    p.add_argument(
+        "--relays",
+        type=int,
+        default=0,
+        help="relay certificates to issue (server and client auth, SAN from --san; default 0)",
+    )
     p.add_argument("--san", action="append", help="aggregator DNS name or IP (repeatable)")
     p.add_argument("--days", type=int, default=365, help="validity in days")
     p.set_defaults(func=_cmd_certs)
@@ -383,6 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("aggregator", help="run the aggregator daemon (public key only)")
     _add_aggregator_flags(p)
     p.set_defaults(func=_cmd_aggregator)
+
+    p = sub.add_parser(
+        "relay",
+        help="run a relay: an edge aggregator that forwards its clients' encrypted sum upstream",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with the same settings ([relay] table)")
+    for name, (kind, help_text) in _RELAY_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
+    p.set_defaults(func=_cmd_relay)
 
     p = sub.add_parser(
         "federation",

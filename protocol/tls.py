@@ -181,6 +181,7 @@ def issue_certificate(
     *,
     sans: Sequence[str] = (),
     server: bool = False,
+    client: bool | None = None,
     days: int = DEFAULT_CERT_DAYS,
     key_type: KeyType = "ec",
     not_valid_before: dt.datetime | None = None,
@@ -188,9 +189,11 @@ def issue_certificate(
 ) -> tuple[PrivateKey, x509.Certificate]:
     """A new key and a certificate for ``common_name`` signed by the CA.
 
-    ``server=True`` marks it for TLS server auth (else client auth); ``sans`` become
-    DNS names or IP addresses. ``not_valid_before``/``not_valid_after`` override the
-    validity window (tests use them for expired certificates).
+    ``server=True`` marks it for TLS server auth; ``client`` for client auth (default:
+    when not a server). A relay's certificate has both: it serves its clients and is a
+    client of its upstream. ``sans`` become DNS names or IP addresses.
+    ``not_valid_before``/``not_valid_after`` override the validity window (tests use
+    them for expired certificates).
     """
     if not common_name:
         raise ValueError("common_name must not be empty")
@@ -202,7 +205,18 @@ def issue_certificate(
     end = not_valid_after or now + dt.timedelta(days=days)
     if end <= start:
         raise ValueError("not_valid_after must be later than not_valid_before")
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    if client is None:
+        client = not server
+    usage = [
+        oid
+        for oid, wanted in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, server),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, client),
+        )
+        if wanted
+    ]
+    if not usage:
+        raise ValueError("a certificate must be for server auth, client auth or both")
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -212,7 +226,7 @@ def issue_certificate(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -264,6 +278,7 @@ class FederationPKI:
     ca: CertPaths  # ca.key is for the operator only; the aggregator never needs it
     aggregator: CertPaths
     clients: tuple[CertPaths, ...]
+    relays: tuple[CertPaths, ...] = ()
 
     @property
     def ca_cert(self) -> Path:
@@ -275,18 +290,21 @@ def write_federation_pki(
     out_dir: Path,
     *,
     clients: int,
+    relays: int = 0,
     sans: Sequence[str] = ("localhost", "127.0.0.1"),
     days: int = DEFAULT_CERT_DAYS,
     key_type: KeyType = "ec",
 ) -> FederationPKI:
-    """Make a federation's CA, aggregator and client certificates under ``out_dir``.
+    """Make a federation's CA, aggregator, relay and client certificates under ``out_dir``.
 
-    Writes ca.pem, ca.key, aggregator.pem, aggregator.key, client-<i>.pem and
-    client-<i>.key (keys mode 0600). The aggregator's SAN lists ``sans``; client i's
-    CN is ``client-<i>``.
+    Writes ca.pem, ca.key, aggregator.pem, aggregator.key, relay-<i>.pem/.key,
+    client-<i>.pem and client-<i>.key (keys mode 0600). The aggregator's and the
+    relays' SAN lists ``sans`` (relays also serve clients, and are clients of their
+    upstream); client i's CN is ``client-<i>``, relay i's ``relay-<i>``.
     """
-    if type(clients) is not int or clients < 0:
-        raise ValueError(f"clients must be an int >= 0, got {clients!r}")
+    for name, count in (("clients", clients), ("relays", relays)):
+        if type(count) is not int or count < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {count!r}")
     if not sans:
         raise ValueError("sans must name at least one host the aggregator is reached by")
     out_dir = Path(out_dir)
@@ -296,13 +314,14 @@ def write_federation_pki(
     write_certificate(ca.cert, ca_cert)
     write_private_key(ca.key, ca_key)
 
-    def issue(name: str, server: bool) -> CertPaths:
+    def issue(name: str, server: bool, client: bool | None = None) -> CertPaths:
         key, cert = issue_certificate(
             ca_key,
             ca_cert,
             name,
             sans=sans if server else (),
             server=server,
+            client=client,
             days=days,
             key_type=key_type,
         )
@@ -312,5 +331,8 @@ def write_federation_pki(
         return paths
 
     aggregator = issue("aggregator", True)
+    relay_paths = tuple(issue(f"relay-{i}", True, True) for i in range(relays))
     client_paths = tuple(issue(f"client-{i}", False) for i in range(clients))
-    return FederationPKI(out_dir=out_dir, ca=ca, aggregator=aggregator, clients=client_paths)
+    return FederationPKI(
+        out_dir=out_dir, ca=ca, aggregator=aggregator, clients=client_paths, relays=relay_paths
+    )
