@@ -21,7 +21,8 @@ from fedcore.data import Dataset, client_shard, load_digits
 from fedcore.model import load_flat_into, mlp
 from fedcore.training import TrainConfig, evaluate, make_train_fn
 
-CLIENTS_IN_PKI = 8
+CLIENTS_IN_PKI = 12
+RELAYS_IN_PKI = 3
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Keys:
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("pki")
-    assert fedcore_main(["certs", "--out", str(out), "--clients", str(CLIENTS_IN_PKI)]) == 0
+    argv = ["certs", "--out", str(out), "--clients", str(CLIENTS_IN_PKI)]
+    assert fedcore_main([*argv, "--relays", str(RELAYS_IN_PKI)]) == 0
     return out
 
 

@@ -1,0 +1,312 @@
+"""Relays end to end: real TLS on 127.0.0.1, certificates from `fedcore certs --relays`,
+a real Paillier key, real torch clients. A relay tree gives the flat model, a relay's
+death costs only its round's partial sum, trees nest, and a relay cannot pass off a sum
+that is not the product of the clients it names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedcore.aggregator import Aggregator, Relay, RelayConfig, RoundReport
+from fedcore.aggregator.relay import _RelayRound
+from fedcore.credentials import pack_tokens, unpack_tokens
+from fedcore.data import Dataset
+
+from .conftest import Keys, aggregator_config, make_client
+
+HIDDEN = (32,)
+CLIENTS = 10
+KEY_HOLDERS = (0, 1)  # connect to the root: key holders never sit behind a relay
+
+
+def _relay_settings(pki: Path, index: int, upstream_port: int, **changes: Any) -> dict[str, Any]:
+    return {
+        "upstream": f"127.0.0.1:{upstream_port}",
+        "server_hostname": "localhost",
+        "cert": pki / f"relay-{index}.pem",
+        "key": pki / f"relay-{index}.key",
+        "ca": pki / "ca.pem",
+        "port": 0,
+        "metrics_port": None,
+        "backoff_base": 0.1,
+        "backoff_max": 0.5,
+        "name": "edge",
+        **changes,
+    }
+
+
+def _relay(pki: Path, index: int, upstream_port: int, **changes: Any) -> Relay:
+    return Relay(RelayConfig.from_mapping(_relay_settings(pki, index, upstream_port, **changes)))
+
+
+def _aggregator(tmp_path: Path, pki: Path, keys: Keys, **changes: Any) -> Aggregator:
+    settings: dict[str, Any] = {
+        "model_kwargs": {"in_features": 64, "hidden": list(HIDDEN)},
+        "clients_per_round": None,
+        "min_clients": 3,
+        "rounds": 2,
+        "local_epochs": 1,
+        **changes,
+    }
+    return Aggregator(aggregator_config(tmp_path, pki, keys, **settings))
+
+
+def _clients(pki: Path, keys: Keys, digits: Dataset, agg: Aggregator, **config: Any) -> list[Any]:
+    return [
+        make_client(
+            i,
+            pki,
+            keys,
+            digits,
+            CLIENTS,
+            federation=agg.federation,
+            holds_key=i in KEY_HOLDERS,
+            hidden=HIDDEN,
+            **config,
+        )
+        for i in range(CLIENTS)
+    ]
+
+
+class _Tree:
+    """A root, its relays and clients running as tasks; `stop()` cancels what is left."""
+
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.reports: list[tuple[RoundReport, np.ndarray]] = []
+        aggregator._on_round_complete = lambda r, w: self.reports.append((r, w.copy()))
+
+    async def start_root(self) -> asyncio.Task[Any]:
+        task = asyncio.create_task(self.aggregator.run())
+        await asyncio.wait_for(self.aggregator.wait_started(), 30)
+        return task
+
+    async def start_relay(self, relay: Relay) -> asyncio.Task[Any]:
+        task = asyncio.create_task(relay.run())
+        self.tasks.append(task)
+        await asyncio.wait_for(relay.wait_started(), 30)
+        return task
+
+    def start_clients(self, clients: list[Any], port: int) -> list[asyncio.Task[Any]]:
+        tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in clients]
+        self.tasks.extend(tasks)
+        return tasks
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _sources(clients: list[Any], relay_ports: list[int], root_port: int) -> list[int]:
+    """Key holders on the root; the others spread over the relays in turn."""
+    ports = []
+    others = 0
+    for i in range(len(clients)):
+        if i in KEY_HOLDERS:
+            ports.append(root_port)
+        else:
+            ports.append(relay_ports[others % len(relay_ports)])
+            others += 1
+    return ports
+
+
+@pytest.mark.slow
+async def test_a_relay_tree_gives_the_flat_model(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset
+) -> None:
+    """Root + 2 relays + 10 clients vs the same 10 clients on the root: same rounds,
+    same contributors, same total weight, and global models within one quantization step
+    after the first round (stochastic rounding draws fresh randomness in each run)."""
+    runs: dict[str, list[tuple[RoundReport, np.ndarray]]] = {}
+    for layout in ("flat", "relays"):
+        aggregator = _aggregator(tmp_path / layout, pki, keys)
+        tree = _Tree(aggregator)
+        root = await tree.start_root()
+        try:
+            clients = _clients(pki, keys, digits, aggregator)
+            if layout == "flat":
+                tree.start_clients(clients, aggregator.port)
+            else:
+                relays = [_relay(pki, i, aggregator.port) for i in range(2)]
+                for relay in relays:
+                    await tree.start_relay(relay)
+                ports = _sources(clients, [r.port for r in relays], aggregator.port)
+                for client, port in zip(clients, ports, strict=True):
+                    tree.start_clients([client], port)
+            checkpoint = await asyncio.wait_for(root, 240)
+        finally:
+            await tree.stop()
+        assert checkpoint.rounds_completed == 2
+        runs[layout] = tree.reports
+        if layout == "relays":
+            assert all(r.rounds_forwarded == 2 for r in relays)
+            for record in checkpoint.history:
+                assert record["relays"] == {"relay-0/edge": 4, "relay-1/edge": 4}, record
+
+    everyone = tuple(sorted(f"client-{i}" for i in range(CLIENTS)))
+    step = aggregator.codec.spec.step  # type: ignore[union-attr]
+    for (flat, _), (tree_report, _) in zip(runs["flat"], runs["relays"], strict=True):
+        assert flat.round_id == tree_report.round_id
+        assert flat.contributors == tree_report.contributors == everyone
+        assert flat.total_weight == tree_report.total_weight  # exact: an integer in the sum
+    first_gap = float(np.max(np.abs(runs["flat"][0][1] - runs["relays"][0][1])))
+    print(f"round 1: largest weight difference {first_gap:.3g}, quantization step {step:.3g}")
+    assert 0 < first_gap <= step * 1.0001, (first_gap, step)
+    final_gap = float(np.max(np.abs(runs["flat"][-1][1] - runs["relays"][-1][1])))
+    assert final_gap <= 4 * step, (final_gap, step)
+
+
+@pytest.mark.slow
+async def test_a_dead_relay_costs_only_its_round_and_a_restarted_one_resumes(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset
+) -> None:
+    """Round 1: relay-1 dies while its clients train and comes back on the same port:
+    its clients re-send the same updates through it and every client is counted once.
+    Round 2: relay-1 dies for good: the round completes at its deadline by quorum from
+    the others, without relay-1's clients, and nothing of them is counted."""
+    aggregator = _aggregator(tmp_path, pki, keys, round_timeout=15.0)
+    tree = _Tree(aggregator)
+    root = await tree.start_root()
+    release = {1: threading.Event(), 2: threading.Event()}
+
+    def held(train_fn: Any) -> Any:
+        def train(model: Any, config: Any) -> int:
+            state = aggregator.round  # train only once this round's relay-1 was killed
+            release[2 if state is None else state.round_id].wait(60)
+            return int(train_fn(model, config))
+
+        return train
+
+    async def kill_relay_1_in(round_id: int) -> int:
+        while (
+            aggregator.round is None
+            or aggregator.round.round_id != round_id
+            or "relay-1/edge" not in aggregator.round.selected
+            or relays[1]._round is None
+        ):
+            await asyncio.sleep(0.05)
+        port = relays[1].port
+        relays[1].request_stop()  # its partial sum dies with it
+        await asyncio.wait_for(relay_tasks[1], 30)
+        return port
+
+    try:
+        relays = [_relay(pki, i, aggregator.port) for i in range(2)]
+        relay_tasks = [await tree.start_relay(relay) for relay in relays]
+        ports = _sources(list(range(CLIENTS)), [r.port for r in relays], aggregator.port)
+        behind_1 = {i for i, p in enumerate(ports) if p == relays[1].port}
+        clients = [
+            make_client(
+                i,
+                pki,
+                keys,
+                digits,
+                CLIENTS,
+                federation=aggregator.federation,
+                holds_key=i in KEY_HOLDERS,
+                hidden=HIDDEN,
+                train_wrapper=held if i in behind_1 else None,
+                reconnect_attempts=400,
+            )
+            for i in range(CLIENTS)
+        ]
+        for client, port in zip(clients, ports, strict=True):
+            tree.start_clients([client], port)
+        port = await kill_relay_1_in(1)
+        relays[1] = _relay(pki, 1, aggregator.port, port=port)
+        relay_tasks[1] = await tree.start_relay(relays[1])
+        release[1].set()
+        await kill_relay_1_in(2)
+        release[2].set()
+        checkpoint = await asyncio.wait_for(root, 240)
+    finally:
+        for event in release.values():
+            event.set()
+        await tree.stop()
+    assert checkpoint.rounds_completed == 2
+    first, second = checkpoint.history
+    everyone = [f"client-{i}" for i in range(CLIENTS)]
+    assert first["contributors"] == everyone
+    assert first["relays"] == {"relay-0/edge": 4, "relay-1/edge": 4}
+    weights = {r.round_id: r.total_weight for r, _ in tree.reports}
+    assert weights[first["round_id"]] == 2 * CLIENTS  # each client's weight 2, counted once
+    assert second["contributors"] == [c for i, c in enumerate(everyone) if i not in behind_1]
+    assert second["relays"] == {"relay-0/edge": 4}
+    assert weights[second["round_id"]] == 2 * (CLIENTS - len(behind_1))
+
+
+@pytest.mark.slow
+async def test_relays_nest_three_levels_deep(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset
+) -> None:
+    """root <- relay-0 <- relay-1 <- clients: the root folds one contribution for them,
+    counts each client, and relay-0 reports the clients relay-1 serves."""
+    aggregator = _aggregator(tmp_path, pki, keys, rounds=1)
+    tree = _Tree(aggregator)
+    root = await tree.start_root()
+    try:
+        middle = _relay(pki, 0, aggregator.port)
+        await tree.start_relay(middle)
+        edge = _relay(pki, 1, middle.port)
+        await tree.start_relay(edge)
+        clients = _clients(pki, keys, digits, aggregator)[:6]
+        ports = [aggregator.port if i in KEY_HOLDERS else edge.port for i in range(6)]
+        for client, port in zip(clients, ports, strict=True):
+            tree.start_clients([client], port)
+        checkpoint = await asyncio.wait_for(root, 240)
+        assert middle.rounds_forwarded == edge.rounds_forwarded == 1
+    finally:
+        await tree.stop()
+    record = checkpoint.history[-1]
+    assert record["contributors"] == [f"client-{i}" for i in range(6)]
+    assert record["relays"] == {"relay-0/edge": 4}
+
+
+class _DroppingRelay(Relay):
+    """A deviating relay: forwards its whole sum but names one client fewer."""
+
+    async def _collect(self, relay_round: _RelayRound) -> None:
+        await super()._collect(relay_round)
+        if relay_round.contributors:
+            tokens = unpack_tokens(relay_round.contributors)
+            relay_round.contributors = pack_tokens(tokens[1:])
+
+
+@pytest.mark.slow
+async def test_a_relay_cannot_pass_off_an_unnamed_update(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset
+) -> None:
+    """The relay folds 4 clients but names 3: the unmaskers remove only the named masks,
+    the leftover mask makes the sum noise, it does not decode, and nothing is released:
+    the global model stays exactly the seeded one."""
+    aggregator = _aggregator(tmp_path, pki, keys, rounds=1, max_failed_rounds=1)
+    seeded = aggregator.checkpoint.global_weights.copy()
+    tree = _Tree(aggregator)
+    root = await tree.start_root()
+    relay = _DroppingRelay(RelayConfig.from_mapping(_relay_settings(pki, 2, aggregator.port)))
+    try:
+        await tree.start_relay(relay)
+        clients = _clients(pki, keys, digits, aggregator)[:6]
+        ports = [aggregator.port if i in KEY_HOLDERS else relay.port for i in range(6)]
+        for client, port in zip(clients, ports, strict=True):
+            tree.start_clients([client], port)
+        with pytest.raises(Exception, match="rounds in a row failed"):
+            await asyncio.wait_for(root, 240)
+    finally:
+        await tree.stop()
+    failed = aggregator.checkpoint.history[-1]
+    assert "does not decode" in failed["failure"] or "refused" in failed["failure"], failed
+    assert len(failed["contributors"]) == 5  # 2 direct + the 3 the relay named
+    assert tree.reports == []
+    np.testing.assert_array_equal(aggregator.checkpoint.global_weights, seeded)
