@@ -370,6 +370,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             key_mode=args.key_mode,
             threshold=args.threshold,
             parties=args.parties,
+            relays=args.relays,
         )
     except ValueError as exc:
         print(f"fedcore demo: error: {exc}", file=sys.stderr)
@@ -519,6 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threshold", type=int, default=3, help="T for --key-mode threshold")
     p.add_argument("--parties", type=int, default=5, help="N for --key-mode threshold")
+    p.add_argument(
+        "--relays",
+        type=int,
+        default=0,
+        help="relays between the clients and the aggregator, each in its own process "
+        "(key holders still connect to the aggregator; default 0)",
+    )
     p.add_argument("--partition-scheme", default="iid", choices=["iid", "dirichlet"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="keep keys, certs and state here")

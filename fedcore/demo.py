@@ -1,7 +1,9 @@
 """`fedcore demo`: a whole federation on this machine, over real mutual TLS on 127.0.0.1.
 
 Makes a Paillier keypair and the federation PKI in a work directory, runs the aggregator
-in this process and every client in its own process (as on real edge machines), trains
+in this process and every client in its own process (as on real edge machines), with
+``relays`` relays in between (each in its own process; key holders still connect to the
+root, the other clients round-robin to the relays), trains
 the seed MLP shape on a built-in dataset, and prints one progress line per round with
 the global model's test accuracy and the phase times. ``encrypted=False`` runs the same
 federation with float32 updates, for comparison.
@@ -10,10 +12,12 @@ federation with float32 updates, for comparison.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import multiprocessing
+import queue as queue_module
 import shutil
 import sys
 import tempfile
@@ -56,6 +60,7 @@ class DemoOptions:
     threshold: int = 3
     parties: int = 5
     round_timeout: float = 900.0
+    relays: int = 0
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -66,6 +71,16 @@ class DemoOptions:
             )
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1; got {self.rounds}")
+        if self.relays < 0:
+            raise ValueError(f"relays must be >= 0; got {self.relays}")
+        if self.relays and not self.encrypted:
+            raise ValueError("relays forward encrypted sums: --relays needs an encrypted run")
+        if self.relays > self.clients - self.committee_members:
+            raise ValueError(
+                f"--relays {self.relays} needs at least {self.relays} clients besides the "
+                f"{self.committee_members} key holders (they connect to the root); got "
+                f"--clients {self.clients}"
+            )
         if self.key_mode not in ("shared", "threshold"):
             raise ValueError(f"key_mode must be 'shared' or 'threshold'; got {self.key_mode!r}")
         if self.key_mode == "threshold":
@@ -122,6 +137,37 @@ def _client_process(
     )
     train_fn = make_train_fn(x, y, TrainConfig(seed=options.seed + index))
     Client(model, train_fn, None, config).run_forever(f"127.0.0.1:{port}")
+
+
+def _relay_process(index: int, root_port: int, pki: str, federation: str, ports: Any) -> None:
+    """One demo relay, in its own process: forwards its clients' sum to the root."""
+    from fedcore.aggregator import Relay, RelayConfig
+    from protocol.transport import install_uvloop
+
+    logging.basicConfig(level=logging.WARNING, format=f"relay-{index} %(levelname)s %(message)s")
+    pki_dir = Path(pki)
+    relay = Relay(
+        RelayConfig(
+            upstream=f"127.0.0.1:{root_port}",
+            server_hostname="localhost",
+            cert=pki_dir / f"relay-{index}.pem",
+            key=pki_dir / f"relay-{index}.key",
+            ca=pki_dir / "ca.pem",
+            federation=Path(federation),
+            name="demo",
+            port=0,
+            metrics_port=None,
+        )
+    )
+
+    async def main() -> None:
+        task = asyncio.create_task(relay.run())
+        await relay.wait_started()
+        ports.put((index, relay.port))
+        await task
+
+    install_uvloop()
+    asyncio.run(main())
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:
@@ -183,7 +229,9 @@ def _run(
     t0 = time.perf_counter()
     keys.mkdir(parents=True, exist_ok=True)
     key_files = _make_keys(options, keys)
-    write_federation_pki(pki, clients=options.clients, sans=["localhost", "127.0.0.1"])
+    write_federation_pki(
+        pki, clients=options.clients, relays=options.relays, sans=["localhost", "127.0.0.1"]
+    )
     out(f"  keys and certificates ready in {time.perf_counter() - t0:.1f} s ({workdir})")
 
     config = AggregatorConfig(
@@ -241,6 +289,32 @@ def _run(
     ctx = multiprocessing.get_context("spawn")
     processes: list[Any] = []
 
+    async def _start_relays(
+        options: DemoOptions, root_port: int, pki: Path, federation_file: Path
+    ) -> list[int]:
+        """Start the relays (each joins the root first); their client ports, in order."""
+        if not options.relays:
+            return []
+        queue = ctx.Queue()
+        for index in range(options.relays):
+            process = ctx.Process(
+                target=_relay_process,
+                args=(index, root_port, str(pki), str(federation_file), queue),
+                daemon=False,
+            )
+            process.start()
+            processes.append(process)
+        ports: dict[int, int] = {}
+        deadline = time.monotonic() + 120
+        while len(ports) < options.relays:
+            if time.monotonic() > deadline or not all(p.is_alive() for p in processes):
+                raise RuntimeError("a demo relay did not start; see its log above")
+            with contextlib.suppress(queue_module.Empty):
+                index, port = await asyncio.to_thread(queue.get, True, 1.0)
+                ports[index] = port
+        out(f"  {options.relays} relays joined the aggregator; clients split over them")
+        return [ports[i] for i in range(options.relays)]
+
     async def main() -> None:
         task = asyncio.create_task(aggregator.run())
         await aggregator.wait_started()
@@ -248,15 +322,19 @@ def _run(
             f"  aggregator on 127.0.0.1:{aggregator.port}, metrics on "
             f"http://127.0.0.1:{aggregator.metrics_port}/metrics; starting clients"
         )
+        relay_ports = await _start_relays(options, aggregator.port, pki, federation_file)
         for index in range(options.clients):
             holder = str(key_files[index]) if index < len(key_files) else None
+            port = aggregator.port  # key holders talk to the root, never through a relay
+            if holder is None and relay_ports:
+                port = relay_ports[(index - len(key_files)) % len(relay_ports)]
             process = ctx.Process(
                 target=_client_process,
                 args=(
                     index,
                     options,
                     dataset_name,
-                    aggregator.port,
+                    port,
                     str(pki),
                     str(federation_file),
                     holder,
@@ -284,6 +362,7 @@ def _run(
     summary = {
         "dataset": dataset_name,
         "clients": options.clients,
+        "relays": options.relays,
         "rounds": options.rounds,
         "rounds_completed": aggregator.checkpoint.rounds_completed,
         "encrypted": options.encrypted,

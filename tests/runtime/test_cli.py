@@ -344,6 +344,38 @@ def test_demo_runs_a_3_of_5_threshold_federation(tmp_path: Path) -> None:
     assert "3-of-5 threshold key" in proc.stdout
 
 
+@pytest.mark.slow
+def test_demo_runs_through_relays(tmp_path: Path) -> None:
+    """`fedcore demo --relays 2`: relay processes between the root and 4 of 7 clients."""
+    out = tmp_path / "demo.json"
+    argv = ["demo", "--dataset", "digits", "--clients", "7", "--rounds", "1", "--relays", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", *argv, "--key-bits", "1024", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["rounds_completed"] == 1 and summary["relays"] == 2
+    assert 0.2 < summary["final_accuracy"] <= 1.0
+    assert "2 relays joined the aggregator" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--plaintext"], "--relays needs an encrypted run"),
+        (["--clients", "4"], "--relays 2 needs at least 2 clients besides the 3 key holders"),
+    ],
+)
+def test_demo_relays_need_encryption_and_clients(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--relays", "2", "--dataset", "digits", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_client_pins_the_key_file_of_either_mode(
     tmp_path: Path, pki: Path, keys: Keys, threshold_keys: ThresholdKeys
 ) -> None:
