@@ -20,7 +20,7 @@ from fedcore.errors import ConfigError, KeyFileError
 from fedcore.packing import MAX_HEADROOM_BITS
 from protocol.transport import SERVER_RECEIVE_BUFFER
 
-__all__ = ["AggregatorConfig"]
+__all__ = ["AggregatorConfig", "load_toml_table"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,13 +257,7 @@ class AggregatorConfig:
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> AggregatorConfig:
         """Load a TOML file (keys = field names; an `[aggregator]` table is accepted too)."""
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        data = data.get("aggregator", data)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_mapping(data)
+        return cls.from_mapping(load_toml_table(path, "aggregator", overrides))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> AggregatorConfig:
@@ -292,6 +286,17 @@ class AggregatorConfig:
     def with_changes(self, **changes: Any) -> AggregatorConfig:
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)
+
+
+def load_toml_table(path: Path, table: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A TOML file's settings (its ``[table]`` if it has one), with non-None overrides."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    data = data.get(table, data)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data
 
 
 def _is_threshold_key_file(path: Path) -> bool:

@@ -29,7 +29,7 @@ from fedcore.aggregator.uploads import UploadGate
 from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
 from fedcore.contracts import ClientReport, RejectReason
 from fedcore.errors import InvalidCiphertextError
-from fedcore.metrics import AggregatorMetrics
+from fedcore.metrics import AggregatorMetrics, MetricsServer
 from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
 from protocol.messages import (
     Ack,
@@ -44,9 +44,9 @@ from protocol.messages import (
     UpdateDone,
     UploadRequest,
 )
-from protocol.transport import Connection
+from protocol.transport import Connection, Server
 
-__all__ = ["ROUND_START_CONCURRENCY", "ClientHub", "RoundStartFor"]
+__all__ = ["ROUND_START_CONCURRENCY", "ClientHub", "Listener", "RoundStartFor"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,30 @@ ROUND_START_CONCURRENCY = 32
 
 RoundStartFor = Callable[[RoundState, int], RoundStart]
 """Builds the RoundStart of a round for one client, given the chunks it already sent."""
+
+
+class Listener:
+    """What the root and a relay both expose once they listen: ports and readiness."""
+
+    _server: Server | None
+    _metrics_server: MetricsServer | None
+    _started: asyncio.Event
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port for clients (once `wait_started` returned)."""
+        if self._server is None:
+            raise RuntimeError(f"the {type(self).__name__.lower()} is not listening yet")
+        return self._server.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound metrics HTTP port, or None when metrics are off."""
+        return None if self._metrics_server is None else self._metrics_server.port
+
+    async def wait_started(self) -> None:
+        """Return once clients can connect."""
+        await self._started.wait()
 
 
 class ClientHub:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.aggregator.admission import Gatekeeper
-from fedcore.aggregator.hub import ClientHub
+from fedcore.aggregator.hub import ClientHub, Listener
 from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import RoundPhase, RoundState, select_clients
 from fedcore.client.config import FATAL_CODES, FEDERATION_COMPLETE
@@ -100,7 +100,7 @@ class _RelayRound:
             self.outcome.set_result(ready)
 
 
-class Relay:
+class Relay(Listener):
     """An edge aggregator: `await Relay(config).run()`; `request_stop()` ends it cleanly."""
 
     def __init__(self, config: RelayConfig, *, metrics: AggregatorMetrics | None = None) -> None:
@@ -127,22 +127,6 @@ class Relay:
         """Sums the upstream accepted."""
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def port(self) -> int:
-        """The bound TCP port for clients (once `wait_started` returned)."""
-        if self._server is None:
-            raise RuntimeError("the relay is not listening yet")
-        return self._server.port
-
-    @property
-    def metrics_port(self) -> int | None:
-        """The bound metrics HTTP port, or None when metrics are off."""
-        return None if self._metrics_server is None else self._metrics_server.port
-
-    async def wait_started(self) -> None:
-        """Return once the relay has joined its upstream and accepts clients."""
-        await self._started.wait()
-
     def request_stop(self) -> None:
         """Stop: close the upstream connection and the clients' (they reconnect later)."""
         self._stop.set()

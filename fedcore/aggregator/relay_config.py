@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import re
 import socket
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedcore.aggregator.config import load_toml_table
 from fedcore.client.config import parse_server
 from fedcore.errors import ConfigError
 from protocol.transport import SERVER_RECEIVE_BUFFER
@@ -74,6 +74,12 @@ class RelayConfig:
         _require(1 <= self.port <= 65535 or self.port == 0, "port", "0..65535", self.port)
         if self.metrics_port is not None:
             _require(0 <= self.metrics_port <= 65535, "metrics_port", "0..65535", self.metrics_port)
+        _require(
+            not self.name or bool(_NAME.fullmatch(self.name)),
+            "name",
+            "letters, digits, '.', '_' or '-' (at most 64)",
+            self.name,
+        )
         if self.clients_per_round is not None:
             _require(
                 self.clients_per_round >= 1, "clients_per_round", ">= 1", self.clients_per_round
@@ -124,13 +130,7 @@ class RelayConfig:
     @classmethod
     def from_toml(cls, path: Path, **overrides: Any) -> RelayConfig:
         """Load a TOML file (keys = field names; a `[relay]` table is accepted too)."""
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
-        data = data.get("relay", data)
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_mapping(data)
+        return cls.from_mapping(load_toml_table(path, "relay", overrides))
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> RelayConfig:

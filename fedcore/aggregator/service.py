@@ -25,7 +25,7 @@ from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.checkpoint import Checkpoint
 from fedcore.aggregator.committee import CommitteeDecryption, SumNotDecodable
 from fedcore.aggregator.config import AggregatorConfig
-from fedcore.aggregator.hub import ROUND_START_CONCURRENCY, ClientHub
+from fedcore.aggregator.hub import ROUND_START_CONCURRENCY, ClientHub, Listener
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import (
     RoundPhase,
@@ -73,7 +73,7 @@ def build_model(
     return model
 
 
-class Aggregator:
+class Aggregator(Listener):
     """Runs a federation: `await Aggregator(config).run()`; `request_stop()` ends it cleanly."""
 
     def __init__(
@@ -170,22 +170,6 @@ class Aggregator:
         return self.hub.uploads
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def port(self) -> int:
-        """The bound TCP port (after `run` has started listening)."""
-        if self._server is None:
-            raise RuntimeError("the aggregator is not listening yet")
-        return self._server.port
-
-    @property
-    def metrics_port(self) -> int | None:
-        """The bound metrics HTTP port, or None when metrics are off."""
-        return None if self._metrics_server is None else self._metrics_server.port
-
-    async def wait_started(self) -> None:
-        """Return once the server is accepting connections."""
-        await self._started.wait()
-
     def request_stop(self) -> None:
         """Stop after the current step: the open round is abandoned, never half-counted."""
         self._stop.set()

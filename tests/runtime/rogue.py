@@ -41,11 +41,10 @@ from protocol.tls import client_context
 class RogueClient:
     """Speaks the protocol by hand over a real mutual-TLS connection."""
 
-    def __init__(self, pki: Path, index: int) -> None:
-        self.ctx = client_context(
-            pki / f"client-{index}.pem", pki / f"client-{index}.key", pki / "ca.pem"
-        )
-        self.signer = Signer.load(pki / f"client-{index}.pem", pki / f"client-{index}.key")
+    def __init__(self, pki: Path, index: int, *, identity: str | None = None) -> None:
+        name = identity or f"client-{index}"  # e.g. "relay-0": a relay's certificate
+        self.ctx = client_context(pki / f"{name}.pem", pki / f"{name}.key", pki / "ca.pem")
+        self.signer = Signer.load(pki / f"{name}.pem", pki / f"{name}.key")
         self.ca = CertificateAuthority.load(pki / "ca.pem")
         self.decoder = FrameDecoder(max_frame_size=CLIENT_MAX_FRAME_SIZE)
         self.reader: asyncio.StreamReader | None = None
@@ -55,11 +54,11 @@ class RogueClient:
         self.federation: FederationParams | None = None
         self.prepared: PreparedUpdate | None = None
 
-    async def connect(self, port: int, *, committee: bytes = b"") -> Welcome:
+    async def connect(self, port: int, *, committee: bytes = b"", relay: str = "") -> Welcome:
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=self.ctx, server_hostname="localhost"
         )
-        await self.send(Hello(version=PROTOCOL_VERSION, committee=committee))
+        await self.send(Hello(version=PROTOCOL_VERSION, committee=committee, relay=relay))
         welcome = await self.expect(Welcome)
         self.federation = FederationParams.from_bytes(welcome.federation)
         codec = codec_for(self.federation, SessionInfo.from_wire(welcome.session_config))
@@ -180,8 +179,12 @@ class RogueClient:
         done: bool = True,
         digest: bytes | None = None,
         token: bytes | None = None,
+        contributors: bytes = b"",
     ) -> UploadGrant:
-        """Request a slot, send chunks [first or the granted start, last), then UpdateDone."""
+        """Request a slot, send chunks [first or the granted start, last), then UpdateDone.
+
+        ``contributors`` (packed tokens) makes it a relay's UpdateDone, without a token.
+        """
         grant = await self.request_upload(start)
         end = len(payloads) if last is None else last
         for seq in range(grant.start_seq if first is None else first, end):
@@ -194,7 +197,10 @@ class RogueClient:
                     item_count=sum(len(p) for p in payloads)
                     // (self.codec.public_key.ciphertext_bytes if self.codec else 1),
                     digest=digest or hashlib.sha256(b"".join(payloads)).digest(),
-                    token=self.token(start, payloads) if token is None else token,
+                    token=b""
+                    if contributors
+                    else (self.token(start, payloads) if token is None else token),
+                    contributors=contributors,
                 )
             )
         return grant

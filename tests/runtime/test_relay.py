@@ -18,8 +18,12 @@ from fedcore.aggregator import Aggregator, Relay, RelayConfig, RoundReport
 from fedcore.aggregator.relay import _RelayRound
 from fedcore.credentials import pack_tokens, unpack_tokens
 from fedcore.data import Dataset
+from fedcore.errors import FedcoreError
+from protocol.errors import ErrorCode
+from protocol.messages import RelayStatus, RoundStart
 
 from .conftest import Keys, aggregator_config, make_client
+from .rogue import RogueClient
 
 HIDDEN = (32,)
 CLIENTS = 10
@@ -310,3 +314,95 @@ async def test_a_relay_cannot_pass_off_an_unnamed_update(
     assert len(failed["contributors"]) == 5  # 2 direct + the 3 the relay named
     assert tree.reports == []
     np.testing.assert_array_equal(aggregator.checkpoint.global_weights, seeded)
+
+
+async def test_the_root_refuses_what_a_relay_may_not_claim(
+    tmp_path: Path, pki: Path, keys: Keys
+) -> None:
+    """A rogue relay over real TLS: a client named twice, tokens of another round, and a
+    client pretending to be a relay are refused and counted; nothing of theirs is folded.
+    A key holder that reaches a relay is turned away (it must talk to the root)."""
+    aggregator = _aggregator(tmp_path, pki, keys, rounds=1, round_timeout=60.0)
+    task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(aggregator.wait_started(), 30)
+    holder = RogueClient(pki, 0)
+    await holder.connect(aggregator.port, committee=holder.credential(aggregator.federation))
+    leaves = [RogueClient(pki, i) for i in (1, 2, 3)]
+    for leaf in leaves:  # they never connect: the rogue relay holds their uploads
+        leaf.federation, leaf.codec = aggregator.federation, aggregator.codec  # type: ignore[assignment]
+
+    async def rogue_relay() -> tuple[RogueClient, RoundStart]:
+        relay = RogueClient(pki, 0, identity="relay-0")
+        await relay.connect(aggregator.port, relay="rogue")
+        await relay.send(RelayStatus(clients=3))
+        return relay, await relay.expect(RoundStart)
+
+    def rejected(reason: str) -> float:
+        value = aggregator.metrics.registry.get_sample_value(
+            "fedcore_updates_rejected_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    try:
+        relay, start = await rogue_relay()
+        payloads = [leaf.payloads(start) for leaf in leaves]
+        tokens = [leaf.token(start, p) for leaf, p in zip(leaves, payloads, strict=True)]
+        before = rejected("replay")
+        twice = pack_tokens([tokens[0], tokens[1], tokens[0]])
+        await relay.upload(start, payloads[0], contributors=twice)
+        assert await relay.error_code() == ErrorCode.REPLAY
+        assert rejected("replay") == before + 1
+
+        relay, start = await rogue_relay()  # back in the same round: asked again
+        other_round = RoundStart(
+            round_id=start.round_id + 1,
+            weights=start.weights,
+            clip=start.clip,
+            value_bits=start.value_bits,
+            deadline_s=1.0,
+            committee=start.committee,
+        )
+        stale = leaves[2].token(other_round, payloads[2])
+        before = rejected("bad_token")
+        await relay.upload(start, payloads[0], contributors=pack_tokens([tokens[0], stale]))
+        assert await relay.error_code() == ErrorCode.BAD_TOKEN
+        assert rejected("bad_token") == before + 1
+
+        start = await holder.expect(RoundStart)
+        mine = holder.payloads(start)
+        await holder.upload(start, mine, contributors=pack_tokens(tokens))  # not a relay
+        assert await holder.error_code() == ErrorCode.BAD_TOKEN
+        assert rejected("bad_token") == before + 2
+
+        state = aggregator.round
+        assert state is not None and not state.folded  # nothing of any of it counted
+
+        real = _relay(pki, 1, aggregator.port)
+        relay_task = asyncio.create_task(real.run())
+        await asyncio.wait_for(real.wait_started(), 30)
+        key_holder = RogueClient(pki, 4)
+        with pytest.raises(AssertionError, match="got Error"):
+            await key_holder.connect(
+                real.port, committee=key_holder.credential(aggregator.federation)
+            )
+        assert key_holder.received[-1].code == ErrorCode.BAD_TOKEN
+        assert "key holders connect to the root" in key_holder.received[-1].reason
+        real.request_stop()
+        await asyncio.wait_for(relay_task, 30)
+    finally:
+        aggregator.request_stop()
+        await asyncio.wait_for(task, 30)
+
+
+async def test_a_plaintext_root_turns_relays_away(tmp_path: Path, pki: Path, keys: Keys) -> None:
+    config = aggregator_config(tmp_path, pki, keys, model_kwargs={"in_features": 64})
+    aggregator = Aggregator(config, encrypted=False)
+    task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(aggregator.wait_started(), 30)
+    try:
+        relay = _relay(pki, 0, aggregator.port, reconnect_attempts=0)
+        with pytest.raises(FedcoreError, match="relays need an encrypted federation"):
+            await asyncio.wait_for(relay.run(), 30)
+    finally:
+        aggregator.request_stop()
+        await asyncio.wait_for(task, 30)

@@ -11,6 +11,7 @@ import pytest
 
 from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
 from fedcore.aggregator.config import AggregatorConfig
+from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import (
     RejectedUpdate,
     RoundPhase,
@@ -195,3 +196,63 @@ def test_config_from_toml_with_overrides(tmp_path: Path) -> None:
     assert small.target_clients(100) == 16
     with pytest.raises(ConfigError, match="required"):
         AggregatorConfig.from_mapping({"cert": "x"})
+
+
+def test_a_relay_sum_counts_each_of_its_clients_once_and_within_capacity() -> None:
+    state = RoundState(
+        round_id=3, selected=frozenset({"r1/a", "r2/a", "c"}), deadline=0.0, capacity=5
+    )
+    state.mark_folded("r1/a", {"x": b"tx", "y": b"ty"}, relay=True)
+    state.mark_folded("c", {"c": b"tc"})
+    assert state.pending == {"r2/a"} and sorted(state.folded) == ["c", "x", "y"]
+    # the same client again, through another relay (or directly): refused, nothing counted
+    with pytest.raises(RejectedUpdate) as info:
+        state.mark_folded("r2/a", {"y": b"ty", "z": b"tz"}, relay=True)
+    assert info.value.reason is RejectReason.REPLAY and "y" in str(info.value)
+    # more contributors than the slot headroom sums: refused before anything is counted
+    with pytest.raises(RejectedUpdate) as info:
+        state.mark_folded("r2/a", {"z": b"1", "v": b"2", "w": b"3"}, relay=True)
+    assert info.value.reason is RejectReason.OVER_CAPACITY
+    assert state.pending == {"r2/a"} and len(state.folded) == 3
+    state.mark_folded("r2/a", {"z": b"tz", "v": b"tv"}, relay=True)
+    assert not state.pending and len(state.folded) == 5
+    with pytest.raises(RejectedUpdate) as info:
+        state.mark_folded("r1/a", {"q": b"tq"}, relay=True)
+    assert info.value.reason is RejectReason.REPLAY
+    summary = state.summary()
+    assert summary["contributors"] == ["c", "v", "x", "y", "z"]
+    assert summary["relays"] == {"r1/a": 2, "r2/a": 2}
+
+
+def _relay_config(**changes: object) -> RelayConfig:
+    base: dict[str, object] = {"upstream": "root:8765", "cert": "r.pem", "key": "r.key"}
+    return RelayConfig.from_mapping({"ca": "ca.pem", **base, **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"upstream": "root"}, "upstream must be HOST:PORT"),
+        ({"upstream": "root:0"}, "upstream must be HOST:PORT"),
+        ({"upstream": None}, "'upstream' is required"),
+        ({"name": "a/b"}, "relay setting name"),
+        ({"forward_margin": 1.0}, "forward_margin"),
+        ({"clients_per_round": 0}, "clients_per_round"),
+        ({"heartbeat_interval": 200.0}, "heartbeat_interval"),
+        ({"backoff_max": 0.1}, "backoff_max"),
+        ({"bogus": 1}, "unknown relay setting"),
+    ],
+)
+def test_relay_config_refuses_bad_values(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _relay_config(**changes)
+
+
+def test_relay_config_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('[relay]\nupstream = "root.example:8765"\ncert = "r.pem"\nkey = "r.key"\n')
+    config = RelayConfig.from_toml(path, ca="ca.pem", port=9000, name=None)
+    assert config.upstream_address == ("root.example", 8765) and config.port == 9000
+    assert config.ca == Path("ca.pem") and config.federation is None
+    assert config.instance_name  # the host name when no name is given
+    assert _relay_config(name="pod-7").instance_name == "pod-7"
