@@ -75,7 +75,7 @@ class DemoOptions:
             raise ValueError(f"relays must be >= 0; got {self.relays}")
         if self.relays and not self.encrypted:
             raise ValueError("relays forward encrypted sums: --relays needs an encrypted run")
-        if self.relays > self.clients - self.committee_members:
+        if self.relays and self.relays > self.clients - self.committee_members:
             raise ValueError(
                 f"--relays {self.relays} needs at least {self.relays} clients besides the "
                 f"{self.committee_members} key holders (they connect to the root); got "
