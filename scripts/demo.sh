@@ -9,6 +9,9 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
         dataset-fashion-mnist >/dev/null) || echo "Fashion-MNIST not installed; the demo uses digits"
 fi
-python3 -m pip install -q torch==2.13.0
+# The CPU wheel index, named: PyPI's torch pulls a multi-GB CUDA build. Point
+# TORCH_INDEX_URL at a mirror of it where download.pytorch.org is out of reach.
+python3 -m pip install -q torch==2.13.0 \
+    --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 python3 -m pip install -q -e .
 exec fedcore demo "$@"
