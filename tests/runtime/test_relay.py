@@ -20,7 +20,7 @@ from fedcore.credentials import pack_tokens, unpack_tokens
 from fedcore.data import Dataset
 from fedcore.errors import FedcoreError
 from protocol.errors import ErrorCode
-from protocol.messages import RelayStatus, RoundStart
+from protocol.messages import RelayStatus, RoundStart, UpdateChunk
 
 from .conftest import Keys, aggregator_config, make_client
 from .rogue import RogueClient
@@ -406,3 +406,56 @@ async def test_a_plaintext_root_turns_relays_away(tmp_path: Path, pki: Path, key
     finally:
         aggregator.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+class _CutOnceRelay(Relay):
+    """The network drops the relay's upstream connection after its 3rd chunk, once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.start_seqs: list[int] = []
+        self._cut = False
+
+    async def _forward(self, conn: Any, send_lock: Any, relay_round: Any, grant: Any) -> None:
+        grant.add_done_callback(lambda f: self.start_seqs.append(f.result().start_seq))
+        if not self._cut:
+            send, sent = conn.send, []
+
+            async def cut_after_three(message: Any) -> None:
+                if isinstance(message, UpdateChunk):
+                    sent.append(message.seq)
+                    if len(sent) == 3:
+                        self._cut = True
+                        conn._abort()  # no Bye, no close_notify: a network cut
+                        raise ConnectionResetError("cut")
+                await send(message)
+
+            conn.send = cut_after_three
+        await super()._forward(conn, send_lock, relay_round, grant)
+
+
+@pytest.mark.slow
+async def test_a_relay_resumes_its_upload_after_a_network_cut(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset
+) -> None:
+    """The relay's upstream connection drops mid-upload: it reconnects, the root grants
+    from the 2 chunks it holds, the relay sends the rest, and the round counts each of
+    its clients once."""
+    aggregator = _aggregator(tmp_path, pki, keys, rounds=1, chunk_ciphertexts=8, resume_grace=30.0)
+    tree = _Tree(aggregator)
+    root = await tree.start_root()
+    relay = _CutOnceRelay(RelayConfig.from_mapping(_relay_settings(pki, 0, aggregator.port)))
+    try:
+        await tree.start_relay(relay)
+        clients = _clients(pki, keys, digits, aggregator)[:6]
+        ports = [aggregator.port if i in KEY_HOLDERS else relay.port for i in range(6)]
+        for client, port in zip(clients, ports, strict=True):
+            tree.start_clients([client], port)
+        checkpoint = await asyncio.wait_for(root, 240)
+    finally:
+        await tree.stop()
+    assert relay.start_seqs == [0, 2]  # resumed where the root's partial upload stopped
+    record = checkpoint.history[-1]
+    assert record["contributors"] == [f"client-{i}" for i in range(6)]
+    assert record["relays"] == {"relay-0/edge": 4}
+    assert tree.reports[0][0].total_weight == 2 * 6
