@@ -106,6 +106,10 @@ class Relay(Listener):
     def __init__(self, config: RelayConfig, *, metrics: AggregatorMetrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or AggregatorMetrics()
+        for name in ("cert", "key", "ca", "federation"):
+            path = getattr(config, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"relay {name} file {path} does not exist (--{name})")
         try:
             self._pinned = (
                 FederationParams.load(config.federation) if config.federation is not None else None
@@ -113,7 +117,7 @@ class Relay(Listener):
             self._client_ssl = client_context(config.cert, config.key, config.ca)
             self._server_ssl = server_context(config.cert, config.key, config.ca)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"relay: {exc}") from None
+            raise ConfigError(f"relay: cannot use {config.cert} / {config.key}: {exc}") from None
         self.hub: ClientHub | None = None
         self.federation: FederationParams | None = None
         self._welcome: Welcome | None = None

@@ -404,3 +404,46 @@ def test_a_client_pins_the_key_file_of_either_mode(
         )
         with pytest.raises(ConfigError, match=f"federation file's {what} .* is not the one in"):
             mismatched.load_federation()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cert", "r.pem", "--key", "r.key", "--ca", "ca.pem"], "'upstream' is required"),
+        (
+            ["--upstream", "root", "--cert", "r.pem", "--key", "r.key", "--ca", "ca.pem"],
+            "HOST:PORT",
+        ),
+        (
+            [
+                "--upstream",
+                "root:8765",
+                "--cert",
+                "missing.pem",
+                "--key",
+                "r.key",
+                "--ca",
+                "ca.pem",
+            ],
+            "relay cert file missing.pem does not exist (--cert)",
+        ),
+    ],
+)
+def test_relay_flag_mistakes_get_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["relay", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_relay_with_a_key_of_another_certificate_or_no_upstream(
+    pki: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["relay", "--cert", str(pki / "relay-0.pem"), "--ca", str(pki / "ca.pem")]
+    wrong_key = [*base, "--key", str(pki / "client-0.key"), "--upstream", "127.0.0.1:1"]
+    assert main(wrong_key) == 2
+    assert "KEY_VALUES_MISMATCH" in capsys.readouterr().err
+    argv = [*base, "--key", str(pki / "relay-0.key"), "--upstream", "127.0.0.1:1"]
+    assert main([*argv, "--reconnect-attempts", "0", "--metrics-port", "0", "--port", "0"]) == 2
+    assert "cannot reach the upstream 127.0.0.1:1" in capsys.readouterr().err
