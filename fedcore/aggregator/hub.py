@@ -64,6 +64,18 @@ class Listener:
     _server: Server | None
     _metrics_server: MetricsServer | None
     _started: asyncio.Event
+    metrics: AggregatorMetrics
+
+    def _health(self) -> tuple[bool, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _serve_metrics(self, host: str, port: int | None) -> None:
+        """Start /metrics and /healthz on ``host:port`` (``None``: metrics are off)."""
+        if port is not None:
+            self._metrics_server = MetricsServer(
+                self.metrics, host=host, port=port, health=self._health
+            )
+            self._metrics_server.start()
 
     @property
     def port(self) -> int:

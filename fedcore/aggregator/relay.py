@@ -338,11 +338,7 @@ class Relay(Listener):
             ),
         )
         await self._server.start(c.host, c.port)
-        if c.metrics_port is not None:
-            self._metrics_server = MetricsServer(
-                self.metrics, host=c.metrics_host, port=c.metrics_port, health=self._health
-            )
-            self._metrics_server.start()
+        self._serve_metrics(c.metrics_host, c.metrics_port)
         log.info(
             "relay listening on %s:%d for federation %s (%d ciphertexts an update, "
             "up to %d clients a round), forwarding to %s",

@@ -194,11 +194,7 @@ class Aggregator(Listener):
         self.hub.open()
         self._server = Server(self.hub.handle_connection, ssl_ctx, self._transport_config())
         await self._server.start(c.host, c.port)
-        if c.metrics_port is not None:
-            self._metrics_server = MetricsServer(
-                self.metrics, host=c.metrics_host, port=c.metrics_port, health=self._health
-            )
-            self._metrics_server.start()
+        self._serve_metrics(c.metrics_host, c.metrics_port)
         log.info(
             "aggregator listening on %s:%d (%s, %d values, metrics port %s)",
             c.host,

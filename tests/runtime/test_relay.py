@@ -112,6 +112,13 @@ class _Tree:
                 await task
 
 
+def _start_six(tree: _Tree, pki: Path, keys: Keys, digits: Dataset, relay_port: int) -> None:
+    """Clients 0..5: the key holders on the root, the other four behind one relay."""
+    root_port = tree.aggregator.port
+    for i, client in enumerate(_clients(pki, keys, digits, tree.aggregator)[:6]):
+        tree.start_clients([client], root_port if i in KEY_HOLDERS else relay_port)
+
+
 def _sources(clients: list[Any], relay_ports: list[int], root_port: int) -> list[int]:
     """Key holders on the root; the others spread over the relays in turn."""
     ports = []
@@ -301,10 +308,7 @@ async def test_a_relay_cannot_pass_off_an_unnamed_update(
     relay = _DroppingRelay(RelayConfig.from_mapping(_relay_settings(pki, 2, aggregator.port)))
     try:
         await tree.start_relay(relay)
-        clients = _clients(pki, keys, digits, aggregator)[:6]
-        ports = [aggregator.port if i in KEY_HOLDERS else relay.port for i in range(6)]
-        for client, port in zip(clients, ports, strict=True):
-            tree.start_clients([client], port)
+        _start_six(tree, pki, keys, digits, relay.port)
         with pytest.raises(Exception, match="rounds in a row failed"):
             await asyncio.wait_for(root, 240)
     finally:
@@ -447,10 +451,7 @@ async def test_a_relay_resumes_its_upload_after_a_network_cut(
     relay = _CutOnceRelay(RelayConfig.from_mapping(_relay_settings(pki, 0, aggregator.port)))
     try:
         await tree.start_relay(relay)
-        clients = _clients(pki, keys, digits, aggregator)[:6]
-        ports = [aggregator.port if i in KEY_HOLDERS else relay.port for i in range(6)]
-        for client, port in zip(clients, ports, strict=True):
-            tree.start_clients([client], port)
+        _start_six(tree, pki, keys, digits, relay.port)
         checkpoint = await asyncio.wait_for(root, 240)
     finally:
         await tree.stop()
