@@ -35,6 +35,7 @@ __all__ = [
     "issue_certificate",
     "load_certificate",
     "peer_identity",
+    "peer_serves",
     "server_context",
     "write_certificate",
     "write_federation_pki",
@@ -102,6 +103,19 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str:
     for entry in san:
         return str(entry.value)
     raise ValueError("the peer certificate has an empty SAN")
+
+
+def peer_serves(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bool:
+    """Whether the peer's certificate is also issued for TLS server auth (a relay's is)."""
+    der = None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
+    if not der:
+        return False
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False  # fedcore's certificates always name their purpose
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 # --------------------------------------------------------------------------- certificates

@@ -35,6 +35,7 @@ from .framing import CLOSED, Sentinel
 from .messages import MAX_REASON_LEN, Bye, Error, Heartbeat, Message
 from .session import Role, Session, State
 from .tls import peer_identity as _peer_identity
+from .tls import peer_serves as _peer_serves
 
 __all__ = [
     "ALLOCATOR_MMAP_THRESHOLD",
@@ -228,6 +229,11 @@ class Connection:
             self.peer_identity = ""
         peer = writer.get_extra_info("peername")
         self.peer_address: str = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    @property
+    def peer_serves(self) -> bool:
+        """Whether the peer's certificate is also issued for server auth (a relay's is)."""
+        return _peer_serves(self._writer.get_extra_info("ssl_object"))
 
     def __repr__(self) -> str:
         return (

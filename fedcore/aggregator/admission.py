@@ -119,6 +119,16 @@ class Gatekeeper:
                 conn, RejectReason.UNKNOWN_CLIENT, "relays need an encrypted federation"
             )
             return None
+        if hello.relay and not conn.peer_serves:
+            # a relay serves clients, so its certificate is issued for server auth too;
+            # a client's is not, and may not claim other clients' counts or tokens
+            log.warning("refused %r: a relay Hello from a client certificate", client_id)
+            await self._refuse(
+                conn,
+                RejectReason.UNKNOWN_CLIENT,
+                "this certificate is not a relay's (issue one with fedcore certs --relays)",
+            )
+            return None
         if hello.committee and not self._accept_key_holders:
             await self._refuse(
                 conn,

@@ -9,10 +9,11 @@ import ipaddress
 import ssl
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -55,6 +56,25 @@ def test_certificates_carry_the_expected_names(pki: FederationPKI) -> None:
     assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "client-2"
     ca = load_certificate(pki.ca.cert)
     assert client.issuer == ca.subject
+
+
+def test_relay_certificates_serve_and_connect(tmp_path: Path) -> None:
+    """A relay's certificate is for server auth (its clients) and client auth (upstream)."""
+    out = write_federation_pki(tmp_path, clients=1, relays=2, sans=("relay.example",))
+    assert [p.cert.name for p in out.relays] == ["relay-0.pem", "relay-1.pem"]
+
+    def usages(path: Path) -> set[Any]:
+        cert = load_certificate(path)
+        return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+
+    assert usages(out.relays[1].cert) == {
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    }
+    assert usages(out.clients[0].cert) == {ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert usages(out.aggregator.cert) == {ExtendedKeyUsageOID.SERVER_AUTH}
+    with pytest.raises(ValueError, match="relays"):
+        write_federation_pki(tmp_path, clients=1, relays=-1)
 
 
 def test_rsa_option_and_argument_checks(tmp_path: Path) -> None:

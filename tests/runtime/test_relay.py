@@ -323,8 +323,9 @@ async def test_a_relay_cannot_pass_off_an_unnamed_update(
 async def test_the_root_refuses_what_a_relay_may_not_claim(
     tmp_path: Path, pki: Path, keys: Keys
 ) -> None:
-    """A rogue relay over real TLS: a client named twice, tokens of another round, and a
-    client pretending to be a relay are refused and counted; nothing of theirs is folded.
+    """A rogue relay over real TLS: a client named twice, tokens of another round, a
+    client certificate saying it is a relay, and a client uploading other clients' tokens
+    are refused and counted; nothing of theirs is folded.
     A key holder that reaches a relay is turned away (it must talk to the root)."""
     aggregator = _aggregator(tmp_path, pki, keys, rounds=1, round_timeout=60.0)
     task = asyncio.create_task(aggregator.run())
@@ -371,6 +372,12 @@ async def test_the_root_refuses_what_a_relay_may_not_claim(
         await relay.upload(start, payloads[0], contributors=pack_tokens([tokens[0], stale]))
         assert await relay.error_code() == ErrorCode.BAD_TOKEN
         assert rejected("bad_token") == before + 1
+
+        posing = RogueClient(pki, 5)  # a client certificate cannot claim to be a relay
+        with pytest.raises(AssertionError, match="got Error"):
+            await posing.connect(aggregator.port, relay="fake")
+        assert posing.received[-1].code == ErrorCode.UNKNOWN_CLIENT
+        assert "not a relay's" in posing.received[-1].reason
 
         start = await holder.expect(RoundStart)
         mine = holder.payloads(start)
