@@ -1,9 +1,9 @@
-"""The scale benchmark's aggregator: `fedcore aggregator --config` as a sampled subprocess.
+"""The scale benchmark's daemons: `fedcore aggregator` and `fedcore relay` as sampled subprocesses.
 
-Writes the daemon's TOML settings, starts it, reads its ports and round timings from
+Writes a daemon's TOML settings, starts it, reads its ports and round timings from
 its log, samples its process tree's RSS and CPU, scrapes ``/metrics``, reaps it with
 its rusage (peak RSS, CPU), and optionally profiles it with py-spy; plus the host's
-TCP memory counters, which a thousand connections on one machine can exhaust. The
+TCP memory counters, which a thousand connections on one machine can exhaust. A
 daemon is a black box here: everything is read from outside (log, metrics, rusage),
 never from its objects. This module knows nothing of the load generator.
 """
@@ -29,18 +29,23 @@ from fedcore.contracts import FederationParams
 
 __all__ = [
     "AggregatorDaemon",
+    "RelayDaemon",
     "committee_log_seconds",
     "federation_of",
     "fold_engine",
     "fold_workers_supported",
+    "log_stamp",
     "log_times",
     "start_profiler",
     "tcp_counters",
     "top_frames",
+    "vm_hwm_mb",
     "write_config",
 ]
 
 _LISTEN_RE = re.compile(r"aggregator listening on \S+:(\d+) \(.*metrics port (\w+)\)")
+_RELAY_LISTEN_RE = re.compile(r"relay listening on \S+:(\d+) for federation")
+_METRICS_RE = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 _STAMP_FORMAT = "%Y-%m-%d %H:%M:%S,%f"
 # "client-7 joined" or "client-7 joined (committee member)"
 _JOINED_RE = re.compile(r" \S+ joined(?: \([^)]*\))?$", re.MULTILINE)
@@ -80,9 +85,9 @@ def fold_workers_supported() -> bool:
     return any(f.name == "fold_workers" for f in fields(AggregatorConfig))
 
 
-def write_config(values: dict[str, Any], path: Path) -> Path:
-    """Write ``values`` as the daemon's ``[aggregator]`` TOML table at ``path``."""
-    lines = ["[aggregator]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+def write_config(values: dict[str, Any], path: Path, table: str = "aggregator") -> Path:
+    """Write ``values`` as the daemon's ``[aggregator]`` (or ``[relay]``) TOML table."""
+    lines = [f"[{table}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -99,6 +104,8 @@ def federation_of(values: dict[str, Any]) -> FederationParams:
 class AggregatorDaemon:
     """`fedcore aggregator --config` as a subprocess, sampled until it exits."""
 
+    command = "aggregator"
+
     def __init__(self, config: Path, log: Path) -> None:
         import psutil
 
@@ -107,7 +114,7 @@ class AggregatorDaemon:
         self.log = log
         self._log_file = log.open("ab")
         self.popen = subprocess.Popen(
-            [*command, "aggregator", "--config", str(config)],
+            [*command, self.command, "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
@@ -119,20 +126,26 @@ class AggregatorDaemon:
         self.samples: list[tuple[float, float, float]] = []  # (time, tree RSS MB, CPU s)
         self.metrics: dict[str, float] = {}
         self.tcp_mem_peak_mb = 0.0
+        self.hwm_mb = 0.0  # the daemon's own VmHWM, as last read while it ran
+
+    def _ports(self, log: str) -> tuple[int, int] | None:
+        """(port, metrics port) from the daemon's log, once it has logged them."""
+        match = _LISTEN_RE.search(log)
+        return (int(match[1]), int(match[2])) if match else None
 
     def wait_listening(self, timeout: float = 180.0) -> None:
-        """Read the bound ports from the daemon's log line."""
+        """Read the bound ports from the daemon's log lines."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = _LISTEN_RE.search(self.log.read_text(errors="replace"))
-            if match:
-                self.port, self.metrics_port = int(match[1]), int(match[2])
+            ports = self._ports(self.log.read_text(errors="replace"))
+            if ports is not None:
+                self.port, self.metrics_port = ports
                 return
             if self.poll_exit():  # not popen.poll(): it would reap the pid before wait4
                 break
             time.sleep(0.1)
         raise RuntimeError(
-            f"aggregator did not start (exit code {self.popen.returncode}): {self.tail()}"
+            f"{self.command} did not start (exit code {self.popen.returncode}): {self.tail()}"
         )
 
     def tail(self, chars: int = 3000) -> str:
@@ -156,7 +169,21 @@ class AggregatorDaemon:
                     cpu += times.user + times.system
         self.samples.append((time.time(), rss / 2**20, cpu))
         self.tcp_mem_peak_mb = max(self.tcp_mem_peak_mb, tcp_mem_mb())
+        self.hwm_mb = max(self.hwm_mb, vm_hwm_mb(self.popen.pid))
         return rss / 2**20, cpu
+
+    @property
+    def peak_rss_mb(self) -> float | None:
+        """The daemon's peak RSS: its VmHWM, else (never sampled) its rusage.
+
+        rusage's ru_maxrss is no good alone: exec keeps the forking parent's high-water
+        mark, so a daemon started by a large bench process reports at least that one's.
+        VmHWM belongs to the daemon's own address space; read every sample, it misses
+        at most the last sampling interval.
+        """
+        if self.hwm_mb > 0:
+            return self.hwm_mb
+        return self.rusage.ru_maxrss / 1024 if self.rusage is not None else None
 
     def scrape(self, path: str = "/metrics") -> str | None:
         """GET an endpoint of the metrics server (no proxy), or None if it does not answer."""
@@ -206,6 +233,16 @@ class AggregatorDaemon:
                 time.sleep(0.1)
 
 
+class RelayDaemon(AggregatorDaemon):
+    """`fedcore relay --config` as a subprocess: it listens once it has joined its upstream."""
+
+    command = "relay"
+
+    def _ports(self, log: str) -> tuple[int, int] | None:
+        listening, metrics = _RELAY_LISTEN_RE.search(log), _METRICS_RE.search(log)
+        return (int(listening[1]), int(metrics[1])) if listening and metrics else None
+
+
 # ---------------------------------------------------------------------------- observing it
 def tcp_counters() -> dict[str, int]:
     """Machine-wide TcpExt counters that show kernel TCP memory pressure."""
@@ -219,6 +256,15 @@ def tcp_counters() -> dict[str, int]:
             table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
             return {k: int(table[k]) for k in wanted if k in table}
     return {}
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """A process's peak resident set (VmHWM of /proc/<pid>/status), MB; 0 if unreadable."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def tcp_mem_mb() -> float:
@@ -235,7 +281,11 @@ def tcp_mem_mb() -> float:
 def log_times(log: Path) -> dict[str, float]:
     """Seconds between the daemon's round log lines (select -> collected -> complete)."""
     stamps: dict[str, float] = {}
-    marks = {"selected": "round 1: selected", "collected": "updates in", "complete": "complete ("}
+    marks = {
+        "selected": "round 1: selected",
+        "collected": "round 1: collected",
+        "complete": "complete (",
+    }
     for line in log.read_text(errors="replace").splitlines():
         for name, text in marks.items():
             if text in line and name not in stamps:
@@ -247,6 +297,16 @@ def log_times(log: Path) -> dict[str, float]:
     if "selected" in stamps and "collected" in stamps:
         out["collect_seconds_log"] = stamps["collected"] - stamps["selected"]
     return out
+
+
+def log_stamp(log: Path, text: str) -> float | None:
+    """The time (epoch seconds) of the first line of a daemon's log that contains ``text``."""
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            if text in line:
+                with contextlib.suppress(ValueError):
+                    return datetime.strptime(line[:23], _STAMP_FORMAT).timestamp()
+    return None
 
 
 def committee_log_seconds(log: Path) -> float | None:

@@ -1,10 +1,11 @@
 """The parent's side of the scale benchmark's load generator: spawn, join, merge.
 
 Splits the client indices over spawned `bench.loadgen` processes (the first
-connection of the first few holds the key), shares a start barrier, an idle-release
-event and a connected counter with them, joins them (terminating stragglers), and
-sums the stats they write. This module knows nothing of the protocol the processes
-speak.
+connection of the first few holds the key), tells each client where to connect (in
+relay runs: key holders to the root, the others round-robin to the relays), shares a
+start barrier, an idle-release event and a connected counter with them, joins them
+(terminating stragglers), and sums the stats they write. This module knows nothing
+of the protocol the processes speak.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from bench.loadgen import REFUSALS_KEPT, LoadSpec, load_process
 
-__all__ = ["LoadProcesses", "merge_stats", "start_load"]
+__all__ = ["LoadProcesses", "client_ports", "merge_stats", "start_load"]
 
 
 @dataclass(slots=True)
@@ -51,29 +52,41 @@ class LoadProcesses:
 
 
 def start_load(
-    template: LoadSpec, *, clients: int, processes: int, key_processes: int, workdir: Path
+    template: LoadSpec,
+    *,
+    clients: int,
+    processes: int,
+    key_processes: int,
+    workdir: Path,
+    relay_ports: tuple[int, ...] = (),
 ) -> LoadProcesses:
     """Spawn the load processes; they build their TLS contexts, then wait at the barrier.
 
     Clients 0..``clients``-1 are split evenly over ``processes`` (at most one per
     client); the first connection of each of the first ``key_processes`` holds the
     key when there is an upload. Each process runs ``template`` with its own indices,
-    key holders and result file.
+    key holders and result file. With ``relay_ports``, key holders still connect to
+    ``template.port`` (the root) and the other clients round-robin to the relays.
     """
     ctx = multiprocessing.get_context("spawn")
     procs = max(1, min(processes, clients))
     barrier, release, connected = ctx.Barrier(procs + 1), ctx.Event(), ctx.Value("i", 0)
     bounds = np.linspace(0, clients, procs + 1).astype(int)
+    groups = [tuple(range(bounds[j], bounds[j + 1])) for j in range(procs)]
+    holders = [
+        g[:1] if j < key_processes and template.upload_file is not None else ()
+        for j, g in enumerate(groups)
+    ]
+    ports = client_ports(groups, holders, template.port, relay_ports)
     spawned, results = [], []
-    for j in range(procs):
-        indices = tuple(range(bounds[j], bounds[j + 1]))
-        holds_key = j < key_processes and template.upload_file is not None
+    for j, indices in enumerate(groups):
         result = workdir / f"loadgen-{j}-{time.monotonic_ns()}.json"
         load = replace(
             template,
             indices=indices,
-            key_holders=indices[:1] if holds_key else (),
+            key_holders=holders[j],
             result_file=str(result),
+            ports=tuple(ports[i] for i in indices) if relay_ports else (),
         )
         process = ctx.Process(
             target=load_process, args=(load, barrier, release, connected), daemon=False
@@ -82,6 +95,21 @@ def start_load(
         spawned.append(process)
         results.append(result)
     return LoadProcesses(spawned, results, barrier, release, connected)
+
+
+def client_ports(
+    groups: list[tuple[int, ...]],
+    holders: list[tuple[int, ...]],
+    root_port: int,
+    relay_ports: tuple[int, ...],
+) -> dict[int, int]:
+    """Each client's port: key holders the root's, the others the relays' in turn."""
+    key_holders = {i for h in holders for i in h}
+    leaves = sorted(i for g in groups for i in g if i not in key_holders)
+    ports = dict.fromkeys(key_holders, root_port)
+    for rank, index in enumerate(leaves):
+        ports[index] = relay_ports[rank % len(relay_ports)] if relay_ports else root_port
+    return ports
 
 
 def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,6 +144,7 @@ def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
             total.update(s.get(key, {}))
         merged[key] = dict(total)
     merged["refusals"] = [r for s in stats for r in s.get("refusals", [])][:REFUSALS_KEPT]
+    merged["token_bytes_max"] = max((s.get("token_bytes", 0) for s in stats), default=0)
     merged["peak_rss_mb_max"] = max((s.get("peak_rss_mb", 0.0) for s in stats), default=0.0)
     merged["context_s_max"] = max((s.get("context_s", 0.0) for s in stats), default=0.0)
     merged["timed_out"] = any(s.get("timed_out") for s in stats)

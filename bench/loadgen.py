@@ -104,6 +104,8 @@ class LoadSpec:
     send_buffer: int
     timeout_s: float
     result_file: str
+    ports: tuple[int, ...] = ()
+    """Each index's port (a relay's, in relay runs), in ``indices`` order; () = ``port``."""
 
 
 @dataclass(slots=True)
@@ -126,6 +128,7 @@ class _LoadStats:
     mask_s: float = 0.0
     tokens_signed: int = 0
     sign_s: float = 0.0
+    token_bytes: int = 0
     shards_decrypted: int = 0
     decrypt_s: float = 0.0
     shards_unmasked: int = 0
@@ -180,6 +183,7 @@ class _LoadGenerator:
         self.stats = _LoadStats(clients=len(spec.indices))
         self._released = asyncio.Event()
         self._gate = asyncio.Semaphore(spec.connect_concurrency or len(spec.indices) or 1)
+        self._ports = dict(zip(spec.indices, spec.ports, strict=True)) if spec.ports else {}
         self.ca = CertificateAuthority.load(Path(spec.pki) / "ca.pem")
         self.federation = FederationParams.from_bytes(spec.federation) if spec.federation else None
         self.member: CommitteeMember | None = None
@@ -228,7 +232,7 @@ class _LoadGenerator:
                 async with self._gate:
                     conn = await connect(
                         "127.0.0.1",
-                        self.spec.port,
+                        self._ports.get(index, self.spec.port),
                         self.identities[index].context,
                         server_hostname="localhost",
                         config=_CLIENT_TRANSPORT,
@@ -360,6 +364,7 @@ class _LoadGenerator:
         )
         self.stats.tokens_signed += 1
         self.stats.sign_s += time.perf_counter() - started
+        self.stats.token_bytes = max(self.stats.token_bytes, len(token))
         return token
 
     async def _serve(self, conn: Connection, welcome: Welcome, index: int) -> None:
@@ -523,6 +528,15 @@ def _cap_send_buffer(conn: Connection, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
+def _own_peak_rss_mb() -> float:
+    """This process's VmHWM in MB (ru_maxrss would keep the spawning parent's across exec)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def load_process(spec: LoadSpec, barrier: Any, release: Any, connected: Any) -> None:
     """Entry point of a spawned load-generator process; writes its stats as JSON."""
     install_uvloop()
@@ -547,6 +561,6 @@ def load_process(spec: LoadSpec, barrier: Any, release: Any, connected: Any) -> 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     stats.context_s = context_s
     stats.cpu_s = usage.ru_utime + usage.ru_stime
-    stats.peak_rss_mb = usage.ru_maxrss / 1024
+    stats.peak_rss_mb = _own_peak_rss_mb() or usage.ru_maxrss / 1024
     out = {f.name: getattr(stats, f.name) for f in fields(stats)}
     Path(spec.result_file).write_text(json.dumps(out))  # Counters serialize as objects

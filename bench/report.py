@@ -620,6 +620,8 @@ def _other_section(name: str, data: dict[str, Any]) -> list[str]:
 
 def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None = None) -> Path:
     """Build ``results/REPORT.md`` and the PNGs from the JSON files in ``results``."""
+    from bench.relay_report import scale_relays_missing, scale_relays_section  # uses _fmt
+
     results.mkdir(parents=True, exist_ok=True)
     files = sorted(results.glob("*.json"))
     machine: dict[str, Any] = {}
@@ -664,6 +666,8 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
                 section = _micro_section(data, results, name)
             elif name == "scale":
                 section = _scale_section(data)
+            elif name == "scale-relays":
+                section = scale_relays_section(data)
             else:
                 section = _other_section(name, data)
             date = (data.get("machine") or {}).get("date")
@@ -672,6 +676,8 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
             lines += section
         except (KeyError, TypeError, ValueError) as exc:
             lines += [f"## {name}", "", f"(could not summarize {file.name}: {exc!r})", ""]
+    if not (results / "scale-relays.json").exists():
+        lines += scale_relays_missing()
     if not seen:
         lines.append("No benchmark results yet: run `python -m bench all`.")
     report = results / "REPORT.md"

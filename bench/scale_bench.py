@@ -37,7 +37,9 @@ masking and signing CPU, and whether the new global model equals the seed model 
 the uploaded update (to the quantization step). ``--profile PATH`` samples the daemon
 with py-spy during the headline run and reports its top frames. ``--idle-clients M``
 also holds M idle connections open (no round starts) and reports what that costs and
-what stops it. ``--quick`` runs 10 and 100 clients only. Measures; never asserts.
+what stops it. ``--quick`` runs 10 and 100 clients only. ``--relays R`` puts R
+`fedcore relay` processes between the root and the clients instead, and compares
+with a flat run (`bench.relay_scale`). Measures; never asserts.
 """
 
 from __future__ import annotations
@@ -84,7 +86,18 @@ from bench.scale_setup import (
 )
 from fedcore.contracts import FederationParams
 
-__all__ = ["add_arguments", "run", "top_frames"]
+__all__ = [
+    "add_arguments",
+    "git_state",
+    "kernel_tcp",
+    "round_result",
+    "run",
+    "run_round",
+    "start_clients",
+    "timeline",
+    "top_frames",
+    "workload_of",
+]
 
 TARGET_ROUND_S = 60.0
 TARGET_PEAK_RSS_MB = 1536.0
@@ -147,6 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, help="keep keys, certificates and logs here")
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
     parser.add_argument("--key-bits", type=int, default=2048, help=argparse.SUPPRESS)
+    from bench.relay_scale import add_relay_arguments  # relay_scale imports this module
+
+    add_relay_arguments(parser)
 
 
 def _progress(message: str) -> None:
@@ -184,7 +200,7 @@ def _model_check(
     return {"model_update_max_abs_error": error, "model_update_ok": error <= 1.001 * step}
 
 
-def _start_load(
+def start_clients(
     setup: ScaleSetup,
     daemon: AggregatorDaemon,
     clients: int,
@@ -193,8 +209,9 @@ def _start_load(
     upload_file: str | None,
     federation: bytes,
     connect_concurrency: int,
+    relay_ports: tuple[int, ...] = (),
 ) -> LoadProcesses:
-    """Spawn the load processes for ``clients`` connections to ``daemon``."""
+    """Spawn the load processes for ``clients`` connections to ``daemon`` (or its relays)."""
     template = LoadSpec(
         indices=(),
         key_holders=(),
@@ -217,10 +234,11 @@ def _start_load(
         processes=args.loadgen_procs,
         key_processes=args.committee_size,
         workdir=setup.workdir,
+        relay_ports=relay_ports,
     )
 
 
-def _run_round(
+def run_round(
     setup: ScaleSetup, clients: int, args: argparse.Namespace, profile: Path | None
 ) -> dict:
     """One aggregator, ``clients`` simultaneous clients, one round; its figures."""
@@ -249,7 +267,7 @@ def _run_round(
     try:
         daemon.wait_listening()
         baseline_rss, _ = daemon.sample()
-        load = _start_load(
+        load = start_clients(
             setup,
             daemon,
             clients,
@@ -288,14 +306,14 @@ def _run_round(
                 profiler.wait(60)
             except subprocess.TimeoutExpired:
                 profiler.kill()
-    result = _round_result(
+    result = round_result(
         setup, clients, federation, daemon, state, loadgen, peak_rss, notes, profile
     )
-    result["kernel_tcp"] = _kernel_tcp(daemon, tcp_before)
+    result["kernel_tcp"] = kernel_tcp(daemon, tcp_before)
     return result
 
 
-def _kernel_tcp(daemon: AggregatorDaemon, before: dict[str, int]) -> dict[str, Any]:
+def kernel_tcp(daemon: AggregatorDaemon, before: dict[str, int]) -> dict[str, Any]:
     """Kernel TCP memory during the run (machine-wide: other users' sockets count too)."""
     after = tcp_counters()
     out: dict[str, Any] = {"mem_peak_mb": round(daemon.tcp_mem_peak_mb, 1)}
@@ -305,7 +323,7 @@ def _kernel_tcp(daemon: AggregatorDaemon, before: dict[str, int]) -> dict[str, A
     return out
 
 
-def _round_result(
+def round_result(
     setup: ScaleSetup,
     clients: int,
     federation: FederationParams,
@@ -345,7 +363,8 @@ def _round_result(
         else None,
         "phase_seconds": phases,
         **log_times(daemon.log),
-        "aggregator_peak_rss_mb": usage.ru_maxrss / 1024 if usage is not None else None,
+        "aggregator_peak_rss_mb": daemon.peak_rss_mb,
+        "aggregator_rusage_maxrss_mb": usage.ru_maxrss / 1024 if usage is not None else None,
         "aggregator_tree_peak_rss_mb": peak_tree_rss,
         "aggregator_cpu_s": usage.ru_utime + usage.ru_stime if usage is not None else None,
         "aggregator_exit_code": daemon.popen.returncode,
@@ -360,7 +379,7 @@ def _round_result(
         "loadgen": loadgen,
         "failures": failed,
         "notes": notes,
-        "rss_timeline": _timeline(daemon.samples),
+        "rss_timeline": timeline(daemon.samples),
     }
     out["committee"] = _committee_figures(daemon.log, loadgen)
     if completed:
@@ -372,7 +391,7 @@ def _round_result(
     return out
 
 
-def _timeline(samples: list[tuple[float, float, float]], points: int = 120) -> list[list[float]]:
+def timeline(samples: list[tuple[float, float, float]], points: int = 120) -> list[list[float]]:
     """Down-sampled [seconds since start, tree RSS MB, CPU s] of the daemon."""
     if not samples:
         return []
@@ -417,7 +436,7 @@ def _run_idle(setup: ScaleSetup, clients: int, args: argparse.Namespace) -> dict
     try:
         daemon.wait_listening()
         baseline_rss, _ = daemon.sample()
-        load = _start_load(
+        load = start_clients(
             setup,
             daemon,
             clients,
@@ -464,7 +483,7 @@ def _run_idle(setup: ScaleSetup, clients: int, args: argparse.Namespace) -> dict
     usage = daemon.rusage
     out.update(
         {
-            "aggregator_peak_rss_mb": usage.ru_maxrss / 1024 if usage is not None else None,
+            "aggregator_peak_rss_mb": daemon.peak_rss_mb,
             "aggregator_cpu_s": usage.ru_utime + usage.ru_stime if usage is not None else None,
             "handshake_failures": loadgen["handshake_failures"],
             "connect_failures": loadgen["connect_failures"],
@@ -480,7 +499,7 @@ def _run_idle(setup: ScaleSetup, clients: int, args: argparse.Namespace) -> dict
 
 
 # ---------------------------------------------------------------------------- entry point
-def _git_state() -> dict[str, Any]:
+def git_state() -> dict[str, Any]:
     """Which code was measured: HEAD and whether the runtime's files had local edits."""
     root = Path(__file__).resolve().parent.parent
 
@@ -517,16 +536,56 @@ def _targets(main: dict[str, Any], clients: int) -> dict[str, bool]:
     }
 
 
+def workload_of(args: argparse.Namespace, setup: ScaleSetup, headroom: int) -> dict[str, Any]:
+    """What every run of one invocation shared: key, packing, limits, masks, engines."""
+    fold_supported = fold_workers_supported()
+    return {
+        "key_bits": args.key_bits,
+        "headroom_bits": headroom,
+        "value_bits": VALUE_BITS,
+        "chunk_ciphertexts": CHUNK_CIPHERTEXTS,
+        "max_inflight_uploads": args.max_inflight,
+        "committee_size": args.committee_size,
+        "loadgen_procs": args.loadgen_procs,
+        "decrypt_workers": args.decrypt_workers,
+        "fold_workers": args.fold_workers if fold_supported else None,
+        "fold_workers_supported": fold_supported,
+        "fold_engine": fold_engine(),
+        "model_kwargs": setup.model_kwargs,
+        "re_randomized": False,
+        "max_weight": MAX_WEIGHT,
+        "samples_per_client": SAMPLES_PER_CLIENT,
+        "masks": "one ephemeral key per connection (--per-client-masks)"
+        if args.per_client_masks
+        else "one ephemeral key per load process and round, one signed token per "
+        "connection (see the module docstring)",
+        "mask_shortcut": "Enc(q) once; each round's masks M applied as "
+        "Enc(q)·(1 + M·n) mod n², reusing Enc(q)'s random factors",
+        "round_seconds_is": "checkpoint phase_seconds collect + decrypt + update",
+        "peak_rss_is": "the daemon's VmHWM, read every sample (rusage's ru_maxrss keeps the "
+        "bench process's high-water mark across exec; it is aggregator_rusage_maxrss_mb)",
+        "fold_seconds_is": "fedcore_fold_seconds_sum: per-update fold waits; with "
+        "fold_workers > 0 they overlap, so the sum can exceed the wall time",
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the curve (smallest first), the headline last; optionally the idle test."""
+    """Run the curve (smallest first), the headline last; optionally the idle test.
+
+    With ``--relays R`` it runs `bench.relay_scale` instead: a root, R relays and a
+    flat comparison run.
+    """
+    if args.relays > 0:
+        from bench.relay_scale import run_relays
+
+        return run_relays(args)
     headline, counts = _client_counts(args)
     # one packing for every run (so one encryption serves all): N clients of MAX_WEIGHT
     headroom = max(1, (max([*counts, 1]) * MAX_WEIGHT - 1).bit_length())
     certs = max([*counts, args.idle_clients])
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fedcore-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    fold_supported = fold_workers_supported()
-    if args.fold_workers is not None and not fold_supported:
+    if args.fold_workers is not None and not fold_workers_supported():
         _progress("this aggregator has no fold_workers setting: --fold-workers ignored")
     try:
         _progress(f"set-up: {args.key_bits}-bit key, {certs} client certificates in {workdir}")
@@ -542,7 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _progress(f"run: {clients} clients")
             profile = args.profile if clients == headline else None
             try:
-                point = _run_round(setup, clients, args, profile)
+                point = run_round(setup, clients, args, profile)
             except Exception as exc:  # one broken run must not lose the others
                 _progress(f"{clients} clients: run failed: {exc!r}")
                 point = {"clients": clients, "updates_folded": 0, "error": repr(exc)}
@@ -561,32 +620,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **summary,
         "targets": _targets(main, headline) if curve else None,
-        "workload": {
-            "key_bits": args.key_bits,
-            "headroom_bits": headroom,
-            "value_bits": VALUE_BITS,
-            "chunk_ciphertexts": CHUNK_CIPHERTEXTS,
-            "max_inflight_uploads": args.max_inflight,
-            "committee_size": args.committee_size,
-            "loadgen_procs": args.loadgen_procs,
-            "decrypt_workers": args.decrypt_workers,
-            "fold_workers": args.fold_workers if fold_supported else None,
-            "fold_workers_supported": fold_supported,
-            "fold_engine": fold_engine(),
-            "model_kwargs": setup.model_kwargs,
-            "re_randomized": False,
-            "max_weight": MAX_WEIGHT,
-            "samples_per_client": SAMPLES_PER_CLIENT,
-            "masks": "one ephemeral key per connection (--per-client-masks)"
-            if args.per_client_masks
-            else "one ephemeral key per load process and round, one signed token per "
-            "connection (see the module docstring)",
-            "mask_shortcut": "Enc(q) once; each round's masks M applied as "
-            "Enc(q)·(1 + M·n) mod n², reusing Enc(q)'s random factors",
-            "round_seconds_is": "checkpoint phase_seconds collect + decrypt + update",
-            "fold_seconds_is": "fedcore_fold_seconds_sum: per-update fold waits; with "
-            "fold_workers > 0 they overlap, so the sum can exceed the wall time",
-        },
+        "workload": workload_of(args, setup, headroom),
         "setup_seconds": setup.timings,
         "curve": [
             {
@@ -610,5 +644,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "runs": curve,
         "idle": idle,
-        "git": _git_state(),
+        "git": git_state(),
     }

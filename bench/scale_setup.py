@@ -65,7 +65,7 @@ class ScaleSetup:
 
     @property
     def pki(self) -> Path:
-        """The federation PKI directory (CA, aggregator, client-<i> certificates)."""
+        """The federation PKI directory (CA, aggregator, relay-<i>, client-<i> certificates)."""
         return self.workdir / "pki"
 
     @property
@@ -75,9 +75,15 @@ class ScaleSetup:
 
 
 def make_setup(
-    workdir: Path, *, key_bits: int, model_kwargs: dict[str, Any], certs: int, headroom: int
+    workdir: Path,
+    *,
+    key_bits: int,
+    model_kwargs: dict[str, Any],
+    certs: int,
+    headroom: int,
+    relays: int = 0,
 ) -> ScaleSetup:
-    """A fresh keypair, ``certs`` client certificates and the seed model under ``workdir``."""
+    """A fresh keypair, ``certs`` client (and ``relays`` relay) certificates, the seed model."""
     kwargs = model_kwargs
     state = build_model("fedcore.model:mlp", kwargs, seed=0).state_dict()
     seed_weights = flatten_state_dict(state)
@@ -98,9 +104,9 @@ def make_setup(
     private_key.save(setup.keys / "private_key.json")
     setup.timings["keygen_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_federation_pki(setup.pki, clients=certs, sans=["localhost", "127.0.0.1"])
+    write_federation_pki(setup.pki, clients=certs, relays=relays, sans=["localhost", "127.0.0.1"])
     setup.timings["pki_s"] = time.perf_counter() - t0
-    setup.timings["pki_certs"] = certs
+    setup.timings["pki_certs"] = certs + relays
     return setup
 
 

@@ -59,3 +59,43 @@ def test_scale_benchmark_with_per_client_masks_decodes_the_sum(tmp_path: Path) -
     assert data["updates_folded"] == 3, data.get("aggregator_log_tail")
     assert data["model_update_ok"] is True  # three different masks, all removed
     assert data["runs"][0]["loadgen"]["masked_uploads"] == 3
+
+
+@pytest.mark.timeout(180)
+def test_scale_benchmark_through_relays_counts_every_leaf(tmp_path: Path) -> None:
+    """12 clients, 2 relay processes: the 2 key holders upload to the root, 10 clients
+    through the relays; then a flat run of 4 clients. The root folds 2 relay sums + 2
+    direct updates; its round record counts all 12 clients."""
+    out = tmp_path / "scale-relays.json"
+    argv = ["scale", "--clients", "12", "--relays", "2", "--flat-clients", "4", *TINY]
+    assert bench_main([*argv, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+
+    assert data["relays"] == 2
+    assert data["leaf_updates_folded"] == 12, data.get("aggregator_log_tail")
+    assert data["committee_members_direct"] == 2 and data["direct_contributors"] == 2
+    assert data["root_updates_folded"] == 2 + 2  # the relays' sums + the key holders' own
+    assert data["root_updates_folded_from_record"] == 4
+    assert data["model_update_ok"] is True  # relayed sums decode like direct updates
+    assert data["round_seconds"] > 0
+    assert data["root_peak_rss_mb"] > 0 and data["relay_peak_rss_mb"] > 0
+    relays = data["per_relay"]
+    assert [r["relay_id"] for r in relays] == ["relay-0/edge-0", "relay-1/edge-1"]
+    assert [r["clients_in_root_record"] for r in relays] == [5, 5]
+    assert [r["updates_folded"] for r in relays] == [5, 5]
+    assert [r["clients_joined_log"] for r in relays] == [5, 5]
+    for relay in relays:
+        assert relay["exit_code"] == 0, relay.get("log_tail")
+        assert relay["cpu_s"] > 0 and relay["collect_seconds"] >= 0
+        assert relay["round_start_to_forward_s"] >= 0 and relay["forward_to_accepted_s"] >= 0
+    loadgen = data["runs"][0]["loadgen"]
+    assert loadgen["acked"] == 12 and loadgen["handshake_failures"] == 0
+    assert loadgen["byes"] == {"federation complete": 12}
+    # the flat comparison run, same invocation
+    assert data["flat"]["clients"] == 4 and data["flat"]["updates_folded"] == 4
+    assert data["flat_round_seconds"] > 0
+    estimate = data["extrapolation"]
+    assert "NOT a measurement" in estimate["is"]
+    assert estimate["relays"] == 10 and estimate["clients"] == 50
+    low, high = estimate["round_seconds"]
+    assert 0 < low <= high
