@@ -130,6 +130,7 @@ class ClientHub:
         self._committee_timeout = committee_timeout
         self._round_start = round_start
         self._late_joiners = late_joiners
+        self._resume_grace = resume_grace
         self.clients_changed = asyncio.Event()
         self.round_full = asyncio.Event()
         self.reports: dict[str, ClientReport] = {}
@@ -267,6 +268,7 @@ class ClientHub:
             if self._late_joiners and not handle.relay and client_id not in state.selected:
                 # a relay asks every client it has, also one that (re)joins mid-round
                 state.selected = state.selected | {client_id}
+            state.given_up.discard(client_id)  # a relay back after its grace: ask it again
             if client_id in state.pending:
                 await self.send_round_start(client_id)
         try:
@@ -288,6 +290,8 @@ class ClientHub:
             if self.clients.get(client_id) is handle:
                 del self.clients[client_id]
                 self.uploads.keep_or_drop_partial(client_id)
+                if handle.relay:
+                    self._forget_relay_unless_back(client_id)
             waiter = handle.committee_waiter
             if waiter is not None and not waiter.done():
                 why = f": {handle.last_error}" if handle.last_error else ""
@@ -295,6 +299,33 @@ class ClientHub:
             handle.committee_idle.set()
             self._count_changed()
             log.info("%s left", client_id)
+
+    def _forget_relay_unless_back(self, relay_id: str) -> None:
+        """A relay gone mid-round: unless it is back within ``resume_grace``, stop waiting.
+
+        Its partial sum died with it (its clients' updates are not counted), so the
+        round need not wait for its deadline: once every other source is in, it closes.
+        A relay that comes back in time is asked again, as a reconnecting client is.
+        """
+        state = self.round
+        if state is None or relay_id not in state.pending:
+            return
+
+        async def forget() -> None:
+            await asyncio.sleep(self._resume_grace)
+            if relay_id in self.clients or self.round is not state:
+                return
+            if state.phase is RoundPhase.COLLECTING and relay_id in state.pending:
+                log.info(
+                    "%s did not come back: round %d goes on without it", relay_id, state.round_id
+                )
+                state.given_up.add(relay_id)
+                if not state.pending and not state.until_deadline:
+                    self.round_full.set()
+
+        task = asyncio.create_task(forget())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
         try:

@@ -152,6 +152,8 @@ class RoundState:
     starts a round with no client yet cannot know how many will come back)."""
     phase: RoundPhase = RoundPhase.COLLECTING
     sources: set[str] = field(default_factory=set)
+    given_up: set[str] = field(default_factory=set)
+    """Selected relays that died and did not come back in time: no longer waited for."""
     folded: dict[str, bytes] = field(default_factory=dict)
     relayed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     running_sum: Any = None
@@ -214,8 +216,8 @@ class RoundState:
 
     @property
     def pending(self) -> set[str]:
-        """Selected sources (clients, relays) that have not been folded yet."""
-        return set(self.selected) - self.sources
+        """Selected sources (clients, relays) still waited for: not folded, not given up."""
+        return set(self.selected) - self.sources - self.given_up
 
     def summary(self) -> dict[str, Any]:
         """Plain-value record of the round, for checkpoints and logs."""
@@ -229,6 +231,7 @@ class RoundState:
             "unmaskers": list(self.unmaskers),
             "total_weight": self.total_weight,
             **({"relays": relays} if relays else {}),
+            **({"relays_lost": sorted(self.given_up)} if self.given_up else {}),
         }
 
 

@@ -184,9 +184,10 @@ async def test_a_dead_relay_costs_only_its_round_and_a_restarted_one_resumes(
 ) -> None:
     """Round 1: relay-1 dies while its clients train and comes back on the same port:
     its clients re-send the same updates through it and every client is counted once.
-    Round 2: relay-1 dies for good: the round completes at its deadline by quorum from
-    the others, without relay-1's clients, and nothing of them is counted."""
-    aggregator = _aggregator(tmp_path, pki, keys, round_timeout=15.0)
+    Round 2: relay-1 dies for good: once it has not come back within resume_grace the
+    root stops waiting for it and completes the round by quorum from the others, without
+    relay-1's clients, and nothing of them is counted."""
+    aggregator = _aggregator(tmp_path, pki, keys, round_timeout=15.0, resume_grace=3.0)
     tree = _Tree(aggregator)
     root = await tree.start_root()
     release = {1: threading.Event(), 2: threading.Event()}
@@ -254,7 +255,11 @@ async def test_a_dead_relay_costs_only_its_round_and_a_restarted_one_resumes(
     assert weights[first["round_id"]] == 2 * CLIENTS  # each client's weight 2, counted once
     assert second["contributors"] == [c for i, c in enumerate(everyone) if i not in behind_1]
     assert second["relays"] == {"relay-0/edge": 4}
+    assert second["relays_lost"] == ["relay-1/edge"]
     assert weights[second["round_id"]] == 2 * (CLIENTS - len(behind_1))
+    # the root stopped waiting for the dead relay after resume_grace, not at the deadline
+    collect = {r.round_id: r.phase_seconds["collect"] for r, _ in tree.reports}
+    assert collect[second["round_id"]] < 10.0  # resume_grace 3 s; round_timeout is 15 s
 
 
 @pytest.mark.slow
