@@ -33,19 +33,19 @@ from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.hub import ClientHub, Listener
 from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import RoundPhase, RoundState, select_clients
-from fedcore.client.config import FATAL_CODES, FEDERATION_COMPLETE
+from fedcore.client.config import FEDERATION_COMPLETE
 from fedcore.client.pipeline import model_digest
+from fedcore.client.reconnect import serve_reconnecting
 from fedcore.codec import EncryptedCodec, codec_for
 from fedcore.contracts import FederationMismatch, FederationParams, SessionInfo
 from fedcore.credentials import CommitteeCredential, CredentialError, pack_tokens
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
-from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    Bye,
     Hello,
     RelayStatus,
     RoundEnd,
@@ -142,60 +142,32 @@ class Relay(Listener):
         """Serve until the upstream says the federation is complete (or `request_stop`)."""
         c = self.config
         host, port = c.upstream_address
-        backoff = Backoff(c.backoff_base, c.backoff_max)
-        failures = 0
-        farewell = "relay stopping; reconnect later"
+        complete = False
         try:
-            while not self._stop.is_set():
-                try:
-                    conn = await connect(
-                        host,
-                        port,
-                        self._client_ssl,
-                        server_hostname=c.server_hostname or host,
-                        config=TransportConfig(
-                            idle_timeout=c.idle_timeout,
-                            heartbeat_interval=c.heartbeat_interval,
-                            write_timeout=60.0,
-                        ),
-                    )
-                except (TimeoutError, OSError, ProtocolError) as exc:
-                    failures += 1
-                    if c.reconnect_attempts is not None and failures > c.reconnect_attempts:
-                        raise FedcoreError(
-                            f"cannot reach the upstream {c.upstream}: {exc}"
-                        ) from exc
-                    delay = backoff.next_delay()
-                    log.info(
-                        "upstream %s unreachable (%s); retrying in %.1f s", c.upstream, exc, delay
-                    )
-                    await self._sleep(delay)
-                    continue
-                failures = 0
-                backoff.reset()
-                try:
-                    await self._session(conn)
-                except ErrorReceived as exc:
-                    log.warning("the upstream refused this relay: %s", exc)
-                    if exc.code in FATAL_CODES:
-                        raise FedcoreError(f"the upstream refused this relay: {exc}") from exc
-                except ConnectionClosed as exc:
-                    bye = exc.peer_message
-                    if isinstance(bye, Bye) and bye.reason == FEDERATION_COMPLETE:
-                        log.info("the upstream says the federation is complete")
-                        farewell = FEDERATION_COMPLETE
-                        return
-                    if not self._stop.is_set():
-                        log.info("upstream connection closed: %s", exc)
-                except (ProtocolError, OSError, ConnectionError) as exc:
-                    log.info("upstream connection lost: %s", exc)
-                finally:
-                    self._upstream = None
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                await self._sleep(backoff.next_delay())
+            complete = await serve_reconnecting(
+                peer=f"the upstream {c.upstream}",
+                who="relay",
+                dial=lambda: connect(
+                    host,
+                    port,
+                    self._client_ssl,
+                    server_hostname=c.server_hostname or host,
+                    config=TransportConfig(
+                        idle_timeout=c.idle_timeout,
+                        heartbeat_interval=c.heartbeat_interval,
+                        write_timeout=60.0,
+                    ),
+                ),
+                session=self._session,
+                backoff=Backoff(c.backoff_base, c.backoff_max),
+                reconnect_attempts=c.reconnect_attempts,
+                sleep=self._sleep,
+                stopping=self._stop.is_set,
+            )
         finally:
-            await self._shutdown(farewell)
+            await self._shutdown(
+                FEDERATION_COMPLETE if complete else "relay stopping; reconnect later"
+            )
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -278,6 +250,7 @@ class Relay(Listener):
                     self.rounds_forwarded += 1
                     log.info("round %d: the upstream accepted our sum", message.round_id)
         finally:
+            self._upstream = None
             for task in list(tasks):
                 task.cancel()
 

@@ -32,8 +32,6 @@ import torch
 
 from fedcore.client.committee import CommitteeMember, CommitteeRefusal
 from fedcore.client.config import (
-    FATAL_CODES,
-    FEDERATION_COMPLETE,
     ClientConfig,
     ClientResult,
     EvaluateFn,
@@ -47,6 +45,7 @@ from fedcore.client.pipeline import (
     model_digest,
     seal,
 )
+from fedcore.client.reconnect import serve_reconnecting
 from fedcore.codec import EncryptedCodec, UpdateCodec, codec_for
 from fedcore.contracts import (
     ClientReport,
@@ -65,11 +64,10 @@ from fedcore.credentials import (
 from fedcore.crypto import EncryptionPool, KeyShare, PrivateKey
 from fedcore.errors import ConfigError, FedcoreError
 from fedcore.model import ModelLayout
-from protocol.errors import ConnectionClosed, ErrorReceived, ProtocolError
+from protocol.errors import ProtocolError
 from protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
-    Bye,
     DecryptRequest,
     Error,
     Hello,
@@ -152,55 +150,28 @@ class Client:
     async def run(self, server: str) -> ClientResult:
         """Take part until the aggregator says the federation is complete."""
         host, port = parse_server(server)
-        backoff = Backoff(self.config.backoff_base, self.config.backoff_max)
-        failures = 0
+        config = self.config
+
+        def count_reconnect() -> None:
+            self.result.reconnects += 1
+
         try:
-            while True:
-                try:
-                    conn = await connect(
-                        host,
-                        port,
-                        self._ssl,
-                        server_hostname=self.config.server_hostname or host,
-                        config=self._transport_config(),
-                    )
-                except (TimeoutError, OSError, ProtocolError) as exc:
-                    failures += 1
-                    if self.config.reconnect_attempts is not None and (
-                        failures > self.config.reconnect_attempts
-                    ):
-                        raise FedcoreError(
-                            f"cannot reach the aggregator at {server}: {exc}"
-                        ) from exc
-                    delay = backoff.next_delay()
-                    log.info("connect to %s failed (%s); retrying in %.1f s", server, exc, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                failures = 0
-                backoff.reset()
-                try:
-                    await self._session(conn)
-                except ErrorReceived as exc:
-                    log.warning("aggregator refused us: %s", exc)
-                    if exc.code in FATAL_CODES:
-                        raise FedcoreError(f"aggregator refused this client: {exc}") from exc
-                except ConnectionClosed as exc:
-                    bye = exc.peer_message
-                    if isinstance(bye, Bye) and bye.reason == FEDERATION_COMPLETE:
-                        log.info("the aggregator says the federation is complete")
-                        return self.result
-                    log.info("connection closed: %s", exc)
-                except (ProtocolError, OSError, ConnectionError) as exc:
-                    log.info("connection lost: %s", exc)
-                except FedcoreError as exc:
-                    with contextlib.suppress(Exception):
-                        await conn.close(reason=f"client stops: {exc}"[:1000])
-                    raise
-                finally:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                self.result.reconnects += 1
-                await asyncio.sleep(backoff.next_delay())
+            await serve_reconnecting(
+                peer=f"the aggregator at {server}",
+                who="client",
+                dial=lambda: connect(
+                    host,
+                    port,
+                    self._ssl,
+                    server_hostname=config.server_hostname or host,
+                    config=self._transport_config(),
+                ),
+                session=self._session,
+                backoff=Backoff(config.backoff_base, config.backoff_max),
+                reconnect_attempts=config.reconnect_attempts,
+                on_reconnect=count_reconnect,
+            )
+            return self.result
         finally:
             if self._pool is not None:
                 self._pool.close()
