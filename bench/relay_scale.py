@@ -40,23 +40,23 @@ from typing import Any
 from bench.aggregator_daemon import (
     AggregatorDaemon,
     RelayDaemon,
-    federation_of,
-    fold_workers_supported,
     log_stamp,
     tcp_counters,
     write_config,
 )
 from bench.load_processes import LoadProcesses, merge_stats
 from bench.scale_bench import (
+    committee_size,
     git_state,
     kernel_tcp,
+    root_daemon,
     round_result,
     run_round,
     start_clients,
     timeline,
     workload_of,
 )
-from bench.scale_setup import MAX_WEIGHT, ScaleSetup, daemon_settings, make_setup, prepare_upload
+from bench.scale_setup import MAX_WEIGHT, ScaleSetup, make_setup
 from protocol.framing import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["RELAYS_RESULT", "add_relay_arguments", "run_relays"]
@@ -207,26 +207,18 @@ def _watch(
 def _run_relay_round(setup: ScaleSetup, args: argparse.Namespace) -> dict[str, Any]:
     """One root, ``args.relays`` relays, ``args.clients`` clients, one round; its figures."""
     clients, relay_count = args.clients, args.relays
-    committee = max(1, min(args.committee_size, args.loadgen_procs, clients))
-    settings: dict[str, Any] = {
-        "min_clients": clients,
-        "clients_per_round": clients,
-        "headroom_bits": setup.headroom_bits,
-        "max_inflight_uploads": args.max_inflight,
-        "max_connections": max(2048, committee + relay_count + 64),
-        "committee_size": committee,
-    }
-    if args.fold_workers is not None and fold_workers_supported():
-        settings["fold_workers"] = args.fold_workers
-    name = f"relays{relay_count}-{clients}-{time.monotonic_ns()}"
-    values = daemon_settings(setup, name, settings)
-    federation = federation_of(values)
-    upload = prepare_upload(setup, federation)
-    config = write_config(values, setup.workdir / f"aggregator-{name}.toml")
-    state = setup.workdir / f"state-{name}"
+    committee = committee_size(args, clients)
+    plan = root_daemon(
+        setup,
+        args,
+        clients,
+        f"relays{relay_count}-{clients}-{time.monotonic_ns()}",
+        direct=committee + relay_count,
+    )
+    federation, upload, state, name = plan.federation, plan.upload, plan.state, plan.name
     load_average = list(os.getloadavg())
     tcp_before = tcp_counters()
-    root = AggregatorDaemon(config, setup.workdir / f"aggregator-{name}.log")
+    root = AggregatorDaemon(plan.config, setup.workdir / f"aggregator-{name}.log")
     relays: list[RelayDaemon] = []
     load: LoadProcesses | None = None
     root_peak, connected = 0.0, [0.0] * relay_count

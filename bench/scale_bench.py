@@ -54,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -238,27 +239,53 @@ def start_clients(
     )
 
 
-def run_round(
-    setup: ScaleSetup, clients: int, args: argparse.Namespace, profile: Path | None
-) -> dict:
-    """One aggregator, ``clients`` simultaneous clients, one round; its figures."""
+@dataclass(frozen=True)
+class RootDaemon:
+    """The files of one run's root aggregator: config, federation, prepared upload, state."""
+
+    name: str
+    federation: FederationParams
+    upload: Path
+    config: Path
+    state: Path
+
+
+def committee_size(args: argparse.Namespace, clients: int) -> int:
+    """Key holders of a run: ``--committee-size``, at most one per load generator."""
+    return max(1, min(args.committee_size, args.loadgen_procs, clients))
+
+
+def root_daemon(
+    setup: ScaleSetup, args: argparse.Namespace, clients: int, name: str, *, direct: int
+) -> RootDaemon:
+    """Write the root's config for ``clients`` a round, ``direct`` of them connected to it."""
     settings: dict[str, Any] = {
         "min_clients": clients,
         "clients_per_round": clients,
         "headroom_bits": setup.headroom_bits,
         "max_inflight_uploads": args.max_inflight,
-        "max_connections": max(2048, clients + 64),
-        "committee_size": max(1, min(args.committee_size, args.loadgen_procs, clients)),
+        "max_connections": max(2048, direct + 64),
+        "committee_size": committee_size(args, clients),
     }
     if args.fold_workers is not None and fold_workers_supported():
         settings["fold_workers"] = args.fold_workers
-    name = f"{clients}-{time.monotonic_ns()}"
     values = daemon_settings(setup, name, settings)
     federation = federation_of(values)
-    upload = prepare_upload(setup, federation)
-    config = write_config(values, setup.workdir / f"aggregator-{name}.toml")
-    state = setup.workdir / f"state-{name}"
-    daemon = AggregatorDaemon(config, setup.workdir / f"aggregator-{name}.log")
+    return RootDaemon(
+        name=name,
+        federation=federation,
+        upload=prepare_upload(setup, federation),
+        config=write_config(values, setup.workdir / f"aggregator-{name}.toml"),
+        state=setup.workdir / f"state-{name}",
+    )
+
+
+def run_round(
+    setup: ScaleSetup, clients: int, args: argparse.Namespace, profile: Path | None
+) -> dict:
+    """One aggregator, ``clients`` simultaneous clients, one round; its figures."""
+    root = root_daemon(setup, args, clients, f"{clients}-{time.monotonic_ns()}", direct=clients)
+    daemon = AggregatorDaemon(root.config, setup.workdir / f"aggregator-{root.name}.log")
     load: LoadProcesses | None = None
     profiler = None
     notes: list[str] = []
@@ -272,8 +299,8 @@ def run_round(
             daemon,
             clients,
             args,
-            upload_file=str(upload),
-            federation=federation.to_bytes(),
+            upload_file=str(root.upload),
+            federation=root.federation.to_bytes(),
             connect_concurrency=0,
         )
         if profile is not None:
@@ -307,7 +334,7 @@ def run_round(
             except subprocess.TimeoutExpired:
                 profiler.kill()
     result = round_result(
-        setup, clients, federation, daemon, state, loadgen, peak_rss, notes, profile
+        setup, clients, root.federation, daemon, root.state, loadgen, peak_rss, notes, profile
     )
     result["kernel_tcp"] = kernel_tcp(daemon, tcp_before)
     return result
