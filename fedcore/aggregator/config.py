@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from fedcore.errors import ConfigError, KeyFileError
 from fedcore.packing import MAX_HEADROOM_BITS
 from protocol.transport import SERVER_RECEIVE_BUFFER
 
-__all__ = ["AggregatorConfig", "load_toml_table"]
+__all__ = ["AggregatorConfig", "checked_settings", "load_toml_table"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -262,15 +263,8 @@ class AggregatorConfig:
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> AggregatorConfig:
         """Build from plain values (paths as strings); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown aggregator setting(s): {', '.join(unknown)}")
-        values = dict(data)
-        for name in ("public_key", "cert", "key", "ca", "state_dir"):
-            if name not in values:
-                raise ConfigError(f"aggregator setting {name!r} is required")
-            values[name] = Path(values[name])
+        paths = ("public_key", "cert", "key", "ca", "state_dir")
+        values = checked_settings(cls, data, what="aggregator", required=paths, paths=paths)
         if "report_metrics" in values:
             raw = values["report_metrics"]
             if not isinstance(raw, list | tuple) or not all(
@@ -286,6 +280,24 @@ class AggregatorConfig:
     def with_changes(self, **changes: Any) -> AggregatorConfig:
         """A copy with some fields replaced (validated again)."""
         return replace(self, **changes)
+
+
+def checked_settings(
+    cls: type, data: dict[str, Any], *, what: str, required: Sequence[str], paths: Sequence[str]
+) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``: an unknown or missing key is
+    a ConfigError naming it, and the settings named in ``paths`` become Paths."""
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}")
+    values = dict(data)
+    for name in required:
+        if values.get(name) is None:
+            raise ConfigError(f"{what} setting {name!r} is required (--{name.replace('_', '-')})")
+    for name in paths:
+        if values.get(name) is not None:
+            values[name] = Path(values[name])
+    return values
 
 
 def load_toml_table(path: Path, table: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 import re
 import socket
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedcore.aggregator.config import load_toml_table
+from fedcore.aggregator.config import checked_settings, load_toml_table
 from fedcore.client.config import parse_server
 from fedcore.errors import ConfigError
 from protocol.transport import SERVER_RECEIVE_BUFFER
@@ -135,19 +135,7 @@ class RelayConfig:
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> RelayConfig:
         """Build from plain values (paths as strings); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown relay setting(s): {', '.join(unknown)}")
-        values = dict(data)
-        for name in _REQUIRED:
-            if values.get(name) is None:
-                raise ConfigError(
-                    f"relay setting {name!r} is required (--{name.replace('_', '-')})"
-                )
-        for name in _PATHS:
-            if values.get(name) is not None:
-                values[name] = Path(values[name])
+        values = checked_settings(cls, data, what="relay", required=_REQUIRED, paths=_PATHS)
         if values.get("allowed_clients") is not None:
             values["allowed_clients"] = tuple(values["allowed_clients"])
         try:
