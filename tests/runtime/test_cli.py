@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,33 +141,29 @@ async def test_fedcore_client_processes_complete_a_round(
         assert "1 rounds contributed" in out.decode()
 
 
+_DEMO_KEY = ("--key-bits", "1024")
+
+
+def _demo(
+    tmp_path: Path, *argv: str, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`fedcore demo ARGV --key-bits 1024` in a subprocess: it must succeed; its summary."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcore.cli", "demo", *argv, *_DEMO_KEY, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_demo_runs_the_readme_main_job_small(tmp_path: Path) -> None:
     """`fedcore demo` end to end (client processes, TLS, 1024-bit key), small and quick."""
-    out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedcore.cli",
-            "demo",
-            "--dataset",
-            "digits",
-            "--clients",
-            "3",
-            "--rounds",
-            "2",
-            "--key-bits",
-            "1024",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
+    argv = ["--dataset", "digits", "--clients", "3", "--rounds", "2"]
+    proc, summary = _demo(tmp_path, *argv, timeout=600)
     assert summary["rounds_completed"] == 2 and summary["encrypted"] is True
     assert summary["dataset"] == "digits" and summary["clients"] == 3
     assert len(summary["round_seconds"]) == 2 and all(s > 0 for s in summary["round_seconds"])
@@ -311,32 +308,8 @@ def test_demo_threshold_needs_a_client_per_share(capsys: pytest.CaptureFixture[s
 @pytest.mark.slow
 def test_demo_runs_a_3_of_5_threshold_federation(tmp_path: Path) -> None:
     """`fedcore demo --key-mode threshold`: five share holders over TLS, in processes."""
-    out = tmp_path / "demo.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedcore.cli",
-            "demo",
-            "--key-mode",
-            "threshold",
-            "--dataset",
-            "digits",
-            "--clients",
-            "5",
-            "--rounds",
-            "1",
-            "--key-bits",
-            "1024",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
+    argv = ["--key-mode", "threshold", "--dataset", "digits", "--clients", "5", "--rounds", "1"]
+    proc, summary = _demo(tmp_path, *argv, timeout=900)
     assert summary["rounds_completed"] == 1 and summary["key_mode"] == "threshold"
     assert summary["threshold"] == "3-of-5"
     # one round of the demo's training on digits: well above chance (10%), not converged
@@ -347,16 +320,8 @@ def test_demo_runs_a_3_of_5_threshold_federation(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_through_relays(tmp_path: Path) -> None:
     """`fedcore demo --relays 2`: relay processes between the root and 4 of 7 clients."""
-    out = tmp_path / "demo.json"
-    argv = ["demo", "--dataset", "digits", "--clients", "7", "--rounds", "1", "--relays", "2"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedcore.cli", *argv, "--key-bits", "1024", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())
+    argv = ["--dataset", "digits", "--clients", "7", "--rounds", "1", "--relays", "2"]
+    proc, summary = _demo(tmp_path, *argv, timeout=900)
     assert summary["rounds_completed"] == 1 and summary["relays"] == 2
     assert 0.2 < summary["final_accuracy"] <= 1.0
     assert "2 relays joined the aggregator" in proc.stdout
