@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import strategies as st
 
 from protocol import (
@@ -42,6 +44,19 @@ configs = st.dictionaries(keys, config_values, max_size=6)
 float_maps = st.dictionaries(keys, finite, max_size=6)
 reasons = st.text(max_size=200)
 
+
+def _update_done(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[UpdateDone]:
+    """UpdateDone with its counts and digest drawn, plus ``fields``."""
+    return st.builds(
+        UpdateDone,
+        round_id=ids,
+        chunk_count=st.integers(0, MAX_CHUNKS_PER_UPDATE),
+        item_count=uints,
+        digest=st.binary(min_size=32, max_size=32),
+        **fields,
+    )
+
+
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, version=st.integers(0, 255), committee=payloads),
     st.builds(
@@ -72,24 +87,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(
         UpdateChunk, round_id=ids, seq=st.integers(0, MAX_CHUNKS_PER_UPDATE - 1), payload=payloads
     ),
-    st.builds(
-        UpdateDone,
-        round_id=ids,
-        chunk_count=st.integers(0, MAX_CHUNKS_PER_UPDATE),
-        item_count=uints,
-        digest=st.binary(min_size=32, max_size=32),
-        token=payloads,
-        timings=float_maps,
-        metrics=float_maps,
-    ),
-    st.builds(
-        UpdateDone,
-        round_id=ids,
-        chunk_count=st.integers(0, MAX_CHUNKS_PER_UPDATE),
-        item_count=uints,
-        digest=st.binary(min_size=32, max_size=32),
-        contributors=payloads,
-    ),
+    _update_done(token=payloads, timings=float_maps, metrics=float_maps),
+    _update_done(contributors=payloads),  # a relay's: its clients' tokens, none of its own
     st.builds(RelayStatus, clients=st.integers(0, MAX_RELAYED_CLIENTS)),
     st.builds(Ack, round_id=ids, accepted=st.booleans(), reason=reasons),
     st.builds(

@@ -378,11 +378,15 @@ async def test_the_root_refuses_what_a_relay_may_not_claim(
         assert await relay.error_code() == ErrorCode.BAD_TOKEN
         assert rejected("bad_token") == before + 1
 
+        while "relay-0/rogue" in aggregator.clients:  # the refused relay's goodbye
+            await asyncio.sleep(0.01)
+        counted = aggregator.hub.leaf_count
         posing = RogueClient(pki, 5)  # a client certificate cannot claim to be a relay
         with pytest.raises(AssertionError, match="got Error"):
             await posing.connect(aggregator.port, relay="fake")
         assert posing.received[-1].code == ErrorCode.UNKNOWN_CLIENT
         assert "not a relay's" in posing.received[-1].reason
+        assert aggregator.hub.leaf_count == counted  # no client count it could inflate
 
         start = await holder.expect(RoundStart)
         mine = holder.payloads(start)
