@@ -110,10 +110,10 @@ class Relay(Listener):
             path = getattr(config, name)
             if path is not None and not path.is_file():
                 raise ConfigError(f"relay {name} file {path} does not exist (--{name})")
+        self._pinned = (
+            FederationParams.load(config.federation) if config.federation is not None else None
+        )
         try:
-            self._pinned = (
-                FederationParams.load(config.federation) if config.federation is not None else None
-            )
             self._client_ssl = client_context(config.cert, config.key, config.ca)
             self._server_ssl = server_context(config.cert, config.key, config.ca)
         except (OSError, ValueError) as exc:

@@ -44,9 +44,7 @@ from fedcore.errors import ConfigError, PackingError, RoundError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
 from fedcore.packing import ContributionSum
-from protocol.messages import (
-    RoundStart,
-)
+from protocol.messages import RoundStart
 from protocol.tls import server_context
 from protocol.transport import Server, TransportConfig
 

@@ -402,8 +402,8 @@ def test_relay_flag_mistakes_get_one_line(
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_relay_with_a_key_of_another_certificate_or_no_upstream(
-    pki: Path, capsys: pytest.CaptureFixture[str]
+def test_relay_with_a_key_of_another_certificate_no_upstream_or_a_bad_federation_file(
+    tmp_path: Path, pki: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = ["relay", "--cert", str(pki / "relay-0.pem"), "--ca", str(pki / "ca.pem")]
     wrong_key = [*base, "--key", str(pki / "client-0.key"), "--upstream", "127.0.0.1:1"]
@@ -412,3 +412,7 @@ def test_relay_with_a_key_of_another_certificate_or_no_upstream(
     argv = [*base, "--key", str(pki / "relay-0.key"), "--upstream", "127.0.0.1:1"]
     assert main([*argv, "--reconnect-attempts", "0", "--metrics-port", "0", "--port", "0"]) == 2
     assert "cannot reach the upstream 127.0.0.1:1" in capsys.readouterr().err
+    bad = tmp_path / "not-a-federation.json"
+    bad.write_text("{}")
+    assert main([*argv, "--federation", str(bad)]) == 2
+    assert f"federation file {bad}: document type" in capsys.readouterr().err
