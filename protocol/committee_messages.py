@@ -142,9 +142,35 @@ class DecryptRequest(_RangeRequest):
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DecryptResult(_RangeAnswer):
-    """Key-holding client -> aggregator: the plaintexts of one shard."""
+    """Key-holding client -> aggregator: the plaintexts of one shard, and their randomness.
+
+    ``randomness`` holds, per ciphertext, the ``r`` with ``c = (1+n)^m · r^n mod n²``
+    (plaintext width each): re-encrypting ``payload`` with it must give back the shard,
+    which the aggregator checks (batched) before it uses a single value.
+    """
 
     type_id: ClassVar[int] = 9
+    randomness: bytes
+
+    def __post_init__(self) -> None:
+        _RangeAnswer.__post_init__(self)
+        check_bytes("randomness", self.randomness, MAX_BYTES_FIELD_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        wire = _RangeAnswer.to_wire(self)
+        wire["randomness"] = self.randomness
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> Self:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(
+            wire,
+            cls,
+            ("round_id", "shard_id", "item_count", "payload", "seconds", "randomness"),
+        )
+        return cls(**f)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -57,6 +57,7 @@ from .fields import (
 
 __all__ = [
     "MAX_BYTES_FIELD_LEN",
+    "MAX_CHALLENGE_LEN",
     "MAX_CHUNKS_PER_UPDATE",
     "MAX_CLIENT_ID_LEN",
     "MAX_COMMITTEE_ENTRIES",
@@ -71,6 +72,7 @@ __all__ = [
     "MAX_REASON_LEN",
     "MAX_RELAYED_CLIENTS",
     "MAX_RELAY_NAME_LEN",
+    "MAX_RESUME_TOKEN_LEN",
     "MAX_STATEMENT_LEN",
     "MAX_STATUS_LEN",
     "MAX_VALUE_BITS",
@@ -85,6 +87,7 @@ __all__ = [
     "Error",
     "Heartbeat",
     "Hello",
+    "KeyProof",
     "Message",
     "PartialDecryptRequest",
     "PartialDecryptResult",
@@ -105,11 +108,13 @@ __all__ = [
 # 3: clients pin the federation and sign a token per upload; the committee unmasks.
 # 4: threshold federations: PartialDecrypt messages; committee credentials name a share.
 # 5: relays: Hello.relay, UpdateDone.contributors (a relay's leaf tokens), RelayStatus.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 
 # A relay tree reports at most this many clients behind one connection.
 MAX_RELAYED_CLIENTS = 10_000_000
+MAX_CHALLENGE_LEN = 64
+MAX_RESUME_TOKEN_LEN = 64
 MAX_RELAY_NAME_LEN = 64
 _RELAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -160,6 +165,8 @@ class Welcome:
 
     ``federation`` is the federation document (public key and the parameters that
     decide what a sum reveals), which the client compares with the one it pinned.
+    ``key_challenge`` is a fresh nonce for a client that claimed the private key in its
+    Hello: it is drafted to decrypt only after answering with a valid :class:`KeyProof`.
     """
 
     type_id: ClassVar[int] = 2
@@ -167,12 +174,14 @@ class Welcome:
     client_id: str
     federation: bytes
     session_config: dict[str, ConfigValue]
+    key_challenge: bytes = b""
 
     def __post_init__(self) -> None:
         check_int("version", self.version, 0, 255)
         check_str("client_id", self.client_id, MAX_CLIENT_ID_LEN, nonempty=True)
         check_bytes("federation", self.federation, MAX_FEDERATION_LEN)
         check_config(self, "session_config", self.session_config)
+        check_bytes("key_challenge", self.key_challenge, MAX_CHALLENGE_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
@@ -181,18 +190,48 @@ class Welcome:
             "client_id": self.client_id,
             "federation": self.federation,
             "session_config": self.session_config,
+            "key_challenge": self.key_challenge,
         }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> Welcome:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(wire, cls, ("version", "client_id", "federation", "session_config"))
+        f = pick_fields(
+            wire, cls, ("version", "client_id", "federation", "session_config"), ("key_challenge",)
+        )
         return cls(
             version=f["version"],
             client_id=f["client_id"],
             federation=f["federation"],
             session_config=f["session_config"],
+            key_challenge=f.get("key_challenge", b""),
         )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeyProof:
+    """Key holder -> aggregator: proof that it holds the federation's private key.
+
+    ``root`` is the n-th root modulo n of a value both sides derive by hashing the
+    Welcome's ``key_challenge`` (see ``fedcore.crypto.decrypt_proof``); computing it
+    needs the factorization of n. Sent once, right after Welcome.
+    """
+
+    type_id: ClassVar[int] = 20
+    root: bytes
+
+    def __post_init__(self) -> None:
+        check_bytes("root", self.root, MAX_PUBLIC_KEY_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this message."""
+        return {"root": self.root}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> KeyProof:
+        """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
+        f = pick_fields(wire, cls, ("root",))
+        return cls(root=f["root"])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -272,19 +311,21 @@ class UploadRequest:
 
     type_id: ClassVar[int] = 13
     round_id: int
+    resume_token: bytes = b""
 
     def __post_init__(self) -> None:
         check_int("round_id", self.round_id)
+        check_bytes("resume_token", self.resume_token, MAX_RESUME_TOKEN_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
-        return {"round_id": self.round_id}
+        return {"round_id": self.round_id, "resume_token": self.resume_token}
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UploadRequest:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(wire, cls, ("round_id",))
-        return cls(round_id=f["round_id"])
+        f = pick_fields(wire, cls, ("round_id",), ("resume_token",))
+        return cls(round_id=f["round_id"], resume_token=f.get("resume_token", b""))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -292,26 +333,38 @@ class UploadGrant:
     """Aggregator -> client: send the update now, from chunk ``start_seq`` on.
 
     ``start_seq`` is how many chunks of this round's upload the aggregator already holds
-    (non-zero when resuming after a reconnect).
+    (non-zero when resuming after a reconnect). ``resume_token`` is a secret the client
+    must show in the UploadRequest of a later connection to resume this upload; a
+    connection without it starts the upload over.
     """
 
     type_id: ClassVar[int] = 14
     round_id: int
     start_seq: int = 0
+    resume_token: bytes = b""
 
     def __post_init__(self) -> None:
         check_int("round_id", self.round_id)
         check_int("start_seq", self.start_seq, 0, MAX_CHUNKS_PER_UPDATE)
+        check_bytes("resume_token", self.resume_token, MAX_RESUME_TOKEN_LEN)
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message."""
-        return {"round_id": self.round_id, "start_seq": self.start_seq}
+        return {
+            "round_id": self.round_id,
+            "start_seq": self.start_seq,
+            "resume_token": self.resume_token,
+        }
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> UploadGrant:
         """Build from a decoded msgpack map (raises ``InvalidMessage``)."""
-        f = pick_fields(wire, cls, ("round_id",), ("start_seq",))
-        return cls(round_id=f["round_id"], start_seq=f.get("start_seq", 0))
+        f = pick_fields(wire, cls, ("round_id",), ("start_seq", "resume_token"))
+        return cls(
+            round_id=f["round_id"],
+            start_seq=f.get("start_seq", 0),
+            resume_token=f.get("resume_token", b""),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -572,6 +625,7 @@ Message: TypeAlias = (
     | PartialDecryptRequest
     | PartialDecryptResult
     | RelayStatus
+    | KeyProof
     | Heartbeat
     | Error
     | Bye
@@ -600,6 +654,7 @@ MESSAGE_TYPES: dict[int, type[Message]] = {
         PartialDecryptRequest,
         PartialDecryptResult,
         RelayStatus,
+        KeyProof,
     )
 }
 

@@ -44,6 +44,7 @@ from .messages import (
     Error,
     Heartbeat,
     Hello,
+    KeyProof,
     Message,
     PartialDecryptRequest,
     PartialDecryptResult,
@@ -130,6 +131,8 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     **{(s, Heartbeat, r): s for s in _LIVE for r in Role},
     # a relay reports its client count whenever it changes, whatever it is doing
     **{(s, RelayStatus, _C): s for s in _JOINED},
+    # a key holder proves its key once after Welcome, whatever the aggregator sent since
+    **{(s, KeyProof, _C): s for s in _JOINED},
     **{(s, Error, r): State.ERROR for s in _LIVE for r in Role},
     **{(s, Bye, r): State.CLOSED for s in _LIVE for r in Role},
     # after a violation we may still tell the peer why (once; see Session.send)

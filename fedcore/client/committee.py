@@ -298,6 +298,7 @@ class CommitteeMember:
             item_count=count,
             payload=payload,
             seconds=time.perf_counter() - t0,
+            randomness=b"",
         )
 
     async def partial_decrypt(

@@ -18,6 +18,7 @@ from protocol import (
     ErrorCode,
     Heartbeat,
     Hello,
+    KeyProof,
     Message,
     RelayStatus,
     RoundEnd,
@@ -70,7 +71,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
         client_id=st.text(min_size=1, max_size=64),
         federation=payloads,
         session_config=configs,
+        key_challenge=st.binary(max_size=64),
     ),
+    st.builds(KeyProof, root=payloads),
     st.builds(
         RoundStart,
         round_id=ids,
@@ -82,8 +85,13 @@ messages: st.SearchStrategy[Message] = st.one_of(
         config=configs,
         committee=st.lists(payloads, max_size=3).map(tuple),
     ),
-    st.builds(UploadRequest, round_id=ids),
-    st.builds(UploadGrant, round_id=ids, start_seq=st.integers(0, MAX_CHUNKS_PER_UPDATE)),
+    st.builds(UploadRequest, round_id=ids, resume_token=st.binary(max_size=64)),
+    st.builds(
+        UploadGrant,
+        round_id=ids,
+        start_seq=st.integers(0, MAX_CHUNKS_PER_UPDATE),
+        resume_token=st.binary(max_size=64),
+    ),
     st.builds(
         UpdateChunk, round_id=ids, seq=st.integers(0, MAX_CHUNKS_PER_UPDATE - 1), payload=payloads
     ),
@@ -130,6 +138,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         item_count=uints,
         payload=payloads,
         seconds=nonneg,
+        randomness=payloads,
     ),
     st.builds(Heartbeat, sent_at=nonneg),
     st.builds(Error, code=st.sampled_from(list(ErrorCode)), reason=reasons),

@@ -26,6 +26,7 @@ from protocol import (
     Heartbeat,
     Hello,
     InvalidMessage,
+    KeyProof,
     Message,
     RelayStatus,
     RoundEnd,
@@ -46,8 +47,8 @@ def test_every_message_round_trips_through_its_wire_map(msg: Message) -> None:
 
 
 def test_type_ids_are_unique_and_cover_every_message() -> None:
-    assert sorted(MESSAGE_TYPES) == list(range(1, 20))
-    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 19
+    assert sorted(MESSAGE_TYPES) == list(range(1, 21))
+    assert len({cls.__name__ for cls in MESSAGE_TYPES.values()}) == 20
 
 
 def test_messages_are_frozen_keyword_only_and_slotted() -> None:
@@ -84,6 +85,7 @@ def test_config_is_copied_from_the_callers_dict() -> None:
     assert rs.config == {"k": 1}
 
 
+GOOD_WELCOME = {"version": 1, "client_id": "c", "federation": b"", "session_config": {}}
 GOOD_DONE = {
     "round_id": 1,
     "chunk_count": 2,
@@ -180,10 +182,21 @@ BAD_VALUES = [
     (RoundEnd, {"round_id": 1, "status": ""}, ValueError, "status"),
     (
         DecryptResult,
-        {"round_id": 1, "shard_id": 0, "item_count": 1, "payload": b"", "seconds": math.nan},
+        {
+            "round_id": 1,
+            "shard_id": 0,
+            "item_count": 1,
+            "payload": b"",
+            "seconds": math.nan,
+            "randomness": b"",
+        },
         ValueError,
         "seconds",
     ),
+    (Welcome, {**GOOD_WELCOME, "key_challenge": bytes(65)}, ValueError, "key_challenge"),
+    (KeyProof, {"root": "not bytes"}, TypeError, "root"),
+    (UploadGrant, {"round_id": 1, "resume_token": bytes(65)}, ValueError, "resume_token"),
+    (UploadRequest, {"round_id": 1, "resume_token": 7}, TypeError, "resume_token"),
     (Heartbeat, {"sent_at": math.nan}, ValueError, "sent_at"),
     (Error, {"code": 12345, "reason": ""}, ValueError, "code"),
     (Error, {"code": ErrorCode.INTERNAL, "reason": None}, TypeError, "reason"),

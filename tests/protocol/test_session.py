@@ -148,7 +148,9 @@ def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
         (RoundEnd(round_id=7, status="completed"), State.READY),
         (decrypt_request(7, 2), State.DECRYPTING),
         (
-            DecryptResult(round_id=7, shard_id=2, item_count=5, payload=b"y", seconds=0.1),
+            DecryptResult(
+                round_id=7, shard_id=2, item_count=5, payload=b"y", seconds=0.1, randomness=b""
+            ),
             State.READY,
         ),
         (unmask_request(7, 3), State.DECRYPTING),
@@ -224,7 +226,9 @@ ILLEGAL_FROM_CLIENT = [
     ([HELLO, WELCOME, start(chunks_received=2), request(), grant(0)], chunk(2)),
     (
         [HELLO, WELCOME, decrypt_request(1, 1)],
-        DecryptResult(round_id=1, shard_id=2, item_count=1, payload=b"", seconds=0.0),
+        DecryptResult(
+            round_id=1, shard_id=2, item_count=1, payload=b"", seconds=0.0, randomness=b""
+        ),
     ),
     (  # an unmask answer to a decryption request
         [HELLO, WELCOME, decrypt_request(1, 1)],
@@ -232,11 +236,15 @@ ILLEGAL_FROM_CLIENT = [
     ),
     (  # a decryption answer to an unmask request
         [HELLO, WELCOME, unmask_request(1, 1)],
-        DecryptResult(round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0),
+        DecryptResult(
+            round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0, randomness=b""
+        ),
     ),
     (
         [HELLO, WELCOME],
-        DecryptResult(round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0),
+        DecryptResult(
+            round_id=1, shard_id=1, item_count=1, payload=b"", seconds=0.0, randomness=b""
+        ),
     ),
 ]
 

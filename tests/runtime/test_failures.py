@@ -300,6 +300,7 @@ async def test_committee_shards_are_reassigned_when_members_fail(
                 item_count=request.item_count,
                 payload=b"\x00" * 3,
                 seconds=0.1,
+                randomness=b"",
             )
         )
         assert await liar.error_code() == ErrorCode.BAD_DECRYPT_RESULT
