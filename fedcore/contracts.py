@@ -478,6 +478,8 @@ class RejectReason(enum.Enum):
     BAD_TOKEN = ("bad_token", ErrorCode.BAD_TOKEN)
     BAD_DECRYPT_RESULT = ("bad_decrypt_result", ErrorCode.BAD_DECRYPT_RESULT)
     OVER_CAPACITY = ("over_capacity", ErrorCode.OVER_CAPACITY)
+    UPLOAD_STALLED = ("upload_stalled", ErrorCode.UPLOAD_STALLED)
+    BAD_KEY_PROOF = ("bad_key_proof", ErrorCode.BAD_KEY_PROOF)
     PROTOCOL_ERROR = ("protocol_error", ErrorCode.PROTOCOL_VIOLATION)
 
     def __init__(self, label: str, code: ErrorCode) -> None:

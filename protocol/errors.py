@@ -59,6 +59,9 @@ class ErrorCode(IntEnum):
     REQUEST_REFUSED = 29  # a committee member refused a decrypt/unmask request
     SUM_NOT_DECODABLE = 30  # the unmasked sum is not a sum of honest contributions
     OVER_CAPACITY = 31  # more contributors than the sum's slot headroom holds
+    UPLOAD_STALLED = 32  # a granted upload did not progress at the minimum rate
+    RATE_LIMITED = 33  # a peer sent (e.g. heartbeats) faster than allowed
+    BAD_KEY_PROOF = 34  # a client claiming the private key could not prove it holds it
     INTERNAL = 99
 
 
