@@ -6,17 +6,19 @@ This module knows the private primes and big integers only: no key files, no pac
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, TypeVar
 
 import gmpy2
 from gmpy2 import mpz
 
 from fedcore.crypto.modexp import FixedExponent
 
-__all__ = ["CrtConstants", "crt_decrypt", "parallel_crt_decrypt"]
+__all__ = ["CrtConstants", "crt_decrypt", "parallel_crt", "parallel_crt_decrypt"]
+
+T = TypeVar("T")
 
 # Below this many ciphertexts per worker, starting a process costs more than it saves.
 _MIN_CIPHERTEXTS_PER_WORKER = 32
@@ -89,9 +91,60 @@ def crt_decrypt(
 
 def _decrypt_chunk(p: int, q: int, data: bytes, width: int, constant_time: bool) -> list[int]:
     """Worker-process job: decrypt fixed-width big-endian ciphertexts."""
+    return crt_decrypt(_parse_chunk(data, width), CrtConstants(p, q), constant_time=constant_time)
+
+
+def _parse_chunk(data: bytes, width: int) -> list[Any]:
     from_bytes = mpz.from_bytes
-    ciphertexts = [from_bytes(data[i : i + width], "big") for i in range(0, len(data), width)]
-    return crt_decrypt(ciphertexts, CrtConstants(p, q), constant_time=constant_time)
+    return [from_bytes(data[i : i + width], "big") for i in range(0, len(data), width)]
+
+
+Job = Callable[[Sequence[Any], CrtConstants, bool], list[T]]
+"""In-process work on a range: ``(ciphertexts, constants, constant_time) -> results``."""
+ChunkJob = Callable[[int, int, bytes, int, bool], list[T]]
+"""The same work in a worker process: ``(p, q, fixed-width ciphertexts, width, ct)``."""
+
+
+def parallel_crt(
+    job: Job[T],
+    chunk_job: ChunkJob[T],
+    ciphertexts: Sequence[Any],
+    constants: CrtConstants,
+    workers: int,
+    *,
+    constant_time: bool = True,
+) -> list[T]:
+    """``job`` over ``workers`` contiguous ranges of ``ciphertexts``, one per process.
+
+    The calling process runs the first range itself and ``workers - 1`` spawned
+    processes the others (``spawn``: never a fork of a possibly threaded process).
+    Ciphertexts travel as fixed-width bytes. Small inputs stay in this process.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    total = len(ciphertexts)
+    workers = min(workers, max(1, total // _MIN_CIPHERTEXTS_PER_WORKER))
+    if workers == 1:
+        return job(ciphertexts, constants, constant_time)
+    width = 2 * ((constants.n.bit_length() + 7) // 8)
+    bounds = [total * i // workers for i in range(workers + 1)]
+    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=get_context("spawn")) as pool:
+        futures = []
+        for lo, hi in itertools.pairwise(bounds[1:]):
+            data = b"".join(mpz(c).to_bytes(width, "big") for c in ciphertexts[lo:hi])
+            futures.append(
+                pool.submit(
+                    chunk_job, int(constants.p), int(constants.q), data, width, constant_time
+                )
+            )
+        out = job(ciphertexts[: bounds[1]], constants, constant_time)
+        for future in futures:
+            out.extend(future.result())
+    return out
+
+
+def _decrypt_job(ciphertexts: Sequence[Any], constants: CrtConstants, ct: bool) -> list[int]:
+    return crt_decrypt(ciphertexts, constants, constant_time=ct)
 
 
 def parallel_crt_decrypt(
@@ -101,30 +154,12 @@ def parallel_crt_decrypt(
     *,
     constant_time: bool = True,
 ) -> list[int]:
-    """:func:`crt_decrypt` split into ``workers`` contiguous ranges, one per process.
-
-    The calling process decrypts the first range itself and ``workers - 1`` spawned
-    processes the others (``spawn``: never a fork of a possibly threaded process).
-    Ciphertexts travel as fixed-width bytes. Small inputs stay in this process.
-    """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    total = len(ciphertexts)
-    workers = min(workers, max(1, total // _MIN_CIPHERTEXTS_PER_WORKER))
-    if workers == 1:
-        return crt_decrypt(ciphertexts, constants, constant_time=constant_time)
-    width = 2 * ((constants.n.bit_length() + 7) // 8)
-    bounds = [total * i // workers for i in range(workers + 1)]
-    with ProcessPoolExecutor(max_workers=workers - 1, mp_context=get_context("spawn")) as pool:
-        futures = []
-        for lo, hi in itertools.pairwise(bounds[1:]):
-            data = b"".join(mpz(c).to_bytes(width, "big") for c in ciphertexts[lo:hi])
-            futures.append(
-                pool.submit(
-                    _decrypt_chunk, int(constants.p), int(constants.q), data, width, constant_time
-                )
-            )
-        out = crt_decrypt(ciphertexts[: bounds[1]], constants, constant_time=constant_time)
-        for future in futures:
-            out.extend(future.result())
-    return out
+    """:func:`crt_decrypt` split into ``workers`` contiguous ranges (see `parallel_crt`)."""
+    return parallel_crt(
+        _decrypt_job,
+        _decrypt_chunk,
+        ciphertexts,
+        constants,
+        workers,
+        constant_time=constant_time,
+    )

@@ -407,6 +407,29 @@ class PrivateKey:
         validate_ciphertexts(values, self.public_key)
         return parallel_crt_decrypt(values, self._crt, workers, constant_time=constant_time)
 
+    def open_vector(
+        self, ciphertexts: Sequence[int], workers: int = 1, *, constant_time: bool = True
+    ) -> tuple[list[int], list[int]]:
+        """Decrypt like :meth:`decrypt_vector`, and also recover each ciphertext's randomness.
+
+        ``(plaintexts, randomness)``: with them anyone re-encrypts the ciphertexts, which
+        is how an aggregator checks a key holder's answer (`fedcore.crypto.decrypt_proof`).
+        """
+        from fedcore.crypto.decrypt_proof import open_ciphertexts
+        from fedcore.crypto.vector import validate_ciphertexts
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        values = [mpz(operator.index(c)) for c in ciphertexts]
+        validate_ciphertexts(values, self.public_key)
+        return open_ciphertexts(values, self._crt, workers=workers, constant_time=constant_time)
+
+    def prove_key(self, context: bytes) -> bytes:
+        """The proof that this key is held, for a verifier's ``context`` (see decrypt_proof)."""
+        from fedcore.crypto.decrypt_proof import prove_key
+
+        return prove_key(self._crt, context, self.public_key)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PrivateKey):
             return NotImplemented
