@@ -27,6 +27,7 @@ from fedcore.crypto import (
     serialize_ciphertexts,
     serialize_plaintexts,
 )
+from fedcore.crypto.decrypt_proof import check_decryptions
 from fedcore.crypto.folding import check_ciphertext_bytes
 from fedcore.errors import InvalidCiphertextError, PackingError
 from fedcore.packing import (
@@ -132,14 +133,23 @@ class EncryptedCodec:
         *,
         workers: int = 1,
         constant_time: bool = True,
-    ) -> tuple[bytes, int]:
-        """Committee side: decrypt a shard of summed ciphertexts into plaintext bytes."""
-        # decrypt_vector refuses values outside Z*_{n²}: no second check here
+    ) -> tuple[bytes, bytes, int]:
+        """Committee side: a shard's plaintexts and each ciphertext's randomness, as bytes.
+
+        The randomness lets the aggregator re-encrypt the answer and so check it
+        (`check_decryption`); it belongs to ciphertexts whose plaintexts are revealed.
+        """
+        # open_vector refuses values outside Z*_{n²}: no second check here
         ciphertexts = deserialize_ciphertexts(payload, self.public_key, validate=False)
-        plaintexts = private_key.decrypt_vector(
+        plaintexts, randomness = private_key.open_vector(
             ciphertexts, workers=workers, constant_time=constant_time
         )
-        return serialize_plaintexts(plaintexts, self.public_key), len(plaintexts)
+        key = self.public_key
+        return (
+            serialize_plaintexts(plaintexts, key),
+            serialize_plaintexts(randomness, key),
+            len(plaintexts),
+        )
 
     def parse_plaintexts(self, payload: bytes, count: int) -> list[int]:
         """Aggregator side: check a committee answer has the promised shape."""
@@ -149,6 +159,24 @@ class EncryptedCodec:
                 f"committee answer holds {len(values)} values, expected {count}"
             )
         return values
+
+    def check_decryption(
+        self, ciphertext_payload: bytes, plaintexts: Sequence[int], randomness_payload: bytes
+    ) -> str:
+        """Aggregator side: why a key holder's decrypted shard is wrong ("" when it is right).
+
+        Re-encrypts the answer with its randomness, batched (`fedcore.crypto.decrypt_proof`):
+        a single wrong plaintext is caught except with probability 2^-64.
+        """
+        key = self.public_key
+        try:
+            randomness = self.parse_plaintexts(randomness_payload, len(plaintexts))
+        except (InvalidCiphertextError, ValueError) as exc:
+            return f"malformed randomness: {exc}"
+        ciphertexts = deserialize_ciphertexts(ciphertext_payload, key, validate=False)
+        if not check_decryptions(key, ciphertexts, plaintexts, randomness):
+            return "its plaintexts do not re-encrypt to the shard's ciphertexts"
+        return ""
 
     def decode(self, plaintexts: Sequence[int]) -> ContributionSum:
         """The weighted mean and totals from the unmasked sum (PackingError if impossible)."""

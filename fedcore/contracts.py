@@ -45,6 +45,7 @@ __all__ = [
     "RoundPlan",
     "SessionInfo",
     "decryption_context",
+    "key_proof_context",
 ]
 
 KeyMode = Literal["shared", "threshold", "plaintext"]
@@ -330,6 +331,22 @@ def decryption_context(
         + start.to_bytes(8, "big")
         + count.to_bytes(8, "big")
         + hashlib.sha256(contributors).digest()
+    )
+
+
+def key_proof_context(federation_digest: bytes, client_id: str, nonce: bytes) -> bytes:
+    """What a key holder's key proof is bound to (both sides build it).
+
+    The federation, the name the aggregator gave this connection and its fresh nonce: a
+    proof made for one connection proves nothing on another.
+    """
+    name = client_id.encode()
+    return (
+        b"fedcore key proof v1"
+        + federation_digest
+        + len(name).to_bytes(2, "big")
+        + name
+        + hashlib.sha256(nonce).digest()
     )
 
 

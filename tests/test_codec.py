@@ -129,8 +129,12 @@ def _encrypted_sum(federation: FederationParams, *, masked: bool) -> Contributio
             fold_update(running, update_ciphertexts, PUBLIC_KEY)
     assert running is not None
     summed = serialize_ciphertexts(running, PUBLIC_KEY)
-    plaintext_bytes, count = codec.decrypt_payload(summed, PRIVATE_KEY)
+    plaintext_bytes, randomness, count = codec.decrypt_payload(summed, PRIVATE_KEY)
     plaintexts = codec.parse_plaintexts(plaintext_bytes, count)
+    # the answer re-encrypts to the sum, and one changed plaintext no longer does
+    assert codec.check_decryption(summed, plaintexts, randomness) == ""
+    wrong = [plaintexts[0] ^ 1, *plaintexts[1:]]
+    assert "do not re-encrypt" in codec.check_decryption(summed, wrong, randomness)
     if masked:
         with pytest.raises(PackingError):  # still masked: noise, refused
             codec.decode(plaintexts)

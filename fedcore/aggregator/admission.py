@@ -8,20 +8,23 @@ carries its clients' tokens instead: each must be signed by a distinct client an
 the same federation, round, model version, unmaskers and ciphertext count (the relay
 checked each upload digest; the masks make a sum of anything else noise). Checking here
 keeps garbage out of RoundStarts and decryption requests and names the culprit early;
-the clients' checks are the ones privacy rests on. Knows nothing of folding or rounds'
-timing.
+the clients' checks are the ones privacy rests on. A shared-mode key holder is drafted
+only after it proves it holds the key (a KeyProof for its Welcome's fresh nonce), and a
+key holder once caught answering wrongly stays excluded. Knows nothing of folding or
+rounds' timing.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import RejectedUpdate, RoundState
-from fedcore.contracts import FederationParams, RejectReason, SessionInfo
+from fedcore.contracts import FederationParams, RejectReason, SessionInfo, key_proof_context
 from fedcore.credentials import (
     CertificateAuthority,
     CommitteeCredential,
@@ -29,10 +32,11 @@ from fedcore.credentials import (
     CredentialError,
     unpack_tokens,
 )
+from fedcore.crypto.decrypt_proof import verify_key_proof
 from fedcore.errors import ConfigError
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import PROTOCOL_VERSION, Error, Hello, UpdateDone, Welcome
+from protocol.messages import PROTOCOL_VERSION, Error, Hello, KeyProof, UpdateDone, Welcome
 from protocol.transport import Connection
 
 __all__ = ["Gatekeeper"]
@@ -53,6 +57,7 @@ class Gatekeeper:
         item_count: int,
         metrics: AggregatorMetrics,
         accept_key_holders: bool = True,
+        excluded_decryptors: list[str] | None = None,
     ) -> None:
         self.metrics = metrics
         self._allowed = None if allowed_clients is None else frozenset(allowed_clients)
@@ -64,6 +69,11 @@ class Gatekeeper:
             if federation.threshold_key is not None
             else range(0, 1)
         )
+        self._threshold = federation.threshold_key
+        self._public_key = federation.public_key
+        self.excluded_decryptors = [] if excluded_decryptors is None else excluded_decryptors
+        """Key holders caught answering wrongly, for the federation's life (the list is
+        the checkpoint's, which the committee appends to)."""
         self._federation_bytes = federation.to_bytes()
         self._federation_digest = federation.digest()
         self._session = session.to_wire()
@@ -75,14 +85,32 @@ class Gatekeeper:
         except CredentialError as exc:
             raise ConfigError(str(exc)) from None
 
-    def welcome(self, client_id: str) -> Welcome:
-        """The Welcome every client gets: the federation to compare with its pinned one."""
+    def welcome(self, handle: ClientHandle) -> Welcome:
+        """The federation to compare with the pinned one, and a key holder's challenge.
+
+        A shared-mode key holder gets a fresh nonce: it is drafted to decrypt or unmask
+        only once its KeyProof for this nonce verifies (`check_key_proof`).
+        """
+        if handle.credential and self._threshold is None and not handle.decrypt_excluded:
+            handle.key_challenge = secrets.token_bytes(32)
         return Welcome(
             version=PROTOCOL_VERSION,
-            client_id=client_id,
+            client_id=handle.client_id,
             federation=self._federation_bytes,
             session_config=self._session,
+            key_challenge=handle.key_challenge,
         )
+
+    def check_key_proof(self, handle: ClientHandle, proof: KeyProof) -> str:
+        """Why ``proof`` does not prove ``handle`` holds the key ("" when it does; CPU-bound)."""
+        if not handle.key_challenge or self._public_key is None:
+            return "it sent a KeyProof it was not asked for"
+        if handle.key_proven:
+            return "it sent a second KeyProof"
+        context = key_proof_context(self._federation_digest, handle.client_id, handle.key_challenge)
+        if not verify_key_proof(self._public_key, context, proof.root):
+            return "its KeyProof is not the n-th root of its challenge: it does not hold the key"
+        return ""
 
     async def _refuse(self, conn: Connection, reason: RejectReason, message: str) -> None:
         self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
@@ -168,6 +196,9 @@ class Gatekeeper:
             credential=credential,
             mask_public=mask_public,
             share_index=share_index,
+            # a threshold share holder proves every partial decryption instead
+            key_proven=bool(credential) and self._threshold is not None,
+            decrypt_excluded=client_id in self.excluded_decryptors,
             relay=bool(hello.relay),
         )
 

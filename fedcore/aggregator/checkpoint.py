@@ -64,6 +64,8 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     model_fingerprint: str = ""
+    excluded_decryptors: list[str] = field(default_factory=list)
+    """Key holders caught answering a decryption wrongly: never asked again."""
 
     def save(self, state_dir: Path) -> Path:
         """Write the model file, then the record that names it; prune older model files."""
@@ -79,6 +81,7 @@ class Checkpoint:
             "history": self.history,
             "metrics": self.metrics,
             "model_fingerprint": self.model_fingerprint,
+            "excluded_decryptors": self.excluded_decryptors,
         }
         atomic_write_bytes(state_dir / _RECORD, json.dumps(record, indent=1).encode())
         for old in state_dir.glob("global-*.npy"):
@@ -104,6 +107,7 @@ class Checkpoint:
                 history=list(record.get("history", [])),
                 metrics={str(k): float(v) for k, v in record.get("metrics", {}).items()},
                 model_fingerprint=str(record.get("model_fingerprint", "")),
+                excluded_decryptors=[str(x) for x in record.get("excluded_decryptors", [])],
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"cannot load checkpoint from {state_dir}: {exc}") from exc

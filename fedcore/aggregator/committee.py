@@ -1,10 +1,16 @@
 """Committee decryption: the round's summed ciphertexts to key holders, masks to unmaskers.
 
-Shared mode: each shard of the sum goes to whichever key holder is free; a member that
-drops, times out or answers with the wrong shape loses its shard to another. Threshold
-mode: each shard goes to T share holders of a rotating window, every partial decryption
-is verified against the member's proof before the T are combined, and a member that
-fails or lies is replaced (a liar is also counted, named and excluded from decrypting).
+Shared mode: each shard of the sum goes to whichever key holder is free (only members
+that proved at join that they hold the key); a member that drops or times out loses its
+shard to another. Every answer is checked before a value of it is used: the member
+sends each ciphertext's randomness with its plaintext, and re-encrypting must give the
+shard back (batched, `fedcore.crypto.decrypt_proof`). Threshold mode: each shard goes to
+T share holders of a rotating window, and every partial decryption is verified against
+the member's proof before the T are combined. In both modes a member whose answer fails
+its check is counted (``bad_decrypt_result``), named in a WARNING, excluded from
+decrypting and unmasking for the federation's life (the list is checkpointed) and its
+shard redone by another member; it is not disconnected (it may be this round's
+unmasker, whose masks nobody else can remove).
 Either way the decrypted (still masked) shard then goes to the round's unmasker, which
 removes exactly the folded contributors' masks and releases the result only if it
 decodes. Every request carries the signed tokens of the contributors, so members can
@@ -70,8 +76,11 @@ class CommitteeDecryption:
         codec: EncryptedCodec,
         metrics: AggregatorMetrics,
         clients: Mapping[str, ClientHandle],
+        excluded: list[str] | None = None,
     ) -> None:
         self.config = config
+        self.excluded = [] if excluded is None else excluded
+        """Client ids caught answering wrongly (the checkpoint's list: appended to)."""
         self.federation = federation
         self._federation_digest = federation.digest()
         self.codec = codec
@@ -121,16 +130,21 @@ class CommitteeDecryption:
         for member in members:
             free.put_nowait(member)
 
+        def usable(member: ClientHandle) -> bool:
+            return member.can_decrypt and self._clients.get(member.client_id) is member
+
         async def decrypt_one(request: DecryptRequest) -> list[int]:
             for _attempt in range(3 * len(members) + 3):
+                if free.empty() and not any(usable(m) for m in members):
+                    break  # every member left or was caught lying: nobody to wait for
                 try:
                     member = await asyncio.wait_for(free.get(), c.decrypt_shard_timeout)
                 except TimeoutError:
                     break
-                if self._clients.get(member.client_id) is not member:
-                    continue  # disconnected while queued; it never comes back to the queue
-                values = await self._request(member, request, request.item_count)
-                if self._clients.get(member.client_id) is member:
+                if not usable(member):
+                    continue  # left or excluded while queued; it never comes back
+                values = await self._checked_decryption(member, request)
+                if usable(member):
                     free.put_nowait(member)
                 if values is not None:
                     return values
@@ -264,20 +278,7 @@ class CommitteeDecryption:
                     ):
                         why = "its partial decryption proof does not verify"
             if why:
-                # Excluded from decrypting while it stays connected, but not disconnected:
-                # it may be the round's unmasker, whose masks nobody else can remove.
-                member.decrypt_excluded = True
-                log.warning(
-                    "round %d: committee member %s (key share %d) excluded from decrypting: "
-                    "shard %d %s",
-                    request.round_id,
-                    member.client_id,
-                    member.share_index,
-                    shard_id,
-                    why,
-                )
-                label = RejectReason.BAD_DECRYPT_RESULT.label
-                self.metrics.updates_rejected_total.labels(reason=label).inc()
+                self._exclude(member, request, why)
                 return None
             self._count_seconds(member, request, result.seconds)
             return partial
@@ -306,10 +307,50 @@ class CommitteeDecryption:
                 task.cancel()
         return await asyncio.to_thread(combine, key, valid[: key.threshold])
 
+    async def _checked_decryption(
+        self, member: ClientHandle, request: DecryptRequest
+    ) -> list[int] | None:
+        """A shared-key member's plaintexts for one shard, once they re-encrypt to it."""
+        result = await self._exchange(member, request)
+        if result is None:
+            return None
+        try:
+            values = self.codec.parse_plaintexts(result.payload, request.item_count)
+        except (InvalidCiphertextError, ValueError) as exc:
+            why = f"malformed plaintexts: {exc}"
+        else:
+            why = await asyncio.to_thread(
+                self.codec.check_decryption, request.payload, values, result.randomness
+            )
+        if why:
+            self._exclude(member, request, why)
+            return None
+        self._count_seconds(member, request, result.seconds)
+        return values
+
+    def _exclude(
+        self, member: ClientHandle, request: DecryptRequest | PartialDecryptRequest, why: str
+    ) -> None:
+        """A wrong decryption: count it, name the member, never ask it again."""
+        member.decrypt_excluded = True
+        if member.client_id not in self.excluded:
+            self.excluded.append(member.client_id)
+        share = f" (key share {member.share_index})" if member.share_index else ""
+        log.warning(
+            "round %d: committee member %s%s excluded for the federation's life: shard %d: %s",
+            request.round_id,
+            member.client_id,
+            share,
+            request.shard_id,
+            why,
+        )
+        label = RejectReason.BAD_DECRYPT_RESULT.label
+        self.metrics.updates_rejected_total.labels(reason=label).inc()
+
     async def _request(
         self,
         member: ClientHandle,
-        request: DecryptRequest | UnmaskRequest | PartialDecryptRequest,
+        request: UnmaskRequest,
         count: int,
     ) -> list[int] | None:
         """Send one committee request and check the answer's shape (None on failure)."""

@@ -35,6 +35,7 @@ from protocol.messages import (
     Ack,
     DecryptResult,
     Error,
+    KeyProof,
     PartialDecryptResult,
     RelayStatus,
     RoundEnd,
@@ -256,12 +257,20 @@ class ClientHub:
             log.info("%s reconnected; closing its previous connection", client_id)
             await close_client(previous, None, "replaced by a newer connection")
         try:
-            await handle.send(self.gate.welcome(client_id))
+            await handle.send(self.gate.welcome(handle))
         except (ProtocolError, OSError, ConnectionError):
             return
         self.clients[client_id] = handle
         self._count_changed()
-        role = " (relay)" if handle.relay else " (committee member)" if handle.can_decrypt else ""
+        role = (
+            " (relay)"
+            if handle.relay
+            else " (committee member)"
+            if handle.can_decrypt
+            else " (key holder, to prove its key)"
+            if handle.key_challenge
+            else ""
+        )
         log.info("%s joined%s", client_id, role)
         state = self.round
         if state is not None and state.phase is RoundPhase.COLLECTING:
@@ -340,6 +349,8 @@ class ClientHub:
                 waiter = handle.committee_waiter
                 if waiter is not None and not waiter.done():
                     waiter.set_result(message)
+            elif isinstance(message, KeyProof):
+                await self._on_key_proof(handle, message)
             elif isinstance(message, RelayStatus) and handle.relay:
                 handle.relayed_clients = message.clients
                 self._count_changed()
@@ -396,6 +407,20 @@ class ClientHub:
         await send_quietly(handle, Ack(round_id=done.round_id, accepted=True))
         if not state.pending and not state.until_deadline:
             self.round_full.set()
+
+    async def _on_key_proof(self, handle: ClientHandle, proof: KeyProof) -> None:
+        """A key holder proves its key: drafted from now on, or refused and disconnected."""
+        why = await asyncio.to_thread(self.gate.check_key_proof, handle, proof)
+        if why:
+            log.warning("%s refused as a committee member: %s", handle.client_id, why)
+            self.metrics.updates_rejected_total.labels(
+                reason=RejectReason.BAD_KEY_PROOF.label
+            ).inc()
+            await close_client(handle, ErrorCode.BAD_KEY_PROOF, f"committee member refused: {why}")
+            return
+        handle.key_proven = True
+        log.info("%s proved it holds the key: committee member", handle.client_id)
+        self._count_changed()
 
     async def _reject(self, handle: ClientHandle, reason: RejectReason, message: str) -> None:
         log.warning("%s: update refused (%s): %s", handle.client_id, reason.label, message)

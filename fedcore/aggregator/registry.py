@@ -31,8 +31,11 @@ class ClientHandle:
     ``credential`` is a key holder's verified committee credential (its wire bytes,
     which RoundStart relays to clients) and ``mask_public`` its mask key; both are
     empty for a client without the private key; ``share_index`` is the threshold key
-    share the credential names (0 in shared mode); ``decrypt_excluded`` is set once
-    its partial decryption failed its proof (it is asked no more while connected).
+    share the credential names (0 in shared mode); ``key_challenge`` is the nonce of
+    its Welcome and ``key_proven`` whether it proved it holds the key (shared mode: a
+    KeyProof; threshold mode: each partial decryption carries its proof instead);
+    ``decrypt_excluded`` is set once a decryption of its failed its check (it is never
+    asked again, nor picked to unmask, for the life of the federation).
     ``relay`` marks a relay (an edge aggregator uploading its clients' folded sum),
     ``relayed_clients`` the client count it last reported.
     One committee request is outstanding per connection at a time
@@ -47,6 +50,8 @@ class ClientHandle:
     credential: bytes = b""
     mask_public: bytes = b""
     share_index: int = 0
+    key_challenge: bytes = b""
+    key_proven: bool = False
     decrypt_excluded: bool = False
     relay: bool = False
     relayed_clients: int = 0
@@ -64,8 +69,8 @@ class ClientHandle:
 
     @property
     def can_decrypt(self) -> bool:
-        """Whether this client presented a valid committee credential."""
-        return bool(self.credential)
+        """A valid committee credential, a proven key, and no wrong answer so far."""
+        return bool(self.credential) and self.key_proven and not self.decrypt_excluded
 
     async def send(self, message: Any) -> None:
         """Send one message, never interleaved with another task's frame."""

@@ -127,6 +127,7 @@ class Aggregator(Listener):
                 session=self.session_info,
                 item_count=self.codec.item_count,
                 metrics=self.metrics,
+                excluded_decryptors=checkpoint.excluded_decryptors,
             ),
             codec=self.codec,
             metrics=self.metrics,
@@ -144,6 +145,7 @@ class Aggregator(Listener):
                 codec=self.codec,
                 metrics=self.metrics,
                 clients=self.hub.clients,
+                excluded=checkpoint.excluded_decryptors,
             )
         self._stop = asyncio.Event()
         self._server: Server | None = None

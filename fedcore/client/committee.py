@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedcore.codec import EncryptedCodec
-from fedcore.contracts import FederationParams, decryption_context
+from fedcore.contracts import FederationParams, decryption_context, key_proof_context
 from fedcore.credentials import (
     CertificateAuthority,
     CommitteeCredential,
@@ -167,6 +167,16 @@ class CommitteeMember:
         # from the rerun check to the record: one unmasking at a time
         self._unmask_lock = asyncio.Lock()
 
+    def prove_key(self, client_id: str, nonce: bytes) -> bytes | None:
+        """The KeyProof root for a Welcome's ``key_challenge`` (None for a key share).
+
+        CPU-bound (one exponentiation modulo each prime): call it in a thread.
+        """
+        if not isinstance(self.private_key, PrivateKey):
+            return None
+        context = key_proof_context(self._federation_digest, client_id, nonce)
+        return self.private_key.prove_key(context)
+
     # ------------------------------------------------------------------ checks
     def verify_contributors(
         self, round_id: int, contributors: bytes, codec: EncryptedCodec
@@ -285,7 +295,7 @@ class CommitteeMember:
         if not isinstance(self.private_key, PrivateKey):
             raise CommitteeRefusal("this member holds a key share: it only partially decrypts")
         await self._admit_decrypt(request, codec)
-        payload, count = await asyncio.to_thread(
+        payload, randomness, count = await asyncio.to_thread(
             codec.decrypt_payload,
             request.payload,
             self.private_key,
@@ -298,7 +308,7 @@ class CommitteeMember:
             item_count=count,
             payload=payload,
             seconds=time.perf_counter() - t0,
-            randomness=b"",
+            randomness=randomness,
         )
 
     async def partial_decrypt(

@@ -71,6 +71,7 @@ from protocol.messages import (
     DecryptRequest,
     Error,
     Hello,
+    KeyProof,
     PartialDecryptRequest,
     RoundEnd,
     RoundStart,
@@ -202,6 +203,13 @@ class Client:
             "encrypted" if codec.encrypted else "plaintext",
             self.federation.digest().hex()[:16],
         )
+        if welcome.key_challenge and self.committee is not None:
+            # drafted to decrypt only once this proves we hold the key (see decrypt_proof)
+            proof = await asyncio.to_thread(
+                self.committee.prove_key, welcome.client_id, welcome.key_challenge
+            )
+            if proof is not None:
+                await conn.send(KeyProof(root=proof))
         if isinstance(codec, EncryptedCodec) and self.config.encryption_pool and self._pool is None:
             self._pool = EncryptionPool(codec.public_key, codec.item_count)
         send_lock = asyncio.Lock()

@@ -14,13 +14,14 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.client.pipeline import PreparedUpdate, TrainedUpdate, model_digest, seal
 from fedcore.codec import EncryptedCodec, codec_for
-from fedcore.contracts import FederationParams, SessionInfo
+from fedcore.contracts import FederationParams, SessionInfo, key_proof_context
 from fedcore.credentials import (
     CertificateAuthority,
     CommitteeCredential,
     ContributorToken,
     Signer,
 )
+from fedcore.crypto import PrivateKey
 from fedcore.crypto.masking import public_key_bytes
 from protocol.framing import CLIENT_MAX_FRAME_SIZE, CLOSED, NEED_DATA, FrameDecoder, encode_frame
 from protocol.messages import (
@@ -28,6 +29,7 @@ from protocol.messages import (
     Error,
     Heartbeat,
     Hello,
+    KeyProof,
     RoundStart,
     UpdateChunk,
     UpdateDone,
@@ -54,13 +56,26 @@ class RogueClient:
         self.federation: FederationParams | None = None
         self.prepared: PreparedUpdate | None = None
 
-    async def connect(self, port: int, *, committee: bytes = b"", relay: str = "") -> Welcome:
+    async def connect(
+        self,
+        port: int,
+        *,
+        committee: bytes = b"",
+        relay: str = "",
+        key: PrivateKey | None = None,
+    ) -> Welcome:
+        """Hello, Welcome, and with ``key`` the KeyProof that gets a key holder drafted."""
         self.reader, self.writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=self.ctx, server_hostname="localhost"
         )
         await self.send(Hello(version=PROTOCOL_VERSION, committee=committee, relay=relay))
         welcome = await self.expect(Welcome)
         self.federation = FederationParams.from_bytes(welcome.federation)
+        if key is not None and welcome.key_challenge:
+            context = key_proof_context(
+                self.federation.digest(), welcome.client_id, welcome.key_challenge
+            )
+            await self.send(KeyProof(root=key.prove_key(context)))
         codec = codec_for(self.federation, SessionInfo.from_wire(welcome.session_config))
         assert isinstance(codec, EncryptedCodec)
         self.codec = codec

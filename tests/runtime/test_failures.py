@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.aggregator import Aggregator
+from fedcore.crypto import PrivateKey
 from fedcore.crypto.masking import public_key_bytes
 from fedcore.errors import FedcoreError
 from protocol.errors import ErrorCode
@@ -280,11 +281,13 @@ async def test_committee_shards_are_reassigned_when_members_fail(
     honest_tasks = [asyncio.create_task(c.run(f"127.0.0.1:{port}")) for c in honest]
     while aggregator.round is None:  # the round selects these two; client-0 unmasks
         await asyncio.sleep(0.05)
-    # Two more committee members (valid credentials) that misbehave: one vanishes, one lies.
+    # Two more key holders (valid credentials, proven keys) that misbehave: one vanishes,
+    # one lies.
     dropper, liar = RogueClient(pki, 5), RogueClient(pki, 6)
     fed = aggregator.federation
-    await dropper.connect(port, committee=dropper.credential(fed))
-    await liar.connect(port, committee=liar.credential(fed))
+    private_key = PrivateKey.load(keys.private)
+    await dropper.connect(port, committee=dropper.credential(fed), key=private_key)
+    await liar.connect(port, committee=liar.credential(fed), key=private_key)
 
     async def misbehave() -> None:
         request = await dropper.expect(DecryptRequest)
@@ -303,7 +306,6 @@ async def test_committee_shards_are_reassigned_when_members_fail(
                 randomness=b"",
             )
         )
-        assert await liar.error_code() == ErrorCode.BAD_DECRYPT_RESULT
 
     rogue_tasks = [asyncio.create_task(misbehave()), asyncio.create_task(lie())]
     checkpoint = await asyncio.wait_for(task, 120)
@@ -313,6 +315,12 @@ async def test_committee_shards_are_reassigned_when_members_fail(
     # Every shard, including the two failed ones, was decrypted by the honest key holder.
     assert honest[0].result.shards_decrypted == 3
     assert _rejected(aggregator, "bad_decrypt_result") == 1
+    assert checkpoint.excluded_decryptors == ["client-6"]
+    # The liar was not disconnected (it could have been an unmasker) but never asked again.
+    later = []
+    while (message := await liar.receive(timeout=30)) is not None:
+        later.append(type(message).__name__)
+    assert "DecryptRequest" not in later and later[-1] == "Bye"
 
 
 async def test_a_certificate_outside_allowed_clients_is_refused(
