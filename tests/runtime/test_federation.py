@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.aggregator import Aggregator
+from fedcore.crypto import PrivateKey
 from protocol.messages import RoundStart, UploadGrant, UploadRequest
 
 from .conftest import Keys, accuracy_of, aggregator_config, make_client, run_federation
@@ -104,10 +105,11 @@ async def test_inflight_uploads_are_capped(tmp_path: Path, pki: Path, keys: Keys
     task = asyncio.create_task(aggregator.run())
     await aggregator.wait_started()
     rogues = [RogueClient(pki, i) for i in range(3)]
+    key = PrivateKey.load(keys.private)
     for rogue in rogues:  # the first one is a committee member: rounds need an unmasker
         first = rogue is rogues[0]
         credential = rogue.credential(aggregator.federation) if first else b""
-        await rogue.connect(aggregator.port, committee=credential)
+        await rogue.connect(aggregator.port, committee=credential, key=key if first else None)
     assert aggregator._server is not None
     receive_buffers = {
         conn._writer.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

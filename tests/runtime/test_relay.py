@@ -17,6 +17,7 @@ import pytest
 from fedcore.aggregator import Aggregator, Relay, RelayConfig, RoundReport
 from fedcore.aggregator.relay import _RelayRound
 from fedcore.credentials import pack_tokens, unpack_tokens
+from fedcore.crypto import PrivateKey
 from fedcore.data import Dataset
 from fedcore.errors import FedcoreError
 from protocol.errors import ErrorCode
@@ -336,7 +337,11 @@ async def test_the_root_refuses_what_a_relay_may_not_claim(
     task = asyncio.create_task(aggregator.run())
     await asyncio.wait_for(aggregator.wait_started(), 30)
     holder = RogueClient(pki, 0)
-    await holder.connect(aggregator.port, committee=holder.credential(aggregator.federation))
+    await holder.connect(
+        aggregator.port,
+        committee=holder.credential(aggregator.federation),
+        key=PrivateKey.load(keys.private),
+    )
     leaves = [RogueClient(pki, i) for i in (1, 2, 3)]
     for leaf in leaves:  # they never connect: the rogue relay holds their uploads
         leaf.federation, leaf.codec = aggregator.federation, aggregator.codec  # type: ignore[assignment]
