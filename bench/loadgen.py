@@ -58,6 +58,7 @@ from protocol.messages import (
     DecryptRequest,
     Error,
     Hello,
+    KeyProof,
     RoundEnd,
     RoundStart,
     UnmaskRequest,
@@ -241,6 +242,11 @@ class _LoadGenerator:
                     welcome = await conn.receive()
                 if not isinstance(welcome, Welcome):
                     raise ProtocolError(f"expected Welcome, got {type(welcome).__name__}")
+                if credential and welcome.key_challenge and self.member is not None:
+                    # drafted to decrypt and unmask only once it proves it holds the key
+                    proof = self.member.prove_key(welcome.client_id, welcome.key_challenge)
+                    if proof is not None:
+                        await conn.send(KeyProof(root=proof))
                 _cap_send_buffer(conn, self.spec.send_buffer)
                 return conn, welcome
             except (OSError, ProtocolError) as exc:  # ssl.SSLError is an OSError
