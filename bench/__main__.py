@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, str] = {
     "round": "bench.round_bench",
     "accuracy": "bench.accuracy_bench",
     "scale": "bench.scale_bench",
+    "committee-checks": "bench.committee_checks",
 }
 
 

@@ -247,3 +247,20 @@ def test_round_benchmark_compares_threshold_with_shared_decryption(tmp_path: Pat
     assert shards == data["shared_shards_per_round"] >= 1
     assert data["threshold_member_answers_per_round"] == 2 * shards
     assert data["shared_member_answers_per_round"] == shards
+
+
+def test_committee_checks_benchmark_measures_and_checks_the_answers(tmp_path: Path) -> None:
+    data = _run(
+        ["committee-checks", "--quick", "--key-bits", "512", "--repeats", "1"],
+        tmp_path / "committee.json",
+    )
+    assert data["shard_ciphertexts"] == 100
+    for key in (
+        "decrypt_ms_per_ct",
+        "decrypt_with_randomness_ms_per_ct",
+        "batched_check_ms_per_ct",
+        "separate_check_ms_per_ct",
+        "key_proof_ms",
+        "key_proof_check_ms",
+    ):
+        assert _positive(data[key]), key
