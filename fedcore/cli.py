@@ -297,6 +297,12 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     from protocol.transport import install_uvloop, tune_allocator
 
     config = _aggregator_config(args)
+    if args.fresh:
+        from fedcore.aggregator import Checkpoint
+
+        moved = Checkpoint.set_aside(config.state_dir)
+        if moved is not None:
+            log.warning("--fresh: the previous checkpoints were moved to %s", moved)
     aggregator = Aggregator(config, encrypted=not args.plaintext)
     tune_allocator()  # frame-sized buffers off mmap: about half the receive CPU
     uvloop = install_uvloop()
@@ -441,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("aggregator", help="run the aggregator daemon (public key only)")
     _add_aggregator_flags(p)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: move the state directory's checkpoints into replaced-<time>/ first",
+    )
     p.set_defaults(func=_cmd_aggregator)
 
     p = sub.add_parser(

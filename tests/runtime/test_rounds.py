@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import (
@@ -109,39 +106,6 @@ def test_round_folds_each_client_once() -> None:
     assert info.value.reason is RejectReason.STALE_ROUND
     assert state.running_sum == [3, 3] and sorted(state.folded) == ["a", "b"]
     assert state.summary()["contributors"] == ["a", "b"]
-
-
-def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
-    weights = np.arange(10, dtype=np.float32)
-    ckpt = Checkpoint(
-        global_weights=weights,
-        rounds_completed=2,
-        next_round_id=5,
-        history=[{"round_id": 4}],
-        metrics={"x": 1.0},
-        model_fingerprint="m",
-    )
-    ckpt.save(tmp_path)
-    ckpt.global_weights = weights * 2
-    ckpt.rounds_completed = 3
-    ckpt.save(tmp_path)
-    loaded = Checkpoint.load(tmp_path)
-    assert loaded is not None
-    assert loaded.rounds_completed == 3 and loaded.next_round_id == 5
-    np.testing.assert_array_equal(loaded.global_weights, weights * 2)
-    assert len(list(tmp_path.glob("global-*.npy"))) == 1
-    assert not list(tmp_path.glob("*.tmp"))
-    assert Checkpoint.load(tmp_path / "empty") is None
-
-
-def test_checkpoint_corrupt_record_is_a_clear_error(tmp_path: Path) -> None:
-    Checkpoint(global_weights=np.zeros(3, dtype=np.float32)).save(tmp_path)
-    record = tmp_path / "checkpoint.json"
-    data = json.loads(record.read_text())
-    data["model_file"] = "missing.npy"
-    record.write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
-        Checkpoint.load(tmp_path)
 
 
 def _config(tmp_path: Path, **kw: object) -> AggregatorConfig:
