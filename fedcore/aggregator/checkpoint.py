@@ -96,6 +96,16 @@ class Checkpoint:
         weights = np.asarray(self.global_weights, dtype=np.float32)
         if not np.isfinite(weights).all():
             raise CheckpointError("refusing to save a global model with NaN or infinite weights")
+        try:
+            return self._save(state_dir, weights, keep)
+        except OSError as exc:
+            # atomic writes leave the previous checkpoint whole: nothing saved is lost
+            raise CheckpointError(
+                f"cannot write a checkpoint in {state_dir}: {exc.strerror or exc} "
+                "(the previous checkpoint is intact; free space or fix permissions)"
+            ) from None
+
+    def _save(self, state_dir: Path, weights: np.ndarray, keep: int) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{self.rounds_completed:06d}-{self.next_round_id:06d}"
         model_name = f"global-{stem}.npy"
@@ -148,6 +158,20 @@ class Checkpoint:
             raise CheckpointError(
                 f"cannot load checkpoint {record_path}: {exc}{_previous_good(state_dir, None)}"
                 ", or start over with --fresh (which sets the old files aside)"
+            ) from None
+
+    @staticmethod
+    def probe(state_dir: Path) -> None:
+        """Preflight: create ``state_dir`` and write, fsync and remove a file (CheckpointError)."""
+        probe = state_dir / ".write-probe.tmp"
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(probe, b"fedcore write probe\n")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(
+                f"state_dir {state_dir} is not writable: {exc.strerror or exc} "
+                "(make it writable or choose another state_dir)"
             ) from None
 
     @staticmethod

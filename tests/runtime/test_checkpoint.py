@@ -197,3 +197,26 @@ def test_the_daemon_refuses_a_damaged_checkpoint_in_one_line(
     assert "Traceback" not in err
     assert "does not match its SHA-256" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_an_unwritable_state_dir_is_found_before_it_is_needed(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(CheckpointError, match="is not writable") as info:
+        Checkpoint.probe(not_a_dir / "state")
+    assert "\n" not in str(info.value)
+    Checkpoint.probe(tmp_path / "fine")
+    assert list((tmp_path / "fine").iterdir()) == []
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    ckpt = _saved(tmp_path, 1)
+    blocker = tmp_path / "global-000002-000003.npy"
+    blocker.mkdir()  # the next model file cannot be written (as on a full disk)
+    ckpt.rounds_completed, ckpt.next_round_id = 2, 3
+    ckpt.history = _history(2)
+    with pytest.raises(CheckpointError, match=r"cannot write a checkpoint .* intact"):
+        ckpt.save(tmp_path)
+    loaded = Checkpoint.load(tmp_path)
+    assert loaded is not None and loaded.rounds_completed == 1
+    assert not list(tmp_path.glob(".*.tmp"))
