@@ -8,6 +8,11 @@ other message raises (``LocalProtocolError`` when we send it, a
 ``RemoteProtocolError`` when the peer does) and leaves the session in the permanent
 ``ERROR`` state.
 
+An aggregator's session holds the peer to ``HELLO_MAX_FRAME_SIZE`` (and a small input
+buffer, ``HELLO_MAX_BUFFERED_BYTES``) until it has received the Hello, so a connection
+that never says Hello cannot make it buffer a large frame; after the Hello the
+configured ``max_frame_size`` applies.
+
 The session enforces order, not policy: round staleness, replay, selection and
 ciphertext checks belong to the runtime. It does no I/O and knows nothing of TLS,
 Paillier or torch.
@@ -31,6 +36,9 @@ from .errors import (
 from .framing import (
     CLIENT_MAX_FRAME_SIZE,
     DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    HELLO_MAX_BUFFERED_BYTES,
+    HELLO_MAX_FRAME_SIZE,
     FrameDecoder,
     Sentinel,
     encode_frame,
@@ -166,6 +174,19 @@ class Session:
         self.role = role
         self.state = State.HANDSHAKE
         self._decoder = FrameDecoder(max_frame_size=max_frame_size, max_buffer_size=max_buffer_size)
+        # (max_frame_size, max_buffer_size) to restore once the peer's Hello is in
+        self._after_hello: tuple[int, int] | None = None
+        if role is Role.AGGREGATOR:
+            self._after_hello = (self._decoder.max_frame_size, self._decoder.max_buffer_size)
+            hello_frame = min(HELLO_MAX_FRAME_SIZE, max_frame_size)
+            self._decoder.set_limits(
+                max_frame_size=hello_frame,
+                max_buffer_size=max(
+                    hello_frame + HEADER_SIZE,
+                    min(HELLO_MAX_BUFFERED_BYTES, self._decoder.max_buffer_size),
+                ),
+                limit_note=" before Hello",
+            )
         self.late_frames = 0
         """UpdateChunk/UpdateDone frames for a round already ended by RoundEnd (dropped)."""
         self.round_id: int | None = None
@@ -220,6 +241,10 @@ class Session:
                 logger.debug("dropping late %s for ended round", type(event).__name__)
                 continue
             self._transition(event, Direction.RECEIVED)
+            if self._after_hello is not None and isinstance(event, Hello):
+                frame_size, buffer_size = self._after_hello
+                self._after_hello = None
+                self._decoder.set_limits(max_frame_size=frame_size, max_buffer_size=buffer_size)
             return event
 
     # ------------------------------------------------------------------ sending

@@ -289,7 +289,9 @@ async def test_heartbeats_keep_an_idle_connection_open_past_idle_timeout(
     pki: FederationPKI, server_ctx: ssl.SSLContext
 ) -> None:
     # a heartbeat every 0.1 s against a 1 s idle timeout: slack for a loaded machine
-    config = TransportConfig(idle_timeout=1.0, heartbeat_interval=0.1, close_timeout=1.0)
+    config = TransportConfig(
+        idle_timeout=1.0, heartbeat_interval=0.1, max_heartbeat_rate=20.0, close_timeout=1.0
+    )
     app = AckApp()
     server = await start_server(server_ctx, app, config)
     try:
@@ -319,7 +321,7 @@ async def test_silent_client_without_heartbeats_is_dropped_with_timeout(
     app = AckApp()
     server = await start_server(server_ctx, app, server_config)
     try:
-        mute = TransportConfig(heartbeat_interval=0, close_timeout=1.0)
+        mute = TransportConfig(heartbeat_interval=0, max_heartbeat_rate=20.0, close_timeout=1.0)
         conn = await connect("127.0.0.1", server.port, ctx_for(pki), config=mute)
         await conn.send(HELLO)
         assert isinstance(await conn.receive(), Welcome)
@@ -521,7 +523,12 @@ def test_500_concurrent_connections_under_uvloop(
 ) -> None:
     uvloop = pytest.importorskip("uvloop")
     count = 500
-    config = TransportConfig(handshake_timeout=60.0, first_message_timeout=60.0, idle_timeout=60.0)
+    config = TransportConfig(
+        handshake_timeout=60.0,
+        first_message_timeout=60.0,
+        idle_timeout=60.0,
+        max_connections_per_peer=0,  # every connection presents client-1's certificate
+    )
 
     async def main() -> tuple[int, int]:
         all_in = asyncio.Event()
@@ -611,7 +618,9 @@ async def test_server_survives_malformed_frames_and_keeps_serving(
         first_message_timeout=2.0,
         idle_timeout=2.0,
         heartbeat_interval=0.5,
+        max_heartbeat_rate=4.0,
         close_timeout=0.5,
+        max_connections_per_peer=0,  # eight attackers share client-1's certificate
     )
     server = await start_server(server_ctx, app, config)
     rng = random.Random(7)
