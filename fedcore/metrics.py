@@ -3,8 +3,9 @@
 Each `AggregatorMetrics` owns its own `CollectorRegistry`: no global state, so two
 aggregators (or many tests) in one process never collide. `MetricsServer` serves
 ``/metrics`` and ``/healthz`` from a background thread. This module knows nothing of
-Paillier, torch or the wire protocol (only the names of `fedcore.contracts.RejectReason`);
-it receives numbers.
+Paillier, torch or the wire protocol (only the names of `fedcore.contracts.RejectReason`
+and of the transport's refusal reasons, `protocol.refusals.REFUSAL_LABELS`); it receives
+numbers.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fedcore.contracts import RejectReason
+from protocol.refusals import REFUSAL_LABELS
 
 __all__ = [
+    "REFUSAL_REASONS",
     "REJECT_REASONS",
     "ROUND_PHASES",
     "AggregatorMetrics",
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 # Reasons an update is refused (one enum, fedcore.contracts.RejectReason); pre-created so
 # dashboards see zeros, not gaps.
 REJECT_REASONS = tuple(reason.label for reason in RejectReason)
+# Why the transport refused a connection before it was a client (TLS, caps, first frame).
+REFUSAL_REASONS = REFUSAL_LABELS
 ROUND_PHASES = ("select", "collect", "fold", "decrypt", "update", "checkpoint")
 
 # Client-side work (train, encrypt) and committee decryption span 10 ms (digits, tiny
@@ -196,6 +201,15 @@ class AggregatorMetrics:
         )
         for reason in REJECT_REASONS:
             self.updates_rejected_total.labels(reason=reason)
+        self.connections_refused_total = Counter(
+            "fedcore_connections_refused",
+            "Connections refused before they were a client (TLS handshake, connection caps, "
+            "a bad or missing first message) or for a heartbeat flood, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.connections_refused_total.labels(reason=reason)
         self.bytes_received_total = Counter(
             "fedcore_bytes_received", "Bytes received from clients (TLS payload).", registry=r
         )
@@ -233,9 +247,14 @@ class AggregatorMetrics:
             "fedcore_rounds_failed_total": (self.rounds_failed_total, ("reason",)),
             "fedcore_updates_accepted_total": (self.updates_accepted_total, ()),
             "fedcore_updates_rejected_total": (self.updates_rejected_total, ("reason",)),
+            "fedcore_connections_refused_total": (self.connections_refused_total, ("reason",)),
             "fedcore_bytes_received_total": (self.bytes_received_total, ()),
             "fedcore_bytes_sent_total": (self.bytes_sent_total, ()),
         }
+
+    def count_refusal(self, reason: str) -> None:
+        """Count one connection refused by the transport (its ``on_refusal`` callback)."""
+        self.connections_refused_total.labels(reason=reason).inc()
 
     def observe_client_report(self, timings: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
         """Record an UpdateDone report: ``timings["train_s"]``, ``timings["encrypt_s"]``,

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedcore.metrics import AggregatorMetrics, MetricsServer
+from fedcore.metrics import REFUSAL_REASONS, AggregatorMetrics, MetricsServer
 
 
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -72,6 +72,27 @@ def test_scrape_shows_client_report(metrics: AggregatorMetrics, server: MetricsS
         "fedcore_fold_seconds_count",
     ):
         assert (name, ()) in samples, name
+
+
+def test_refused_connections_are_counted_by_reason_and_survive_a_restart(
+    metrics: AggregatorMetrics, server: MetricsServer
+) -> None:
+    metrics.count_refusal("per_peer_cap")
+    metrics.count_refusal("per_peer_cap")
+    metrics.count_refusal("tls_handshake_timeout")
+    samples = _samples(_get(f"http://127.0.0.1:{server.port}/metrics")[2].decode())
+    name = "fedcore_connections_refused_total"
+    assert samples[(name, (("reason", "per_peer_cap"),))] == 2
+    assert samples[(name, (("reason", "tls_handshake_timeout"),))] == 1
+    # every reason the transport knows is there from the start, at zero
+    assert {"tls_certificate_verify_failed", "first_message_timeout", "rate_limited"} <= set(
+        REFUSAL_REASONS
+    )
+    assert all((name, (("reason", reason),)) in samples for reason in REFUSAL_REASONS)
+    assert samples[(name, (("reason", "rate_limited"),))] == 0
+    restarted = AggregatorMetrics()
+    restarted.restore(metrics.snapshot())
+    assert restarted.snapshot()[f'{name}{{reason="per_peer_cap"}}'] == 2
 
 
 def test_encryption_buckets_span_ten_ms_to_ten_minutes(metrics: AggregatorMetrics) -> None:

@@ -13,13 +13,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedcore.aggregator.rounds import (
+    DEFAULT_UPLOAD_MIN_RATE,
+    DEFAULT_UPLOAD_START_TIMEOUT,
+    UploadPace,
+)
 from fedcore.contracts import DEFAULT_REPORT_METRICS, FederationParams
 from fedcore.crypto import PublicKey, ThresholdPublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.crypto.threshold import THRESHOLD_KEY_TYPE
 from fedcore.errors import ConfigError, KeyFileError
 from fedcore.packing import MAX_HEADROOM_BITS
-from protocol.transport import SERVER_RECEIVE_BUFFER
+from protocol.transport import DEFAULT_MAX_CONNECTIONS_PER_PEER, SERVER_RECEIVE_BUFFER
 
 __all__ = ["AggregatorConfig", "checked_settings", "load_toml_table"]
 
@@ -47,8 +52,18 @@ class AggregatorConfig:
     wait_for_clients_timeout: float = 600.0
     max_failed_rounds: int = 5
     max_inflight_uploads: int = 8
+    # A granted upload keeps its slot only while it progresses: its first chunk within
+    # upload_start_timeout (plus that chunk's bytes at the rate), then upload_min_rate
+    # bytes a second on average since the grant; else it is refused (upload_stalled).
+    # 64 KiB/s (a 512 kbit/s link) takes the seed MLP's 3.5 MB update (2048 bits) in 54 s.
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
+    upload_start_timeout: float = DEFAULT_UPLOAD_START_TIMEOUT
     fold_workers: int = 0
     max_connections: int = 2048
+    # Connections at once per client certificate (0 = no cap): 2 lets a reconnecting
+    # client overlap its old connection; one certificate cannot take every slot. Relay
+    # certificates are exempt (a relay's replicas share one).
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
     # SO_RCVBUF of each client connection, bytes (0 = the kernel's autotuning): smaller
     # keeps less TLS buffer per connection after an upload, larger costs less CPU per byte.
     receive_buffer: int = SERVER_RECEIVE_BUFFER
@@ -130,8 +145,22 @@ class AggregatorConfig:
             ">= 1",
             self.max_inflight_uploads,
         )
+        for name in ("upload_min_rate", "upload_start_timeout"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int | float) and math.isfinite(value) and value > 0,
+                name,
+                "> 0 (bytes per second, seconds)",
+                value,
+            )
         _require(0 <= self.fold_workers <= 64, "fold_workers", "0..64", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
+        _require(
+            type(self.max_connections_per_client) is int and self.max_connections_per_client >= 0,
+            "max_connections_per_client",
+            "an int >= 0 (0 = no cap)",
+            self.max_connections_per_client,
+        )
         _require(
             self.receive_buffer == 0 or self.receive_buffer >= 4096,
             "receive_buffer",
@@ -187,6 +216,11 @@ class AggregatorConfig:
         _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
         if ":" not in self.model:
             raise ConfigError(f"model must be 'module:factory', got {self.model!r}")
+
+    @property
+    def upload_pace(self) -> UploadPace:
+        """The minimum pace that keeps a granted upload its slot."""
+        return UploadPace(min_rate=self.upload_min_rate, start_timeout=self.upload_start_timeout)
 
     def selection_limit(self) -> int:
         """The most clients a round can select: what the slot headroom must hold."""

@@ -24,7 +24,7 @@ from typing import Any
 from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.folding import FoldEngine
 from fedcore.aggregator.registry import ClientHandle, close_client, count_bytes, send_quietly
-from fedcore.aggregator.rounds import RejectedUpdate, RoundPhase, RoundState
+from fedcore.aggregator.rounds import RejectedUpdate, RoundPhase, RoundState, UploadPace
 from fedcore.aggregator.uploads import UploadGate
 from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
 from fedcore.contracts import ClientReport, RejectReason
@@ -110,6 +110,7 @@ class ClientHub:
         committee_timeout: float,
         round_start: RoundStartFor,
         late_joiners: bool = False,
+        upload_pace: UploadPace | None = None,
     ) -> None:
         self.gate = gate
         self.codec = codec
@@ -125,6 +126,8 @@ class ClientHub:
             round_for=self.round_for,
             clients=self.clients,
             tasks=self.tasks,
+            pace=upload_pace,
+            on_stalled=self._on_upload_stalled,
         )
         self.folder: FoldEngine | None = None
         self._fold_workers = fold_workers
@@ -155,7 +158,8 @@ class ClientHub:
                 await asyncio.wait_for(handle.conn.close(reason=reason), 5)
 
     def close(self) -> None:
-        """Cancel background tasks and stop the fold workers."""
+        """Cancel background tasks and upload deadlines, and stop the fold workers."""
+        self.uploads.drop_all()
         for task in list(self.tasks):
             task.cancel()
         if self.folder is not None:
@@ -337,6 +341,14 @@ class ClientHub:
         task.add_done_callback(self.tasks.discard)
 
     async def _dispatch(self, handle: ClientHandle, message: Any) -> None:
+        if (
+            isinstance(message, UpdateChunk | UploadRequest | UpdateDone)
+            and self.clients.get(handle.client_id) is not handle
+        ):
+            # still in flight on a connection a newer one replaced: the upload is the
+            # newer connection's now, and nothing of the old one may add to it
+            log.debug("%s: %s on a replaced connection", handle.client_id, type(message).__name__)
+            return
         try:
             if isinstance(message, UpdateChunk):
                 self.uploads.add_chunk(handle, message)
@@ -358,6 +370,13 @@ class ClientHub:
                 log.debug("%s: ignoring %s", handle.client_id, type(message).__name__)
         except RejectedUpdate as exc:
             round_id = getattr(message, "round_id", None)
+            if exc.reason is RejectReason.UPLOAD_STALLED:
+                # refused and counted when its grant expired; this frame was on its way
+                log.debug(
+                    "%s: %s after its upload stalled", handle.client_id, type(message).__name__
+                )
+                await close_client(handle, exc.reason.code, str(exc))
+                return
             if exc.reason is RejectReason.STALE_ROUND and round_id in self._ended_rounds:
                 # Sent before our RoundEnd reached the client: a race, not misbehaviour.
                 log.debug(
@@ -421,6 +440,28 @@ class ClientHub:
         handle.key_proven = True
         log.info("%s proved it holds the key: committee member", handle.client_id)
         self._count_changed()
+
+    def _on_upload_stalled(self, client_id: str, round_id: int, why: str) -> None:
+        """A grant expired (its slot is already free): refuse the client for the round."""
+        state = self.round
+        if state is not None and state.round_id == round_id:
+            state.mark_stalled(client_id)
+            if not state.pending and not state.until_deadline:
+                self.round_full.set()  # nobody else to wait for
+        reason = RejectReason.UPLOAD_STALLED
+        log.warning(
+            "%s: update refused (%s): %s (if honest clients are this slow, lower "
+            "upload_min_rate or raise upload_start_timeout)",
+            client_id,
+            reason.label,
+            why,
+        )
+        self.metrics.updates_rejected_total.labels(reason=reason.label).inc()
+        handle = self.clients.get(client_id)
+        if handle is not None:
+            task = asyncio.create_task(close_client(handle, reason.code, why))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def _reject(self, handle: ClientHandle, reason: RejectReason, message: str) -> None:
         log.warning("%s: update refused (%s): %s", handle.client_id, reason.label, message)

@@ -88,6 +88,8 @@ class _RelayRound:
     timings: dict[str, float] = field(default_factory=dict)
     collect_task: asyncio.Task[None] | None = None
     aborted: bool = False
+    resume_token: bytes = b""
+    """The upstream's token for our upload of this round (shown to resume it)."""
 
     @property
     def round_id(self) -> int:
@@ -296,6 +298,7 @@ class Relay(Listener):
             committee_timeout=c.idle_timeout,
             round_start=self._client_round_start,
             late_joiners=c.clients_per_round is None,
+            upload_pace=c.upload_pace,
         )
         self.hub.open()
         self._server = Server(
@@ -306,9 +309,11 @@ class Relay(Listener):
                 idle_timeout=c.idle_timeout,
                 heartbeat_interval=c.heartbeat_interval,
                 max_connections=c.max_connections,
+                max_connections_per_peer=c.max_connections_per_client,
                 write_timeout=60.0,
                 receive_buffer=c.receive_buffer or None,
             ),
+            on_refusal=self.metrics.count_refusal,
         )
         await self._server.start(c.host, c.port)
         self._serve_metrics(c.metrics_host, c.metrics_port)
@@ -466,10 +471,13 @@ class Relay(Listener):
                 return
             round_id = relay_round.round_id
             async with send_lock:
-                await conn.send(UploadRequest(round_id=round_id))
+                await conn.send(
+                    UploadRequest(round_id=round_id, resume_token=relay_round.resume_token)
+                )
             granted = await grant
             if granted.start_seq > len(relay_round.payloads):
                 raise ProtocolError("the upstream claims more chunks than the sum has")
+            relay_round.resume_token = granted.resume_token
             for seq in range(granted.start_seq, len(relay_round.payloads)):
                 async with send_lock:
                     await conn.send(

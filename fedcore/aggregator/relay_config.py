@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.aggregator.config import checked_settings, load_toml_table
+from fedcore.aggregator.rounds import (
+    DEFAULT_UPLOAD_MIN_RATE,
+    DEFAULT_UPLOAD_START_TIMEOUT,
+    UploadPace,
+)
 from fedcore.client.config import parse_server
 from fedcore.errors import ConfigError
-from protocol.transport import SERVER_RECEIVE_BUFFER
+from protocol.transport import DEFAULT_MAX_CONNECTIONS_PER_PEER, SERVER_RECEIVE_BUFFER
 
 __all__ = ["RelayConfig"]
 
@@ -50,8 +55,15 @@ class RelayConfig:
     clients_per_round: int | None = None
     """Clients of this relay asked per round (default: every connected one)."""
     max_inflight_uploads: int = 8
+    upload_min_rate: float = DEFAULT_UPLOAD_MIN_RATE
+    """Bytes a second a client's granted upload must keep up, on average, to keep its slot."""
+    upload_start_timeout: float = DEFAULT_UPLOAD_START_TIMEOUT
+    """Seconds a grant allows on top of its bytes at ``upload_min_rate`` (latency)."""
     fold_workers: int = 0
     max_connections: int = 2048
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_PEER
+    """Connections at once per client certificate (0 = no cap): 2 lets a reconnecting
+    client overlap its old connection; one certificate cannot take every slot."""
     receive_buffer: int = SERVER_RECEIVE_BUFFER
     resume_grace: float = 30.0
     handshake_timeout: float = 30.0
@@ -90,8 +102,22 @@ class RelayConfig:
             ">= 1",
             self.max_inflight_uploads,
         )
+        for name in ("upload_min_rate", "upload_start_timeout"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int | float) and math.isfinite(value) and value > 0,
+                name,
+                "> 0 (bytes per second, seconds)",
+                value,
+            )
         _require(self.fold_workers >= 0, "fold_workers", ">= 0", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
+        _require(
+            type(self.max_connections_per_client) is int and self.max_connections_per_client >= 0,
+            "max_connections_per_client",
+            "an int >= 0 (0 = no cap)",
+            self.max_connections_per_client,
+        )
         for name in ("handshake_timeout", "idle_timeout", "heartbeat_interval", "backoff_base"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, name, "> 0 seconds", value)
@@ -113,6 +139,11 @@ class RelayConfig:
             _require(
                 self.reconnect_attempts >= 0, "reconnect_attempts", ">= 0", self.reconnect_attempts
             )
+
+    @property
+    def upload_pace(self) -> UploadPace:
+        """The minimum pace that keeps a client's granted upload its slot."""
+        return UploadPace(min_rate=self.upload_min_rate, start_timeout=self.upload_start_timeout)
 
     @property
     def instance_name(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -20,14 +21,23 @@ from fedcore.contracts import RejectReason
 from fedcore.errors import FedcoreError
 
 __all__ = [
+    "DEFAULT_UPLOAD_MIN_RATE",
+    "DEFAULT_UPLOAD_START_TIMEOUT",
     "RejectedUpdate",
     "RoundPhase",
     "RoundReport",
     "RoundState",
     "Upload",
+    "UploadPace",
     "pick_unmaskers",
     "select_clients",
 ]
+
+DEFAULT_UPLOAD_MIN_RATE = 64 * 1024.0
+"""Bytes per second a granted upload must keep up: a 512 kbit/s link. The seed MLP's
+update at 2048 bits (6,870 ciphertexts of 512 bytes, 3.5 MB) then takes at most 54 s."""
+DEFAULT_UPLOAD_START_TIMEOUT = 10.0
+"""Seconds of latency a grant allows on top of the bytes: round trips, a busy event loop."""
 
 
 class RejectedUpdate(FedcoreError):
@@ -69,9 +79,51 @@ def pick_unmaskers(candidates: Mapping[str, bytes], count: int, model_digest: by
     return ranked[:count]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadPace:
+    """How fast a granted upload must progress to keep its slot (else it is refused).
+
+    Counting from the grant, the bytes of chunk k (``b_k`` = every payload byte through
+    chunk k) are due after ``start_timeout + b_k / min_rate`` seconds, and the
+    UpdateDone with the last chunk. So the deadline moves as chunks arrive:
+    ``granted_at + start_timeout + min(received + chunk_bytes, update_bytes) / min_rate``,
+    where ``chunk_bytes`` is the largest chunk (one may be in flight) and
+    ``update_bytes`` the whole update. A client ahead of the pace banks the time; none
+    holds a slot longer than ``start_timeout + update_bytes / min_rate``, and one that
+    sends nothing loses it after ``start_timeout + chunk_bytes / min_rate``.
+    """
+
+    min_rate: float = DEFAULT_UPLOAD_MIN_RATE
+    start_timeout: float = DEFAULT_UPLOAD_START_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("min_rate", "start_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+    def deadline(
+        self, *, granted_at: float, received: int, chunk_bytes: int, update_bytes: int
+    ) -> float:
+        """When an upload that has ``received`` bytes stalls unless more arrive."""
+        due = min(received + chunk_bytes, update_bytes)
+        return granted_at + self.start_timeout + due / self.min_rate
+
+    def longest_hold(self, update_bytes: int) -> float:
+        """The most seconds one grant keeps a slot: the whole update at the minimum rate."""
+        return self.start_timeout + update_bytes / self.min_rate
+
+
 @dataclass(slots=True)
 class Upload:
-    """One client's update as it streams in: checked chunks, kept until complete."""
+    """One client's update as it streams in: checked chunks, kept until complete.
+
+    ``granted_at`` starts its pace (`UploadPace`); a resume keeps it, so reconnecting
+    buys no time. ``resume_token`` is the secret its grant carried: only a request
+    showing it resumes this upload.
+    """
 
     client_id: str
     round_id: int
@@ -81,7 +133,8 @@ class Upload:
     items: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
     bytes_received: int = 0
-    started_at: float = field(default_factory=time.monotonic)
+    granted_at: float = field(default_factory=time.monotonic)
+    resume_token: bytes = b""
 
     @property
     def expected_chunks(self) -> int:
@@ -154,6 +207,8 @@ class RoundState:
     sources: set[str] = field(default_factory=set)
     given_up: set[str] = field(default_factory=set)
     """Selected relays that died and did not come back in time: no longer waited for."""
+    stalled: set[str] = field(default_factory=set)
+    """Sources whose grant expired (`UploadPace`): refused for the rest of the round."""
     folded: dict[str, bytes] = field(default_factory=dict)
     relayed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     running_sum: Any = None
@@ -174,6 +229,12 @@ class RoundState:
         if client_id in self.sources or client_id in self.folded:
             raise RejectedUpdate(
                 RejectReason.REPLAY, f"{client_id} already contributed to round {self.round_id}"
+            )
+        if client_id in self.stalled:
+            raise RejectedUpdate(
+                RejectReason.UPLOAD_STALLED,
+                f"{client_id}'s upload stalled earlier in round {self.round_id}; "
+                "it may upload again next round",
             )
 
     def _admit(self, source: str, contributors: Mapping[str, bytes]) -> None:
@@ -214,10 +275,15 @@ class RoundState:
         if relay:
             self.relayed[source] = tuple(sorted(contributors))
 
+    def mark_stalled(self, source: str) -> None:
+        """A source's grant expired: refuse it for the rest of the round, stop waiting for it."""
+        if source not in self.sources:
+            self.stalled.add(source)
+
     @property
     def pending(self) -> set[str]:
-        """Selected sources (clients, relays) still waited for: not folded, not given up."""
-        return set(self.selected) - self.sources - self.given_up
+        """Selected sources still waited for: not folded, not given up, not stalled."""
+        return set(self.selected) - self.sources - self.given_up - self.stalled
 
     def summary(self) -> dict[str, Any]:
         """Plain-value record of the round, for checkpoints and logs."""
@@ -232,6 +298,7 @@ class RoundState:
             "total_weight": self.total_weight,
             **({"relays": relays} if relays else {}),
             **({"relays_lost": sorted(self.given_up)} if self.given_up else {}),
+            **({"stalled": sorted(self.stalled)} if self.stalled else {}),
         }
 
 

@@ -136,6 +136,7 @@ class Aggregator(Listener):
             fold_workers=config.fold_workers,
             committee_timeout=config.decrypt_shard_timeout,
             round_start=self._round_start_message,
+            upload_pace=config.upload_pace,
         )
         self._committee: CommitteeDecryption | None = None
         if isinstance(self.codec, EncryptedCodec):
@@ -183,6 +184,7 @@ class Aggregator(Listener):
             idle_timeout=c.idle_timeout,
             heartbeat_interval=c.heartbeat_interval,
             max_connections=c.max_connections,
+            max_connections_per_peer=c.max_connections_per_client,
             write_timeout=max(60.0, c.round_timeout),
             receive_buffer=c.receive_buffer or None,
         )
@@ -192,7 +194,12 @@ class Aggregator(Listener):
         c = self.config
         ssl_ctx = server_context(c.cert, c.key, c.ca)
         self.hub.open()
-        self._server = Server(self.hub.handle_connection, ssl_ctx, self._transport_config())
+        self._server = Server(
+            self.hub.handle_connection,
+            ssl_ctx,
+            self._transport_config(),
+            on_refusal=self.metrics.count_refusal,
+        )
         await self._server.start(c.host, c.port)
         self._serve_metrics(c.metrics_host, c.metrics_port)
         log.info(
@@ -300,7 +307,11 @@ class Aggregator(Listener):
         while not self._stop.is_set():
             connected = self.hub.leaf_count
             enough_holders = not self.codec.encrypted or self._enough_key_holders()
-            back = all(cid in self.clients for cid in wanted)
+            # back, and proven again: an unproven member is not picked to unmask
+            back = all(
+                (handle := self.clients.get(cid)) is not None and handle.can_decrypt
+                for cid in wanted
+            )
             if (
                 connected >= c.target_clients(connected)
                 and connected >= c.min_clients

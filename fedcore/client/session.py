@@ -138,6 +138,8 @@ class Client:
         # model digest -> the unmaskers its one update was masked for
         self._masked_for: OrderedDict[bytes, tuple[bytes, ...]] = OrderedDict()
         self._pool: EncryptionPool | None = None
+        # (round id, the token of its grant): shown after a reconnect to resume the upload
+        self._resume: tuple[int, bytes] | None = None
         self._seal_lock = threading.Lock()
         self._ssl = client_context(config.cert, config.key, config.ca)
 
@@ -425,11 +427,14 @@ class Client:
         grant: asyncio.Future[UploadGrant],
     ) -> None:
         t_wait = time.perf_counter()
+        resume = self._resume
+        resume_token = resume[1] if resume is not None and resume[0] == round_id else b""
         async with send_lock:
-            await conn.send(UploadRequest(round_id=round_id))
+            await conn.send(UploadRequest(round_id=round_id, resume_token=resume_token))
         granted = await grant
         if granted.start_seq > len(prepared.payloads):
             raise ProtocolError("aggregator claims more chunks than the update has")
+        self._resume = (round_id, granted.resume_token)
         t_upload = time.perf_counter()
         for seq in range(granted.start_seq, len(prepared.payloads)):
             async with send_lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from protocol.messages import (
     RoundStart,
     UpdateChunk,
     UpdateDone,
+    UploadGrant,
+    UploadRequest,
 )
 
 from .conftest import Keys, aggregator_config, make_client, weight_of
@@ -236,18 +239,33 @@ async def test_dropped_upload_resumes_where_it_stopped(
     start = await flaky.expect(RoundStart)
     payloads = flaky.payloads(start)
     sent = len(payloads) // 2
-    await flaky.upload(start, payloads, last=sent, done=False)
+    first = await flaky.upload(start, payloads, last=sent, done=False)
     await asyncio.sleep(1.0)  # let the aggregator take the chunks in
     flaky.abort()
 
-    again = RogueClient(pki, 1)  # the same client restarted, with the update it had made
+    # the same client reconnecting, with the update it had made and its grant's token
+    again = RogueClient(pki, 1)
     await again.connect(aggregator.port)
     again.prepared = flaky.prepared
     resumed = await again.expect(RoundStart)
     assert resumed.round_id == start.round_id
     assert resumed.chunks_received == sent
-    grant = await again.upload(resumed, payloads)
+    await again.send(UploadRequest(round_id=start.round_id, resume_token=first.resume_token))
+    grant = await again.expect(UploadGrant)
     assert grant.start_seq == sent  # the kept chunks still hold their slot: no wait
+    assert grant.resume_token == first.resume_token
+    for seq in range(sent, len(payloads)):
+        await again.send(UpdateChunk(round_id=start.round_id, seq=seq, payload=payloads[seq]))
+    assert again.codec is not None
+    await again.send(
+        UpdateDone(
+            round_id=start.round_id,
+            chunk_count=len(payloads),
+            item_count=sum(map(len, payloads)) // again.codec.public_key.ciphertext_bytes,
+            digest=hashlib.sha256(b"".join(payloads)).digest(),
+            token=again.token(start, payloads),
+        )
+    )
     await again.expect(Ack)
     checkpoint = await asyncio.wait_for(task, 60)
     await asyncio.wait_for(honest_task, 30)
