@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, str] = {
     "accuracy": "bench.accuracy_bench",
     "scale": "bench.scale_bench",
     "committee-checks": "bench.committee_checks",
+    "hostile": "bench.hostile",
 }
 
 
