@@ -26,7 +26,7 @@ from fedcore.errors import ConfigError, KeyFileError
 from fedcore.packing import MAX_HEADROOM_BITS
 from protocol.transport import DEFAULT_MAX_CONNECTIONS_PER_PEER, SERVER_RECEIVE_BUFFER
 
-__all__ = ["AggregatorConfig", "checked_settings", "load_toml_table"]
+__all__ = ["AggregatorConfig", "check_upload_pace", "checked_settings", "load_toml_table"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,14 +145,7 @@ class AggregatorConfig:
             ">= 1",
             self.max_inflight_uploads,
         )
-        for name in ("upload_min_rate", "upload_start_timeout"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int | float) and math.isfinite(value) and value > 0,
-                name,
-                "> 0 (bytes per second, seconds)",
-                value,
-            )
+        check_upload_pace(self)
         _require(0 <= self.fold_workers <= 64, "fold_workers", "0..64", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
         _require(
@@ -353,6 +346,18 @@ def _is_threshold_key_file(path: Path) -> bool:
     except (OSError, ValueError):
         return False  # PublicKey.load reports the error with the path
     return isinstance(document, dict) and document.get("type") == THRESHOLD_KEY_TYPE
+
+
+def check_upload_pace(settings: Any) -> None:
+    """``upload_min_rate`` and ``upload_start_timeout`` of an aggregator or relay: > 0."""
+    for name in ("upload_min_rate", "upload_start_timeout"):
+        value = getattr(settings, name)
+        _require(
+            isinstance(value, int | float) and math.isfinite(value) and value > 0,
+            name,
+            "> 0 (bytes per second, seconds)",
+            value,
+        )
 
 
 def _require(ok: bool, name: str, allowed: str, value: object) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedcore.aggregator.config import checked_settings, load_toml_table
+from fedcore.aggregator.config import check_upload_pace, checked_settings, load_toml_table
 from fedcore.aggregator.rounds import (
     DEFAULT_UPLOAD_MIN_RATE,
     DEFAULT_UPLOAD_START_TIMEOUT,
@@ -102,14 +102,7 @@ class RelayConfig:
             ">= 1",
             self.max_inflight_uploads,
         )
-        for name in ("upload_min_rate", "upload_start_timeout"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int | float) and math.isfinite(value) and value > 0,
-                name,
-                "> 0 (bytes per second, seconds)",
-                value,
-            )
+        check_upload_pace(self)
         _require(self.fold_workers >= 0, "fold_workers", ">= 0", self.fold_workers)
         _require(self.max_connections >= 1, "max_connections", ">= 1", self.max_connections)
         _require(

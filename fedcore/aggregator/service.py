@@ -100,6 +100,7 @@ class Aggregator(Listener):
         )
         self.codec = codec_for(self.federation, self.session_info)
         self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
+        Checkpoint.probe(config.state_dir)  # preflight: unwritable now, not at the first save
         checkpoint = Checkpoint.load(config.state_dir)
         if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
             raise ConfigError(

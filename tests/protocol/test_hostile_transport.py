@@ -29,7 +29,6 @@ import pytest
 from fedcore.metrics import AggregatorMetrics
 from protocol import (
     CLIENT_MAX_FRAME_SIZE,
-    CLOSED,
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
     HEARTBEAT_BURST,
@@ -70,6 +69,8 @@ from protocol import (
     server_context,
     write_federation_pki,
 )
+
+from .test_transport import read_until_eof
 
 FAST = TransportConfig(
     handshake_timeout=10.0,
@@ -189,23 +190,7 @@ async def say_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 async def errors_until_eof(reader: asyncio.StreamReader, timeout: float = 20.0) -> list[Message]:
     """Every non-heartbeat message the server sends until it closes (bounded by timeout)."""
-    decoder = FrameDecoder(max_frame_size=CLIENT_MAX_FRAME_SIZE)
-    out: list[Message] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                data = await reader.read(65536)
-            except (ConnectionError, ssl.SSLError):
-                data = b""
-            decoder.receive_data(data)
-            while True:
-                event = decoder.next_event()
-                if event is CLOSED:
-                    return out
-                if event is NEED_DATA:
-                    break
-                if not isinstance(event, Heartbeat):
-                    out.append(event)  # type: ignore[arg-type]
+    return await read_until_eof(reader, timeout)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

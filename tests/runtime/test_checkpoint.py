@@ -220,3 +220,16 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path: P
     loaded = Checkpoint.load(tmp_path)
     assert loaded is not None and loaded.rounds_completed == 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_daemon_refuses_an_unwritable_state_dir_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    argv = ["aggregator", "--public-key", str(tmp_path / "none.json")]
+    argv += ["--cert", str(tmp_path / "a.pem"), "--key", str(tmp_path / "a.key")]
+    argv += ["--ca", str(tmp_path / "ca.pem"), "--state-dir", str(blocker / "state")]
+    assert fedcore_main([*argv, "--plaintext"]) != 0
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "Traceback" not in err, err
