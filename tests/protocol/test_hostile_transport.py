@@ -70,16 +70,8 @@ from protocol import (
     write_federation_pki,
 )
 
-from .test_transport import read_until_eof
+from .test_transport import FAST, HELLO, read_until_eof
 
-FAST = TransportConfig(
-    handshake_timeout=10.0,
-    first_message_timeout=5.0,
-    idle_timeout=5.0,
-    heartbeat_interval=1.0,
-    close_timeout=1.0,
-)
-HELLO = Hello(version=PROTOCOL_VERSION)
 MiB = 1024 * 1024
 LOOPS = ["asyncio", "uvloop"]
 
