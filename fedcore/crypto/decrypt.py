@@ -31,7 +31,18 @@ class CrtConstants:
     ``hp = L_p(g^(p-1) mod p²)^-1 mod p``, ``hq`` likewise, ``p_inverse = p^-1 mod q``.
     """
 
-    __slots__ = ("_exponentiations", "hp", "hq", "n", "p", "p_inverse", "psquare", "q", "qsquare")
+    __slots__ = (
+        "_exponentiations",
+        "_roots",
+        "hp",
+        "hq",
+        "n",
+        "p",
+        "p_inverse",
+        "psquare",
+        "q",
+        "qsquare",
+    )
 
     def __init__(self, p: int, q: int) -> None:
         p_, q_ = mpz(min(p, q)), mpz(max(p, q))
@@ -43,6 +54,7 @@ class CrtConstants:
         self.hp = gmpy2.invert(_l_function(gmpy2.powmod(g, p_ - 1, self.psquare), p_), p_)
         self.hq = gmpy2.invert(_l_function(gmpy2.powmod(g, q_ - 1, self.qsquare), q_), q_)
         self._exponentiations: dict[bool, tuple[FixedExponent, FixedExponent]] = {}
+        self._roots: dict[bool, tuple[FixedExponent, FixedExponent]] = {}
 
     def exponentiations(self, constant_time: bool) -> tuple[FixedExponent, FixedExponent]:
         """``c ↦ c^(p-1) mod p²`` and ``c ↦ c^(q-1) mod q²``, built once per mode."""
@@ -53,6 +65,18 @@ class CrtConstants:
                 FixedExponent(self.q - 1, self.qsquare, constant_time=constant_time),
             )
             self._exponentiations[constant_time] = pair
+        return pair
+
+    def root_exponentiations(self, constant_time: bool) -> tuple[FixedExponent, FixedExponent]:
+        """``v ↦ v^(n⁻¹ mod p-1) mod p`` and the same mod q (n-th roots), built once per mode."""
+        pair = self._roots.get(constant_time)
+        if pair is None:
+            p, q, n = self.p, self.q, self.n
+            pair = (
+                FixedExponent(gmpy2.invert(n, p - 1), p, constant_time=constant_time),
+                FixedExponent(gmpy2.invert(n, q - 1), q, constant_time=constant_time),
+            )
+            self._roots[constant_time] = pair
         return pair
 
 

@@ -42,7 +42,6 @@ from gmpy2 import mpz
 
 from fedcore.crypto.decrypt import CrtConstants, crt_decrypt, parallel_crt
 from fedcore.crypto.keys import PublicKey
-from fedcore.crypto.modexp import FixedExponent
 
 __all__ = [
     "BATCH_BITS",
@@ -78,9 +77,8 @@ def key_challenge_value(public_key: PublicKey, context: bytes) -> mpz:
 
 def _nth_root(values: Sequence[Any], constants: CrtConstants, constant_time: bool) -> list[mpz]:
     """``v^(n⁻¹ mod φ(n)) mod n`` for each ``v`` in Z*_n, by the CRT (secret exponents)."""
-    p, q, n = constants.p, constants.q, constants.n
-    p_side = FixedExponent(gmpy2.invert(n, p - 1), p, constant_time=constant_time)
-    q_side = FixedExponent(gmpy2.invert(n, q - 1), q, constant_time=constant_time)
+    p, q = constants.p, constants.q
+    p_side, q_side = constants.root_exponentiations(constant_time)
     rp = p_side.powmod([mpz(v) % p for v in values])
     rq = q_side.powmod([mpz(v) % q for v in values])
     p_inverse = constants.p_inverse
