@@ -18,6 +18,7 @@ from fedcore.aggregator.rounds import (
     DEFAULT_UPLOAD_START_TIMEOUT,
     UploadPace,
 )
+from fedcore.aggregator.settings import check_types
 from fedcore.contracts import DEFAULT_REPORT_METRICS, FederationParams
 from fedcore.crypto import PublicKey, ThresholdPublicKey
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
@@ -138,6 +139,12 @@ class AggregatorConfig:
         _require(
             self.heartbeat_interval >= 0, "heartbeat_interval", ">= 0", self.heartbeat_interval
         )
+        if self.heartbeat_interval and self.heartbeat_interval >= self.idle_timeout:
+            raise ConfigError(
+                f"heartbeat_interval ({self.heartbeat_interval}) must be below idle_timeout "
+                f"({self.idle_timeout}): a quiet but healthy connection would be closed; "
+                "raise idle_timeout or lower heartbeat_interval"
+            )
         _require(self.max_failed_rounds >= 1, "max_failed_rounds", ">= 1", self.max_failed_rounds)
         _require(
             self.max_inflight_uploads >= 1,
@@ -167,6 +174,7 @@ class AggregatorConfig:
             ):
                 raise ConfigError("allowed_clients must be a list of certificate common names")
             object.__setattr__(self, "allowed_clients", tuple(self.allowed_clients))
+            self._check_allowed_clients(len(set(self.allowed_clients)))
         _require(1 <= self.max_weight <= 1 << 20, "max_weight", "1..2^20", self.max_weight)
         _require(
             self.samples_per_weight >= 1, "samples_per_weight", ">= 1", self.samples_per_weight
@@ -209,6 +217,20 @@ class AggregatorConfig:
         _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
         if ":" not in self.model:
             raise ConfigError(f"model must be 'module:factory', got {self.model!r}")
+
+    def _check_allowed_clients(self, allowed: int) -> None:
+        """Settings that ask for more clients than ``allowed_clients`` names: refused."""
+        if self.min_clients > allowed:
+            raise ConfigError(
+                f"min_clients ({self.min_clients}) exceeds allowed_clients ({allowed} names): "
+                "no round could ever reach its quorum; allow more clients or lower min_clients"
+            )
+        if self.clients_per_round is not None and self.clients_per_round > allowed:
+            raise ConfigError(
+                f"clients_per_round ({self.clients_per_round}) exceeds allowed_clients "
+                f"({allowed} names): every round would wait for clients that cannot join; "
+                "lower clients_per_round or allow more clients"
+            )
 
     @property
     def upload_pace(self) -> UploadPace:
@@ -317,6 +339,7 @@ def checked_settings(
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise ConfigError(f"unknown {what} setting(s): {', '.join(unknown)}")
+    check_types(cls, data, what=what)
     values = dict(data)
     for name in required:
         if values.get(name) is None:

@@ -31,6 +31,7 @@ import numpy as np
 
 from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.hub import ClientHub, Listener
+from fedcore.aggregator.preflight import check_daemon, check_ports
 from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import RoundPhase, RoundState, select_clients
 from fedcore.client.config import FEDERATION_COMPLETE
@@ -112,6 +113,7 @@ class Relay(Listener):
             path = getattr(config, name)
             if path is not None and not path.is_file():
                 raise ConfigError(f"relay {name} file {path} does not exist (--{name})")
+        check_daemon(config.cert, config.key, config.ca, purpose="relay")
         self._pinned = (
             FederationParams.load(config.federation) if config.federation is not None else None
         )
@@ -143,6 +145,7 @@ class Relay(Listener):
     async def run(self) -> None:
         """Serve until the upstream says the federation is complete (or `request_stop`)."""
         c = self.config
+        check_ports((c.host, c.port, "port"), (c.metrics_host, c.metrics_port, "metrics_port"))
         host, port = c.upstream_address
         complete = False
         try:
