@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedcore.contracts import FederationParams
 from fedcore.crypto import PublicKey, ThresholdPublicKey
@@ -29,8 +27,13 @@ __all__ = [
 #: goodbye (a restart, a shutdown) makes the client reconnect.
 FEDERATION_COMPLETE = "federation complete"
 
-TrainFn = Callable[[torch.nn.Module, dict[str, Any]], int]
-EvaluateFn = Callable[[torch.nn.Module], dict[str, float]]
+if TYPE_CHECKING:  # only torch clients use these; a numpy-level client never imports torch
+    import torch
+
+#: A torch client's ``train_fn(model, round_config) -> samples``: train in place.
+TrainFn = Callable[["torch.nn.Module", dict[str, Any]], int]
+#: A torch client's ``evaluate_fn(model) -> metrics`` (e.g. accuracy, loss).
+EvaluateFn = Callable[["torch.nn.Module"], dict[str, float]]
 
 # Errors after which reconnecting cannot help: the federation does not want this client.
 FATAL_CODES = {ErrorCode.UNSUPPORTED_VERSION, ErrorCode.UNKNOWN_CLIENT, ErrorCode.BAD_TOKEN}
@@ -61,6 +64,11 @@ class ClientConfig:
     reconnect_attempts: int | None = 20
     backoff_base: float = 0.5
     backoff_max: float = 30.0
+    # After a failure no retry can fix (a certificate either side refuses, a refusal
+    # that will not change; see fedcore.client.failures): None stops the client with the
+    # error; seconds (e.g. 300) keep trying that rarely, for an unattended edge device
+    # whose operator fixes the federation's side. The app's own errors always stop it.
+    permanent_failure_retry: float | None = None
     decrypt_workers: int = 1
     # Constant-time modular exponentiation with the secret CRT exponents: OpenSSL's
     # (faster than GMP's variable-time powmod, which phe uses) or, without a usable
@@ -81,6 +89,11 @@ class ClientConfig:
             )
         if not 0 < self.backoff_base <= self.backoff_max:
             raise ConfigError("backoff_base must be > 0 and <= backoff_max")
+        retry = self.permanent_failure_retry
+        if retry is not None and not (isinstance(retry, int | float) and 0 < retry < float("inf")):
+            raise ConfigError(
+                f"permanent_failure_retry must be None (stop) or seconds > 0; got {retry!r}"
+            )
         if self.decrypt_workers < 1:
             raise ConfigError(f"decrypt_workers must be >= 1; got {self.decrypt_workers}")
         if not 512 <= self.min_key_bits <= 16384:

@@ -16,7 +16,10 @@ enforces its own privacy, whatever the aggregator does:
 
 The pipeline (`fedcore.client.pipeline`) trains and seals updates; a key holder also
 serves the committee (`fedcore.client.committee`). After a network loss the client
-reconnects with backoff and resumes an open round. Sockets are `protocol.transport`'s.
+reconnects with backoff and resumes an open round; a failure no retry can fix (a
+certificate either side refuses, a refusal that will not change, an app callback that
+raises or returns the wrong type) stops it with one ERROR line (`fedcore.client.failures`
+decides which is which). Sockets are `protocol.transport`'s.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
+from cryptography import x509
 
 from fedcore.client.committee import CommitteeMember, CommitteeRefusal
 from fedcore.client.config import (
@@ -37,6 +42,12 @@ from fedcore.client.config import (
     EvaluateFn,
     TrainFn,
     parse_server,
+)
+from fedcore.client.failures import (
+    CallbackError,
+    checked_evaluate_fn,
+    checked_train_fn,
+    describe,
 )
 from fedcore.client.pipeline import (
     PreparedUpdate,
@@ -115,12 +126,21 @@ class Client:
         self.model = model
         self.config = config
         self.federation: FederationParams = config.load_federation()
-        self.pipeline = UpdatePipeline(model, train_fn, evaluate_fn)
+        # What the app's callbacks raise becomes CallbackError: it stops the client
+        # instead of costing a reconnect a round. (What is not callable, the pipeline
+        # refuses as it is.)
+        self.pipeline = UpdatePipeline(
+            model,
+            checked_train_fn(train_fn) if callable(train_fn) else train_fn,
+            checked_evaluate_fn(evaluate_fn) if callable(evaluate_fn) else evaluate_fn,
+        )
         self.layout = self.pipeline.layout
         self.private_key: PrivateKey | KeyShare | None = self._load_key_secret(config)
         try:
             self.signer = Signer.load(config.cert, config.key)
             self.ca = CertificateAuthority.load(config.ca)
+            # kept to say why the aggregator refuses our certificate, should it
+            self._ca_certificates = x509.load_pem_x509_certificates(Path(config.ca).read_bytes())
         except CredentialError as exc:
             raise ConfigError(str(exc)) from None
         self.committee: CommitteeMember | None = None
@@ -141,7 +161,13 @@ class Client:
         # (round id, the token of its grant): shown after a reconnect to resume the upload
         self._resume: tuple[int, bytes] | None = None
         self._seal_lock = threading.Lock()
-        self._ssl = client_context(config.cert, config.key, config.ca)
+        try:
+            self._ssl = client_context(config.cert, config.key, config.ca)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"cannot use certificate {config.cert} with key {config.key} "
+                f"and CA {config.ca}: {exc}"
+            ) from None
 
     # ------------------------------------------------------------------ entry points
     def run_forever(self, server: str) -> ClientResult:
@@ -173,6 +199,9 @@ class Client:
                 backoff=Backoff(config.backoff_base, config.backoff_max),
                 reconnect_attempts=config.reconnect_attempts,
                 on_reconnect=count_reconnect,
+                permanent_failure_retry=config.permanent_failure_retry,
+                certificate=self.signer.certificate,
+                ca_certificates=self._ca_certificates,
             )
             return self.result
         finally:
@@ -278,8 +307,11 @@ class Client:
             raise FederationMismatch(f"the aggregator's model layout is malformed: {exc}") from None
         if layout != self.layout:
             raise ConfigError(
-                "the aggregator's model layout differs from this client's model; "
-                "both must build the same architecture"
+                f"the aggregator's model layout differs from this client's: "
+                f"{self.layout.difference(layout)} (aggregator: {layout.numel:,} values in "
+                f"{len(layout.tensors)} tensors, this client: {self.layout.numel:,} in "
+                f"{len(self.layout.tensors)}); start the aggregator with --model "
+                "module:factory (and --model-kwargs) building this client's architecture"
             )
         return codec_for(self.federation, session)
 
@@ -336,9 +368,16 @@ class Client:
                 return  # refused: see _prepared_update
             if prepared is None:
                 names = tuple(name for name, _ in self.federation.report_metrics)
-                trained = await asyncio.to_thread(
-                    self.pipeline.train, start.weights, plan.config(), names
-                )
+                try:
+                    trained = await asyncio.to_thread(
+                        self.pipeline.train, start.weights, plan.config(), names
+                    )
+                except FedcoreError:
+                    raise
+                except Exception as exc:
+                    # the app's model code failed (an ArrayModel's train or evaluate):
+                    # it would fail the same way every round, so it stops the client
+                    raise CallbackError(f"local training failed: {describe(exc)}") from exc
                 prepared = await asyncio.to_thread(self._seal, trained, codec, unmaskers)
                 self._keep(prepared)
             token = b""
@@ -364,8 +403,9 @@ class Client:
             self.result.rounds_refused += 1
             log.warning("round %d: not contributing: %s", start.round_id, exc)
         except FedcoreError as exc:
+            # final: the session raises it and the reconnect loop logs it, once
             fatal.append(exc)
-            log.error("round %d: %s", start.round_id, exc)
+            log.debug("round %d: %s", start.round_id, exc, exc_info=True)
             with contextlib.suppress(Exception):
                 await conn.close(reason=f"client stops: {exc}"[:1000])
         except (ProtocolError, OSError, ConnectionError) as exc:
