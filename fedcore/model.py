@@ -1,20 +1,21 @@
 """Torch models <-> flat float32 vectors, and the seed MLP.
 
-The runtime packs and encrypts flat vectors, so everything model-specific stops here:
-a `ModelLayout` records each tensor's name, shape and dtype so that a flat vector can
-be turned back into a ``state_dict`` exactly. Nothing here knows about Paillier or the
-wire protocol.
+The runtime packs and encrypts flat vectors, so everything torch-specific stops here:
+a `ModelLayout` (`fedcore.layout`, re-exported here) records each tensor's name, shape
+and dtype so that a flat vector can be turned back into a ``state_dict`` exactly.
+Nothing here knows about Paillier or the wire protocol.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from fedcore.layout import ModelLayout, TensorSpec, is_real_dtype
 
 __all__ = [
     "ModelLayout",
@@ -22,69 +23,9 @@ __all__ = [
     "flatten_state_dict",
     "load_flat_into",
     "mlp",
+    "module_from_arrays",
     "unflatten_state_dict",
 ]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TensorSpec:
-    """One tensor of a state_dict: its key, shape and torch dtype name."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        """Number of scalar values in the tensor."""
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ModelLayout:
-    """The ordered tensors of a state_dict; the flat vector is their concatenation."""
-
-    tensors: tuple[TensorSpec, ...]
-
-    @classmethod
-    def of(cls, state_dict: dict[str, torch.Tensor]) -> ModelLayout:
-        """Describe a state_dict (floating-point tensors only; others are rejected)."""
-        specs = []
-        for name, tensor in state_dict.items():
-            if not tensor.is_floating_point():
-                raise TypeError(
-                    f"state_dict[{name!r}] has dtype {tensor.dtype}; only floating-point "
-                    "tensors can be federated"
-                )
-            specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=str(tensor.dtype)))
-        return cls(tensors=tuple(specs))
-
-    @property
-    def numel(self) -> int:
-        """Length of the flat vector."""
-        return sum(spec.numel for spec in self.tensors)
-
-    def to_json(self) -> str:
-        """Serialize as a JSON string (for the Welcome message)."""
-        return json.dumps([[t.name, list(t.shape), t.dtype] for t in self.tensors])
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelLayout:
-        """Parse `to_json` output; raises ValueError on any other shape."""
-        try:
-            rows = json.loads(text)
-            tensors = tuple(
-                TensorSpec(name=str(name), shape=tuple(int(d) for d in shape), dtype=str(dt))
-                for name, shape, dt in rows
-            )
-        except (ValueError, TypeError) as exc:
-            raise ValueError(
-                f"model layout is not valid JSON of [name, shape, dtype]: {exc}"
-            ) from exc
-        return cls(tensors=tensors)
 
 
 def flatten_state_dict(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
@@ -116,6 +57,43 @@ def load_flat_into(model: nn.Module, vector: np.ndarray) -> None:
     """Overwrite ``model``'s parameters and buffers from a flat vector of its own layout."""
     layout = ModelLayout.of(model.state_dict())
     model.load_state_dict(unflatten_state_dict(vector, layout))
+
+
+def module_from_arrays(arrays: Mapping[str, Any]) -> nn.Module:
+    """A torch module whose state_dict is ``arrays``: same names, order and shapes, float32.
+
+    For an aggregator whose clients train in another framework: its ``--model`` factory
+    returns ``module_from_arrays(initial_weights)``, and the layout it publishes is
+    ``ModelLayout.of_arrays`` of the same arrays, which numpy-level clients build from
+    their own. Dotted names become submodules (``"dense.0.kernel"``), so names that share
+    a prefix must be consecutive and a module's own arrays must come before its
+    submodules' (torch's state_dict order); a ValueError says when they are not.
+    """
+    root = nn.Module()
+    for name, array in arrays.items():
+        values = np.asarray(array)
+        if not is_real_dtype(values.dtype):
+            raise ValueError(f"arrays[{name!r}] has dtype {values.dtype}; it must be real")
+        *path, leaf = name.split(".")
+        owner = root
+        try:
+            for part in path:
+                child = dict(owner.named_children()).get(part)
+                if child is None:
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            tensor = torch.from_numpy(np.array(values, dtype=np.float32))
+            owner.register_parameter(leaf, nn.Parameter(tensor))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"a torch module cannot hold an array named {name!r}: {exc}") from None
+    order = list(root.state_dict())
+    if order != list(arrays):
+        raise ValueError(
+            f"torch would order these arrays {order}, not {list(arrays)}: keep names with a "
+            "common prefix together, a module's own arrays before its submodules'"
+        )
+    return root
 
 
 class _MLP(nn.Module):

@@ -1,11 +1,14 @@
-"""The update pipeline: load the global model, evaluate, train, encode, mask, encrypt, chunk.
+"""The update pipeline: run the app's model on one global model, encode, mask, encrypt, chunk.
 
-`UpdatePipeline.train` runs the embedding app's callbacks on one global model (in a
-worker thread, one round at a time: a lock keeps a cancelled round's thread from
-training the model while the next one starts). `seal` turns the trained update into
-what goes on the wire: the client's own FedAvg weight and evaluation report are packed
-with it, the one-time masks of the round's unmaskers are added inside the plaintexts,
-and the result is encrypted with pooled random factors. Knows nothing of sockets.
+`UpdatePipeline.train` hands the global weights to the app's `ArrayModel` as numpy
+arrays, checks what comes back (shapes, finiteness, sample count) and makes the update:
+flat float32 arrays, whatever framework trained them. It runs in a worker thread, one
+round at a time: a lock keeps a cancelled round's thread from training the model while
+the next one starts. `seal` turns the trained update into what goes on the wire: the
+client's own FedAvg weight and evaluation report are packed with it, the one-time masks
+of the round's unmaskers are added inside the plaintexts, and the result is encrypted
+with pooled random factors. Knows nothing of sockets, nor of torch: a torch model is
+wrapped in `fedcore.client.torch_adapter.TorchModel`, imported only then.
 """
 
 from __future__ import annotations
@@ -15,19 +18,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from fedcore.client.arrays import ArrayModel, checked_training, evaluation_metrics
 from fedcore.client.config import EvaluateFn, TrainFn
 from fedcore.codec import EncryptedCodec, UpdateCodec
 from fedcore.contracts import FederationParams
 from fedcore.crypto import EncryptionPool
 from fedcore.crypto.masking import SecureUniform, add_masks, client_masks, public_key_bytes
 from fedcore.errors import ConfigError
-from fedcore.model import ModelLayout, flatten_state_dict, load_flat_into
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["PreparedUpdate", "TrainedUpdate", "UpdatePipeline", "model_digest", "seal"]
 
@@ -71,18 +76,30 @@ class PreparedUpdate:
 
 
 class UpdatePipeline:
-    """Runs the embedding app's train and evaluate callbacks on a global model."""
+    """Runs the embedding app's model (train, evaluate) on a global model version.
+
+    ``model`` is an `ArrayModel`, or a ``torch.nn.Module`` with the app's ``train_fn``
+    and optional ``evaluate_fn`` (wrapped in a `TorchModel`).
+    """
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        train_fn: TrainFn,
-        evaluate_fn: EvaluateFn | None,
+        model: ArrayModel | torch.nn.Module,
+        train_fn: TrainFn | None = None,
+        evaluate_fn: EvaluateFn | None = None,
     ) -> None:
-        self.model = model
-        self.train_fn = train_fn
-        self.evaluate_fn = evaluate_fn
-        self.layout = ModelLayout.of(model.state_dict())
+        if isinstance(model, ArrayModel):
+            if train_fn is not None or evaluate_fn is not None:
+                raise ConfigError(
+                    f"{type(model).__name__} is an ArrayModel: it trains and evaluates itself; "
+                    "pass train_fn=None and evaluate_fn=None"
+                )
+            self.model: ArrayModel = model
+        else:
+            from fedcore.client.torch_adapter import TorchModel
+
+            self.model = TorchModel(model, train_fn, evaluate_fn)
+        self.layout = self.model.layout
         # A cancelled round's thread runs on until it finishes; the next round must not
         # train the same model at the same time.
         self._model_lock = threading.Lock()
@@ -103,34 +120,36 @@ class UpdatePipeline:
                 f"RoundStart carries {global_weights.shape[0]} weights; model has "
                 f"{self.layout.numel}"
             )
-        load_flat_into(self.model, global_weights)
+        model = type(self.model).__name__
         timings: dict[str, float] = {}
         report: tuple[float, ...] | None = None
-        if self.evaluate_fn is not None:
-            t0 = time.perf_counter()
-            metrics = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+        t0 = time.perf_counter()
+        metrics = evaluation_metrics(
+            self.model.evaluate(self._fresh_arrays(global_weights)), source=f"{model}.evaluate"
+        )
+        if metrics is not None:
             timings["evaluate_s"] = time.perf_counter() - t0
             missing = [name for name in report_names if name not in metrics]
             if missing:
-                log.debug("evaluate_fn gave no %s: this round reports no metrics", missing)
+                log.debug("evaluate gave no %s: this round reports no metrics", missing)
             else:
                 report = tuple(metrics[name] for name in report_names)
         t0 = time.perf_counter()
-        samples = self.train_fn(self.model, dict(round_config))
+        result = self.model.train(self._fresh_arrays(global_weights), dict(round_config))
         timings["train_s"] = time.perf_counter() - t0
-        if isinstance(samples, bool) or not isinstance(samples, int | np.integer) or samples < 0:
-            raise ConfigError(
-                f"train_fn must return the number of samples it used, got {samples!r}"
-            )
-        update = flatten_state_dict(self.model.state_dict()) - global_weights
+        trained, samples = checked_training(self.layout, result, source=f"{model}.train")
         return TrainedUpdate(
             model_digest=model_digest(weights),
-            update=update,
-            samples=int(samples),
+            update=trained - global_weights,
+            samples=samples,
             report=report,
             timings=timings,
             iterations=int(round_config.get("epochs", 1)),
         )
+
+    def _fresh_arrays(self, global_weights: np.ndarray) -> list[np.ndarray]:
+        """The global weights as writable arrays of their own (the app may change them)."""
+        return self.layout.split(global_weights.copy())
 
 
 def seal(
