@@ -2,10 +2,11 @@
 
 Each `AggregatorMetrics` owns its own `CollectorRegistry`: no global state, so two
 aggregators (or many tests) in one process never collide. `MetricsServer` serves
-``/metrics`` and ``/healthz`` from a background thread. This module knows nothing of
-Paillier, torch or the wire protocol (only the names of `fedcore.contracts.RejectReason`
-and of the transport's refusal reasons, `protocol.refusals.REFUSAL_LABELS`); it receives
-numbers.
+``/metrics`` and ``/healthz`` from a background thread, and the dashboard page of
+`fedcore.dashboard` at ``/`` with its ``/status.json`` when given a status provider. This
+module knows nothing of Paillier, torch or the wire protocol (only the names of
+`fedcore.contracts.RejectReason` and of the transport's refusal reasons,
+`protocol.refusals.REFUSAL_LABELS`); it receives numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fedcore.contracts import RejectReason
+from fedcore.dashboard import DASHBOARD_CSP, DASHBOARD_PAGE
 from protocol.refusals import REFUSAL_LABELS
 
 __all__ = [
@@ -31,7 +34,9 @@ __all__ = [
     "REJECT_REASONS",
     "ROUND_PHASES",
     "AggregatorMetrics",
+    "LiveTotals",
     "MetricsServer",
+    "StatusProvider",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +147,30 @@ def _usable(value: Any) -> float | None:
     return number
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LiveTotals:
+    """The aggregator's counters and gauges at one instant (what the dashboard shows)."""
+
+    connected_clients: int
+    inflight_uploads: int
+    current_round: int
+    updates_accepted: int
+    updates_rejected: dict[str, int]
+    connections_refused: dict[str, int]
+    rounds_failed: dict[str, int]
+    bytes_received: int
+    bytes_sent: int
+
+
+def _by_reason(counter: Counter) -> dict[str, int]:
+    return {
+        sample.labels["reason"]: int(sample.value)
+        for metric in counter.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+
+
 class AggregatorMetrics:
     """Every Prometheus metric of one aggregator, registered in its own registry.
 
@@ -201,6 +230,12 @@ class AggregatorMetrics:
         )
         for reason in REJECT_REASONS:
             self.updates_rejected_total.labels(reason=reason)
+        self.checkpoint_failures_total = Counter(
+            "fedcore_checkpoint_failures",
+            "Checkpoint saves that failed (full or read-only disk); the previous checkpoint "
+            "stays whole and no round completes until a save succeeds.",
+            registry=r,
+        )
         self.connections_refused_total = Counter(
             "fedcore_connections_refused",
             "Connections refused before they were a client (TLS handshake, connection caps, "
@@ -240,6 +275,26 @@ class AggregatorMetrics:
             buckets=_FOLD_BUCKETS,
             registry=r,
         )
+        # Weighted means of the contributors' evaluations, decrypted as part of the sum:
+        # never one client's figure.
+        self.global_model_accuracy = Gauge(
+            "fedcore_global_model_accuracy",
+            "Accuracy of the global model a round started from: the contributors' weighted "
+            "mean evaluation, decrypted with the sum (see fedcore_global_model_round).",
+            registry=r,
+        )
+        self.global_model_loss = Gauge(
+            "fedcore_global_model_loss",
+            "Loss of the global model a round started from: the contributors' weighted "
+            "mean evaluation, decrypted with the sum (see fedcore_global_model_round).",
+            registry=r,
+        )
+        self.global_model_round = Gauge(
+            "fedcore_global_model_round",
+            "Id of the round whose evaluation the global model accuracy and loss show "
+            "(0: no round reported one yet).",
+            registry=r,
+        )
         # Exposed series name -> (counter, label names), for snapshot/restore.
         self._counters: dict[str, tuple[Counter, tuple[str, ...]]] = {
             "fedcore_training_iterations_total": (self.training_iterations_total, ()),
@@ -248,6 +303,7 @@ class AggregatorMetrics:
             "fedcore_updates_accepted_total": (self.updates_accepted_total, ()),
             "fedcore_updates_rejected_total": (self.updates_rejected_total, ("reason",)),
             "fedcore_connections_refused_total": (self.connections_refused_total, ("reason",)),
+            "fedcore_checkpoint_failures_total": (self.checkpoint_failures_total, ()),
             "fedcore_bytes_received_total": (self.bytes_received_total, ()),
             "fedcore_bytes_sent_total": (self.bytes_sent_total, ()),
         }
@@ -272,6 +328,39 @@ class AggregatorMetrics:
         iterations = _usable(metrics.get("iterations"))
         if iterations is not None:
             self.training_iterations_total.inc(iterations)
+
+    def observe_global_model(self, round_id: int, evaluation: Mapping[str, Any]) -> None:
+        """Publish a completed round's decrypted evaluation (``accuracy``, ``loss``).
+
+        Other names, and values that are negative, non-finite or not numbers, are
+        ignored; a round without a usable accuracy or loss leaves the gauges as they were.
+        """
+        accuracy = _usable(evaluation.get("accuracy"))
+        loss = _usable(evaluation.get("loss"))
+        if accuracy is not None:
+            self.global_model_accuracy.set(accuracy)
+        if loss is not None:
+            self.global_model_loss.set(loss)
+        if accuracy is not None or loss is not None:
+            self.global_model_round.set(round_id)
+
+    def live_totals(self) -> LiveTotals:
+        """The current value of the gauges and counters the dashboard shows."""
+
+        def value(name: str) -> int:
+            return int(self.registry.get_sample_value(name) or 0)
+
+        return LiveTotals(
+            connected_clients=value("fedcore_connected_clients"),
+            inflight_uploads=value("fedcore_inflight_uploads"),
+            current_round=value("fedcore_current_round"),
+            updates_accepted=value("fedcore_updates_accepted_total"),
+            updates_rejected=_by_reason(self.updates_rejected_total),
+            connections_refused=_by_reason(self.connections_refused_total),
+            rounds_failed=_by_reason(self.rounds_failed_total),
+            bytes_received=value("fedcore_bytes_received_total"),
+            bytes_sent=value("fedcore_bytes_sent_total"),
+        )
 
     def snapshot(self) -> dict[str, float]:
         """Current value of every counter series, keyed ``name_total`` or
@@ -307,8 +396,14 @@ class AggregatorMetrics:
                 (counter.labels(**labels) if labels else counter).inc(missing)
 
 
+StatusProvider = Callable[[], Mapping[str, Any]]
+"""Returns the dashboard's status as a JSON object (`fedcore.dashboard.FederationStatus`)."""
+
+
 def _make_handler(
-    metrics: AggregatorMetrics, health: Callable[[], tuple[bool, dict[str, Any]]] | None
+    metrics: AggregatorMetrics,
+    health: Callable[[], tuple[bool, dict[str, Any]]] | None,
+    status: StatusProvider | None,
 ) -> type[BaseHTTPRequestHandler]:
     class _Handler(BaseHTTPRequestHandler):
         server_version = "fedcore-metrics"
@@ -319,8 +414,27 @@ def _make_handler(
                 self._reply(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
             elif path == "/healthz":
                 self._healthz()
+            elif path == "/" and status is not None:
+                self._reply(
+                    200,
+                    "text/html; charset=utf-8",
+                    DASHBOARD_PAGE,
+                    {"Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-store"},
+                )
+            elif path == "/status.json" and status is not None:
+                self._status(status)
             else:
                 self._reply(404, "text/plain; charset=utf-8", b"not found\n")
+
+        def _status(self, provider: StatusProvider) -> None:
+            try:
+                body = json.dumps(provider(), allow_nan=False).encode() + b"\n"
+            except Exception as exc:  # the page shows the error line; the server goes on
+                logger.exception("dashboard status raised")
+                error = json.dumps({"error": f"status unavailable: {exc!r}"}).encode() + b"\n"
+                self._reply(500, "application/json", error, {"Cache-Control": "no-store"})
+                return
+            self._reply(200, "application/json", body, {"Cache-Control": "no-store"})
 
         def _healthz(self) -> None:
             try:
@@ -332,10 +446,19 @@ def _make_handler(
             payload = json.dumps(body, default=str).encode() + b"\n"
             self._reply(200 if healthy else 503, "application/json", payload)
 
-        def _reply(self, status: int, content_type: str, payload: bytes) -> None:
+        def _reply(
+            self,
+            status: int,
+            content_type: str,
+            payload: bytes,
+            headers: Mapping[str, str] | None = None,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(payload)
 
@@ -353,8 +476,10 @@ class MetricsServer:
     """HTTP server for ``GET /metrics`` (Prometheus text) and ``GET /healthz`` (JSON).
 
     ``/healthz`` answers 200 when ``health()`` returns ``(True, details)``, 503
-    otherwise; ``details`` are merged into the JSON body. ``port=0`` picks a free port;
-    read the real one from `port` after `start`.
+    otherwise; ``details`` are merged into the JSON body. With a ``status`` provider it
+    also serves the dashboard page at ``/`` and ``status()`` as ``/status.json`` (both
+    404 without one). ``port=0`` picks a free port; read the real one from `port` after
+    `start`.
     """
 
     def __init__(
@@ -364,6 +489,7 @@ class MetricsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         health: Callable[[], tuple[bool, dict[str, Any]]] | None = None,
+        status: StatusProvider | None = None,
     ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in [0, 65535]; got {port}")
@@ -371,6 +497,7 @@ class MetricsServer:
         self._host = host
         self._requested_port = port
         self._health = health
+        self._status = status
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -387,7 +514,8 @@ class MetricsServer:
             raise RuntimeError("MetricsServer is already started")
         server_class = _IPv6HTTPServer if ":" in self._host else ThreadingHTTPServer
         httpd = server_class(
-            (self._host, self._requested_port), _make_handler(self._metrics, self._health)
+            (self._host, self._requested_port),
+            _make_handler(self._metrics, self._health, self._status),
         )
         httpd.daemon_threads = True
         self._httpd = httpd
