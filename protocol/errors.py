@@ -27,6 +27,7 @@ __all__ = [
     "ProtocolError",
     "ProtocolTimeout",
     "RemoteProtocolError",
+    "TruncatedFrame",
     "UnknownMessageType",
     "UnsupportedVersion",
 ]
@@ -93,6 +94,10 @@ class MalformedFrame(RemoteProtocolError):
     """Bad magic, a truncated frame at EOF, or a body that is not one msgpack map."""
 
     default_code = ErrorCode.MALFORMED_FRAME
+
+
+class TruncatedFrame(MalformedFrame):
+    """The connection ended inside a frame: a peer killed or cut off mid-message."""
 
 
 class UnsupportedVersion(RemoteProtocolError):

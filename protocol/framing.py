@@ -41,6 +41,7 @@ from .errors import (
     LocalProtocolError,
     MalformedFrame,
     ProtocolError,
+    TruncatedFrame,
     UnknownMessageType,
     UnsupportedVersion,
 )
@@ -256,7 +257,7 @@ class FrameDecoder:
                 if self._eof:
                     if available == 0:
                         return CLOSED
-                    self._fail(MalformedFrame(f"EOF inside a frame header ({available} bytes)"))
+                    self._fail(TruncatedFrame(f"EOF inside a frame header ({available} bytes)"))
                 return self._need_data()
             magic, version, type_id, length = _HEADER.unpack_from(src, pos)
             if magic != MAGIC:
@@ -281,7 +282,7 @@ class FrameDecoder:
         type_id, length = self._header
         if available < length:
             if self._eof:
-                self._fail(MalformedFrame(f"EOF inside a frame body ({available}/{length} bytes)"))
+                self._fail(TruncatedFrame(f"EOF inside a frame body ({available}/{length} bytes)"))
             return self._need_data()
         self._header = None
         self._pos = pos + length

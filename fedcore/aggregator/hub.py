@@ -30,7 +30,7 @@ from fedcore.codec import EncryptedCodec, PlaintextCodec, UpdateCodec
 from fedcore.contracts import ClientReport, RejectReason
 from fedcore.errors import InvalidCiphertextError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
-from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError
+from protocol.errors import ConnectionClosed, ErrorCode, ProtocolError, TruncatedFrame
 from protocol.messages import (
     Ack,
     DecryptResult,
@@ -294,6 +294,14 @@ class ClientHub:
                 handle.last_error = exc.peer_message.reason
                 handle.last_error_code = ErrorCode(exc.peer_message.code)
                 log.warning("%s closed with an error: %s", client_id, exc.peer_message.reason)
+            elif client_id in self.uploads.uploads:
+                self._count_interrupted(client_id, str(exc))
+        except TruncatedFrame as exc:
+            # a connection cut inside a frame: a killed client, not a broken one
+            if client_id in self.uploads.uploads:
+                self._count_interrupted(client_id, str(exc))
+            else:
+                log.info("%s: connection ended inside a frame: %s", client_id, exc)
         except ProtocolError as exc:
             log.info("%s: protocol error: %s", client_id, exc)
             reason = RejectReason.for_code(exc.code)
@@ -312,6 +320,12 @@ class ClientHub:
             handle.committee_idle.set()
             self._count_changed()
             log.info("%s left", client_id)
+
+    def _count_interrupted(self, client_id: str, why: str) -> None:
+        """A client's connection ended during its upload: its own reason, not a refusal."""
+        log.info("%s: upload interrupted (%s); kept for resume_grace", client_id, why)
+        label = RejectReason.UPLOAD_INTERRUPTED.label
+        self.metrics.updates_rejected_total.labels(reason=label).inc()
 
     def _forget_relay_unless_back(self, relay_id: str) -> None:
         """A relay gone mid-round: unless it is back within ``resume_grace``, stop waiting.

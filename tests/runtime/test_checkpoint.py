@@ -8,6 +8,7 @@ newest checkpoint that still verifies; nothing is pruned that could be needed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedcore.aggregator import Aggregator
 from fedcore.aggregator.checkpoint import (
     KEEP_CHECKPOINTS,
     Checkpoint,
@@ -22,6 +24,9 @@ from fedcore.aggregator.checkpoint import (
     _record_digest,
 )
 from fedcore.cli import main as fedcore_main
+from fedcore.data import Dataset
+
+from .conftest import Keys, aggregator_config, make_client, run_federation
 
 
 def _history(rounds: int) -> list[dict[str, object]]:
@@ -233,3 +238,40 @@ def test_the_daemon_refuses_an_unwritable_state_dir_at_start(
     assert fedcore_main([*argv, "--plaintext"]) != 0
     err = capsys.readouterr().err
     assert "is not writable" in err and "Traceback" not in err, err
+
+
+async def test_a_full_disk_fails_the_round_keeps_serving_and_loses_nothing(
+    tmp_path: Path, pki: Path, keys: Keys, digits: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 1's checkpoint cannot be written (as on a full disk): one ERROR line, the
+    round's result is not kept in memory either, the daemon keeps serving, and once the
+    disk has room the same model version reruns and every round completes once."""
+    config = aggregator_config(tmp_path, pki, keys, rounds=2, clients_per_round=3)
+    aggregator = Aggregator(config)
+    state = config.state_dir
+    blocker = state / "global-000001-000002.npy"  # a name the next saves write or prune
+    blocker.mkdir(parents=True)
+    clients = [
+        make_client(i, pki, keys, digits, 3, federation=aggregator.federation) for i in range(3)
+    ]
+    failures = aggregator.metrics.checkpoint_failures_total
+
+    async def free_the_disk() -> None:
+        deadline = asyncio.get_running_loop().time() + 120
+        while failures._value.get() < 1:
+            assert asyncio.get_running_loop().time() < deadline, "no save ever failed"
+            await asyncio.sleep(0.05)
+        blocker.rmdir()
+
+    freer = asyncio.create_task(free_the_disk())
+    checkpoint, results = await run_federation(aggregator, clients, timeout=240)
+    await freer
+    assert checkpoint.rounds_completed == 2
+    completed = [r for r in checkpoint.history if "failure" not in r]
+    failed = [r for r in checkpoint.history if "failure" in r]
+    assert len(completed) == 2 and failed == []  # the failed save left no record
+    assert Checkpoint.load(state) is not None and Checkpoint.load(state).rounds_completed == 2
+    assert aggregator.metrics.rounds_completed_total._value.get() == 2
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "checkpoint" in r.message]
+    assert errors and all("intact" in e.message and "\n" not in e.message for e in errors)
+    assert all(not isinstance(r, BaseException) for r in results), results

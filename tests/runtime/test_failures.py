@@ -213,6 +213,11 @@ async def test_client_killed_mid_upload_is_not_folded_and_rejoins(
     assert sorted(second["contributors"]) == ["client-0", "client-1", "client-2"]
     assert returning.result.rounds_contributed == 1
     assert aggregator.metrics.registry.get_sample_value("fedcore_inflight_uploads") == 0
+    # a killed client is counted as such, not as a client that broke the protocol
+    rejected = "fedcore_updates_rejected_total"
+    sample = aggregator.metrics.registry.get_sample_value
+    assert sample(rejected, {"reason": "upload_interrupted"}) == 1
+    assert not sample(rejected, {"reason": "protocol_error"})
 
 
 @pytest.mark.slow
@@ -344,7 +349,14 @@ async def test_committee_shards_are_reassigned_when_members_fail(
 async def test_a_certificate_outside_allowed_clients_is_refused(
     tmp_path: Path, pki: Path, keys: Keys, digits
 ) -> None:
-    config = aggregator_config(tmp_path, pki, keys, allowed_clients=["client-0", "client-1"])
+    config = aggregator_config(
+        tmp_path,
+        pki,
+        keys,
+        allowed_clients=["client-0", "client-1"],
+        min_clients=2,
+        clients_per_round=2,
+    )
     aggregator = Aggregator(config)
     task = await _start(aggregator)
     stranger = RogueClient(pki, 5)  # a valid certificate of the CA, but not a member
