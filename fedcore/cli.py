@@ -13,10 +13,11 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedcore.errors import FedcoreError
+from fedcore.errors import ConfigError, FedcoreError
 
 __all__ = ["main"]
 
@@ -56,8 +57,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     public_path, private_path = out / "public_key.json", out / "private_key.json"
     if not args.force and (public_path.exists() or private_path.exists()):
-        print(f"error: {out} already holds a keypair (use --force to replace it)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{out} already holds a keypair (use --force to replace it)")
     t0 = time.perf_counter()
     public_key, private_key = generate_keypair(args.bits)
     public_key.save(public_path)
@@ -101,23 +101,20 @@ def _keygen_threshold(args: argparse.Namespace) -> int:
     from fedcore.crypto.threshold import deal, key_file_paths, save_key_files
 
     if args.threshold is None or args.parties is None:
-        print("error: --threshold T and --parties N go together", file=sys.stderr)
-        return 2
+        raise ConfigError("--threshold T and --parties N go together")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     public_path, share_paths = key_file_paths(out, args.parties)
     existing = [p for p in (public_path, *share_paths) if p.exists()]
     if existing and not args.force:
-        print(f"error: {existing[0]} exists (use --force to replace it)", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{existing[0]} exists (use --force to replace it)")
     bar = _DealBar()
     t0 = time.perf_counter()
     try:
         public_key, shares = deal(args.bits, args.threshold, args.parties, progress=bar)
     except (TypeError, ValueError) as exc:
         bar.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"{exc} (--threshold, --parties)") from None
     bar.close()
     seconds = time.perf_counter() - t0
     save_key_files(public_key, shares, out)
@@ -143,8 +140,8 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     from protocol.tls import write_federation_pki
 
     sans = args.san or ["localhost", "127.0.0.1"]
-    if args.clients < 0 or args.relays < 0:
-        raise FedcoreError("--clients and --relays must be >= 0")
+    if not all(name.strip() for name in sans):
+        raise ConfigError("--san must be a DNS name or an IP address, got an empty one")
     write_federation_pki(
         Path(args.out), clients=args.clients, relays=args.relays, sans=sans, days=args.days
     )
@@ -157,53 +154,6 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- aggregator
-_AGG_FLAGS: dict[str, tuple[type, str]] = {
-    "host": (str, "address to listen on"),
-    "port": (int, "TCP port for clients"),
-    "metrics_port": (int, "HTTP port for /metrics and /healthz"),
-    "public_key": (str, "Paillier public key file (from `fedcore keygen`)"),
-    "cert": (str, "aggregator certificate (PEM)"),
-    "key": (str, "aggregator private TLS key (PEM)"),
-    "ca": (str, "federation CA certificate (PEM)"),
-    "min_clients": (int, "fewest complete updates that may be decrypted (quorum)"),
-    "clients_per_round": (int, "clients selected per round"),
-    "clients_fraction": (float, "fraction of connected clients selected per round"),
-    "rounds": (int, "rounds to complete"),
-    "round_timeout": (float, "seconds a round collects updates before it closes"),
-    "max_inflight_uploads": (int, "updates buffered at once (bounds memory)"),
-    "state_dir": (str, "directory for checkpoints (resume after restart)"),
-    "model": (str, "module:factory that builds the torch model"),
-    "committee_size": (
-        int,
-        "key-holding clients that decrypt each round's sum (shared mode; a threshold "
-        "federation uses every connected share holder)",
-    ),
-    "value_bits": (int, "quantization bits per value"),
-    "clip": (float, "clip bound for each update value"),
-    "seed": (int, "seed for model init and client selection"),
-    "max_weight": (int, "largest FedAvg weight a client may give itself"),
-    "min_key_bits": (int, "smallest Paillier modulus accepted (default 2048; tests only lower)"),
-}
-
-
-def _add_aggregator_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML file with the same settings")
-    for name, (kind, help_text) in _AGG_FLAGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
-    parser.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="keyword argument for the model factory (repeatable)",
-    )
-    parser.add_argument(
-        "--plaintext",
-        action="store_true",
-        help="float32 updates, NO encryption (comparison runs only)",
-    )
-
-
 def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -219,10 +169,11 @@ def _model_kwargs(pairs: list[str]) -> dict[str, Any]:
 
 def _aggregator_config(args: argparse.Namespace) -> Any:
     from fedcore.aggregator import AggregatorConfig
+    from fedcore.aggregator.settings import AGGREGATOR_SETTINGS, flag_values
 
-    flags = {name: getattr(args, name) for name in _AGG_FLAGS if getattr(args, name) is not None}
+    flags = flag_values(args, AGGREGATOR_SETTINGS)
     if args.model_arg:
-        flags["model_kwargs"] = _model_kwargs(args.model_arg)
+        flags["model_kwargs"] = {**flags.get("model_kwargs", {}), **_model_kwargs(args.model_arg)}
     if args.config is not None:
         return AggregatorConfig.from_toml(args.config, **flags)
     return AggregatorConfig.from_mapping(flags)
@@ -246,39 +197,30 @@ def _cmd_federation(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- relay
-_RELAY_FLAGS: dict[str, tuple[type, str]] = {
-    "upstream": (str, "HOST:PORT of the root aggregator (or of a relay nearer the root)"),
-    "cert": (str, "this relay's certificate (PEM; `fedcore certs --relays N` makes them)"),
-    "key": (str, "this relay's private TLS key (PEM)"),
-    "ca": (str, "federation CA certificate (PEM)"),
-    "federation": (str, "pin this federation file: the upstream must offer exactly it"),
-    "name": (str, "instance name upstream (default: host name; replicas sharing a cert differ)"),
-    "server_hostname": (str, "name to check in the upstream's certificate (default: its host)"),
-    "host": (str, "address to listen on for clients (default 127.0.0.1)"),
-    "port": (int, "TCP port for clients (default 8765)"),
-    "metrics_host": (str, "address of /metrics and /healthz (default 127.0.0.1)"),
-    "metrics_port": (int, "HTTP port for /metrics and /healthz (default 9100)"),
-    "clients_per_round": (int, "clients of this relay asked per round (default: all)"),
-    "max_inflight_uploads": (int, "client updates buffered at once (default 8)"),
-    "fold_workers": (int, "fold worker threads (default 0: in the event loop's thread)"),
-    "max_connections": (int, "most client connections (default 2048)"),
-    "reconnect_attempts": (
-        int,
-        "failed upstream connects in a row before giving up (default: never)",
-    ),
-}
-
-
 def _cmd_relay(args: argparse.Namespace) -> int:
     from fedcore.aggregator import Relay, RelayConfig
+    from fedcore.aggregator.settings import RELAY_SETTINGS, flag_values
     from protocol.transport import install_uvloop, tune_allocator
 
-    flags = {name: getattr(args, name) for name in _RELAY_FLAGS if getattr(args, name) is not None}
+    flags = flag_values(args, RELAY_SETTINGS)
     if args.config is not None:
         config = RelayConfig.from_toml(args.config, **flags)
     else:
         config = RelayConfig.from_mapping(flags)
-    relay = Relay(config)
+    relay = Relay(config)  # preflight: settings, federation file, TLS files
+    if args.check_config:
+        from fedcore.aggregator.preflight import check_ports
+
+        check_ports(
+            (config.host, config.port, "port"),
+            (config.metrics_host, config.metrics_port, "metrics_port"),
+        )
+        print(
+            f"config OK: relay {config.instance_name} to {config.upstream}, TLS "
+            f"{config.cert} (serverAuth and clientAuth, issued by {config.ca}), ports "
+            f"{config.port} and {config.metrics_port} free on {config.host}"
+        )
+        return 0
     tune_allocator()
     install_uvloop()
 
@@ -292,11 +234,104 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_aggregator_config(config: Any, *, encrypted: bool) -> int:
+    """`aggregator --check-config`: every preflight check, no serving; one line each."""
+    from fedcore.aggregator import Aggregator
+    from fedcore.aggregator.preflight import check_ports
+
+    aggregator = Aggregator(config, encrypted=encrypted)  # settings, key, model, TLS, state
+    check_ports(
+        (config.host, config.port, "port"),
+        (config.metrics_host, config.metrics_port, "metrics_port"),
+    )
+    federation = aggregator.federation
+    checkpoint = aggregator.checkpoint
+    print("config OK")
+    print(f"  TLS         {config.cert} (serverAuth, issued by {config.ca}), key matches")
+    if federation.public_key is not None:
+        print(
+            f"  public key  {config.public_key}: {federation.public_key.n.bit_length()} bits, "
+            f"SHA-256 {federation.public_key.sha256()[:16]}..."
+        )
+    else:
+        print("  PLAINTEXT   no encryption (comparison runs only)")
+    print(f"  model       {config.model}: {aggregator.layout.numel:,} values")
+    print(
+        f"  rounds      {checkpoint.rounds_completed} of {config.rounds} done in "
+        f"{config.state_dir} (writable)"
+    )
+    print(
+        f"  quorum {federation.min_clients}, up to {federation.max_contributors} clients a "
+        f"round, ports {config.port} and {config.metrics_port} free on {config.host}"
+    )
+    return 0
+
+
+class _Interrupts:
+    """SIGINT/SIGTERM of a long-running command: the first stops it, the second exits now.
+
+    The first signal logs "stopping" at once and calls ``stop``, which arranges a
+    graceful stop and returns True, or returns False while there is nothing to stop
+    yet (then the signal interrupts like a plain Ctrl-C: exit 130). The second runs
+    ``kill`` (the demo kills its client processes) and exits with 130 on the spot,
+    without unwinding: the last checkpoint is complete on disk whatever runs then.
+    Installed only in the main thread, where Python runs signal handlers.
+    """
+
+    def __init__(self, *, kill: Callable[[], None] | None = None) -> None:
+        self.stop: Callable[[], bool] | None = None
+        self._kill = kill
+        self._stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        if self._stopping:
+            import os
+
+            log.warning("interrupted again: exiting now")
+            try:
+                if self._kill is not None:
+                    self._kill()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(130)
+        self._stopping = True
+        log.warning("stopping (%s again to exit at once)", again)
+        if self.stop is None or not self.stop():
+            raise KeyboardInterrupt
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> bool:
+    """Run ``callback`` in ``loop`` (from a signal handler); False if the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _cmd_aggregator(args: argparse.Namespace) -> int:
     from fedcore.aggregator import Aggregator
     from protocol.transport import install_uvloop, tune_allocator
 
     config = _aggregator_config(args)
+    if args.check_config:
+        return _check_aggregator_config(config, encrypted=not args.plaintext)
     if args.fresh:
         from fedcore.aggregator import Checkpoint
 
@@ -308,13 +343,15 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
     uvloop = install_uvloop()
     log.info("event loop: %s", "uvloop" if uvloop else "asyncio")
 
+    interrupts = _Interrupts()
+
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, aggregator.request_stop)
+        interrupts.stop = lambda: _call_soon(loop, aggregator.request_stop)
         await aggregator.run()
 
-    asyncio.run(serve())
+    with interrupts:
+        asyncio.run(serve())
     return 0
 
 
@@ -359,7 +396,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedcore.demo import DemoOptions, run_demo
+    from fedcore.demo import Demo, DemoOptions
 
     try:
         options = DemoOptions(
@@ -377,187 +414,104 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             parties=args.parties,
             relays=args.relays,
+            local_epochs=args.local_epochs,
+            learning_rate=args.lr,
+            batch_size=args.batch_size,
+            momentum=args.momentum,
         )
     except ValueError as exc:
         print(f"fedcore demo: error: {exc}", file=sys.stderr)
         return 2
-    summary = run_demo(options)
+    demo = Demo(options)
+    with _Interrupts(kill=demo.kill) as interrupts:
+        interrupts.stop = demo.request_stop
+        summary = demo.run()
+    if summary["interrupted"]:
+        return 130
     return 0 if summary["rounds_completed"] == args.rounds else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `fedcore` argument parser (exposed for docs and tests)."""
-    parser = argparse.ArgumentParser(
-        prog="fedcore",
-        description="Privacy-preserving federated learning: packed Paillier over mutual TLS.",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="default: info (warning for demo, which prints its own progress)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="json = one structured record per line",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "keygen": _cmd_keygen,
+    "certs": _cmd_certs,
+    "aggregator": _cmd_aggregator,
+    "relay": _cmd_relay,
+    "federation": _cmd_federation,
+    "client": _cmd_client,
+    "demo": _cmd_demo,
+}
 
-    p = sub.add_parser(
-        "keygen",
-        help="make a Paillier keypair, or a T-of-N threshold key (run by the key authority)",
-        description="Make the federation's Paillier key, on a machine that is not the "
-        "aggregator. Shared mode (default) writes public_key.json and private_key.json: "
-        "every committee member gets the whole private key. Threshold mode (--threshold T "
-        "--parties N) is a trusted-dealer ceremony: it finds two safe primes (a few "
-        "seconds at 2048 bits), splits the decryption exponent into N shares any T of "
-        "which decrypt, and writes public_key.json (n, T, N, verification keys, SHA-256) "
-        "and share-1.json .. share-N.json (mode 0600). KEEP: public_key.json (publish it "
-        "to the aggregator and every client). DELIVER AND DESTROY: each share-<i>.json "
-        "goes to exactly one committee member over a secure channel, then delete it from "
-        "the dealer machine; no copy of a share may reach the aggregator. NOTHING ELSE "
-        "is kept: p, q and the exponent exist only in memory during this command and are "
-        "never written. Whoever runs this command could have kept them: see "
-        "docs/threat-model.md.",
-    )
-    p.add_argument("--bits", type=int, default=2048, help="modulus size (default 2048)")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="directory for public_key.json and private_key.json (or share-<i>.json)",
-    )
-    p.add_argument("--threshold", type=int, help="T: key shares needed to decrypt (with --parties)")
-    p.add_argument("--parties", type=int, help="N: key shares to deal, 2..64 (with --threshold)")
-    p.add_argument("--force", action="store_true", help="overwrite existing key files")
-    p.set_defaults(func=_cmd_keygen)
 
-    p = sub.add_parser("certs", help="make the federation's CA and TLS certificates")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--clients", type=int, default=4, help="client certificates to issue")
-    p.add_argument(
-        "--relays",
-        type=int,
-        default=0,
-        help="relay certificates to issue (server and client auth, SAN from --san; default 0)",
-    )
-    p.add_argument("--san", action="append", help="aggregator DNS name or IP (repeatable)")
-    p.add_argument("--days", type=int, default=365, help="validity in days")
-    p.set_defaults(func=_cmd_certs)
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `fedcore` argument parser (exposed for docs and tests); see `fedcore.cli_parser`."""
+    from fedcore.cli_parser import build_parser as build
 
-    p = sub.add_parser("aggregator", help="run the aggregator daemon (public key only)")
-    _add_aggregator_flags(p)
-    p.add_argument(
-        "--fresh",
-        action="store_true",
-        help="start over: move the state directory's checkpoints into replaced-<time>/ first",
-    )
-    p.set_defaults(func=_cmd_aggregator)
+    return build(COMMANDS, command)
 
-    p = sub.add_parser(
-        "relay",
-        help="run a relay: an edge aggregator that forwards its clients' encrypted sum upstream",
-    )
-    p.add_argument("--config", type=Path, help="TOML file with the same settings ([relay] table)")
-    for name, (kind, help_text) in _RELAY_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=help_text)
-    p.set_defaults(func=_cmd_relay)
 
-    p = sub.add_parser(
-        "federation",
-        help="write the federation file clients pin (from the aggregator's settings)",
-    )
-    _add_aggregator_flags(p)
-    p.add_argument("--out", required=True, help="where to write the federation file (JSON)")
-    p.set_defaults(func=_cmd_federation)
+def _command_in(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (its first word that is not an option)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--log-level", "--log-format"):
+            next(words, None)  # the option's value
+        elif not word.startswith("-"):
+            return word
+    return None
 
-    p = sub.add_parser("client", help="run a ready-made client on a built-in dataset")
-    p.add_argument("--server", required=True, help="aggregator HOST:PORT")
-    p.add_argument("--cert", required=True, help="client certificate (PEM)")
-    p.add_argument("--key", required=True, help="client TLS key (PEM)")
-    p.add_argument("--ca", required=True, help="federation CA certificate (PEM)")
-    p.add_argument(
-        "--federation",
-        required=True,
-        help="federation file from the operator (`fedcore federation`): the key and "
-        "parameters this client accepts",
-    )
-    p.add_argument("--public-key", help="also pin this public key file (from the key authority)")
-    p.add_argument("--private-key", help="Paillier private key: join the decryption committee")
-    p.add_argument(
-        "--key-share",
-        help="threshold key share (share-<i>.json): join a threshold federation's committee",
-    )
-    p.add_argument(
-        "--decrypt-workers",
-        type=int,
-        default=1,
-        help="key holders: decrypt on this many processes, or partially decrypt on this "
-        "many threads (default 1)",
-    )
-    p.add_argument(
-        "--min-key-bits",
-        type=int,
-        default=2048,
-        help="smallest Paillier modulus accepted (default 2048; lower only for tests)",
-    )
-    p.add_argument("--server-hostname", help="name to check in the aggregator's certificate")
-    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
-    p.add_argument("--partition", default="0/1", help="this client's shard, I/N")
-    p.add_argument("--scheme", default="iid", choices=["iid", "dirichlet"])
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_client)
 
-    p = sub.add_parser("demo", help="a whole federation over TLS on 127.0.0.1")
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument(
-        "--dataset",
-        choices=["digits", "fashion-mnist"],
-        help="default: fashion-mnist when installed, else digits",
-    )
-    p.add_argument("--key-bits", type=int, default=2048)
-    p.add_argument("--value-bits", type=int, default=16)
-    p.add_argument("--plaintext", action="store_true", help="float32 updates, no encryption")
-    p.add_argument(
-        "--key-mode",
-        default="shared",
-        choices=["shared", "threshold"],
-        help="shared: committee members hold the whole private key; threshold: each holds "
-        "one share of a T-of-N key (default shared)",
-    )
-    p.add_argument("--threshold", type=int, default=3, help="T for --key-mode threshold")
-    p.add_argument("--parties", type=int, default=5, help="N for --key-mode threshold")
-    p.add_argument(
-        "--relays",
-        type=int,
-        default=0,
-        help="relays between the clients and the aggregator, each in its own process "
-        "(key holders still connect to the aggregator; default 0)",
-    )
-    p.add_argument("--partition-scheme", default="iid", choices=["iid", "dirichlet"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, help="keep keys, certs and state here")
-    p.add_argument("--json", type=Path, help="write the summary as JSON")
-    p.set_defaults(func=_cmd_demo)
-    return parser
+def _user_error(exc: BaseException) -> str | None:
+    """One line for an error a user can fix (a file, a port, a setting), else None.
+
+    Every `FedcoreError` is one by definition; so are a credential refused by the
+    preflight, a file or socket the OS refused (named with its path), and a TLS file
+    that `ssl` cannot load. Anything else is a fedcore bug and keeps its traceback.
+    """
+    import ssl
+
+    from protocol.tls_check import CredentialError
+
+    if isinstance(exc, FedcoreError | CredentialError):
+        return str(exc)
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc} (check --cert, --key and --ca)"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{':' if where else ''}{where}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `fedcore` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `fedcore` console script.
+
+    A user's mistake ends with one line ``fedcore <command>: error: ...`` and exit code
+    2; ``--debug`` shows the traceback as well. An unexpected error (a bug) says so,
+    with its traceback under ``--debug``, and exits 1.
+    """
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(_command_in(words)).parse_args(words)
+    except SystemExit as exc:  # --help (0) or a flag mistake (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     level = args.log_level or ("warning" if args.command == "demo" else "info")
-    _setup_logging(level, args.log_format)
+    _setup_logging("debug" if args.debug and not args.log_level else level, args.log_format)
     try:
         return int(args.func(args))
-    except FedcoreError as exc:
-        print(f"fedcore {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _user_error(exc)
+        if args.debug:
+            log.exception("fedcore %s failed", args.command)
+        if message is not None:
+            print(f"fedcore {args.command}: error: {message}", file=sys.stderr)
+            return 2
+        print(
+            f"fedcore {args.command}: unexpected error: {type(exc).__name__}: {exc} "
+            "(a bug: rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

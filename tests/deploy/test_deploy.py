@@ -710,5 +710,11 @@ def test_every_command_line_is_one_fedcore_accepts(
     script = SETUP_SCRIPT.read_text().replace("\\\n", " ")
     setup_lines = re.findall(r"^fedcore (.+)$", script, re.MULTILINE)
     assert [line.split()[0] for line in setup_lines] == ["certs", "keygen", "federation"]
-    for line in setup_lines:  # shell variables stand in as "1"
-        _parses([re.sub(r"\$\{?\w+\}?", "1", w) for w in shlex.split(line)])
+    for line in setup_lines:  # shell variables stand in as "1", a key size as 2048
+        words = [re.sub(r"\$\{?\w+\}?", "1", w) for w in shlex.split(line)]
+        _parses(
+            [
+                w if w != "1" or prev != "--bits" else "2048"
+                for prev, w in zip(["", *words], words, strict=False)
+            ]
+        )
