@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,10 +24,11 @@ import numpy as np
 import torch
 
 from fedcore.aggregator.admission import Gatekeeper
-from fedcore.aggregator.checkpoint import Checkpoint
+from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
 from fedcore.aggregator.committee import CommitteeDecryption, SumNotDecodable
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.hub import ROUND_START_CONCURRENCY, ClientHub, Listener
+from fedcore.aggregator.preflight import check_daemon, check_ports
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import (
     RoundPhase,
@@ -40,6 +43,7 @@ from fedcore.client.pipeline import model_digest
 from fedcore.codec import PLAINTEXT_CHUNK_FLOATS, EncryptedCodec, PlaintextCodec, codec_for
 from fedcore.contracts import RoundPlan, SessionInfo
 from fedcore.crypto import PublicKey
+from fedcore.dashboard import Dashboard
 from fedcore.errors import ConfigError, PackingError, RoundError
 from fedcore.metrics import AggregatorMetrics, MetricsServer
 from fedcore.model import ModelLayout, flatten_state_dict
@@ -52,20 +56,37 @@ __all__ = ["ROUND_START_CONCURRENCY", "Aggregator", "RoundReport", "build_model"
 
 log = logging.getLogger(__name__)
 
+# After `request_stop`: how long a round deep in a step (the committee decrypting) may
+# still finish before it is abandoned, and how long goodbyes may take before the
+# remaining connections are dropped. Together they bound a stop to about two seconds.
+STOP_GRACE_SECONDS = 1.0
+STOP_CLOSE_SECONDS = 0.5
+# After a checkpoint save fails (full or read-only disk): wait this long before the next
+# round attempt, at most round_timeout.
+CHECKPOINT_RETRY_SECONDS = 10.0
+
 
 def build_model(
     spec: str, kwargs: dict[str, Any] | None = None, *, seed: int = 0
 ) -> torch.nn.Module:
     """Import ``module:factory`` and call it (seeded, so every party builds the same init)."""
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # `--model mymodels:tiny` finds ./mymodels.py
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(
-            f"model {spec!r}: cannot import {attr!r} from {module_name!r}: {exc}"
-        ) from exc
+            f"model {spec!r}: cannot import {attr!r} from {module_name!r} ({exc}); the "
+            "module must be importable from the current directory or installed"
+        ) from None
     torch.manual_seed(seed)
-    model = factory(**(kwargs or {}))
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise ConfigError(
+            f"model {spec!r} refused model_kwargs {kwargs or {}}: {exc}; fix --model-kwargs"
+        ) from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model factory {spec!r} returned {type(model).__name__}, not a Module")
     return model
@@ -102,6 +123,7 @@ class Aggregator(Listener):
         self.fingerprint = f"{self.layout.to_json()}|encrypted={encrypted}"
         Checkpoint.probe(config.state_dir)  # preflight: unwritable now, not at the first save
         checkpoint = Checkpoint.load(config.state_dir)
+        check_daemon(config.cert, config.key, config.ca, purpose="server")
         if checkpoint is not None and checkpoint.model_fingerprint != self.fingerprint:
             raise ConfigError(
                 f"state dir {config.state_dir} holds a checkpoint of another model or mode; "
@@ -152,6 +174,12 @@ class Aggregator(Listener):
         self._stop = asyncio.Event()
         self._server: Server | None = None
         self._metrics_server: MetricsServer | None = None
+        self.dashboard = Dashboard(
+            self.metrics,
+            rounds_planned=config.rounds,
+            min_clients=config.min_clients,
+            encrypted=encrypted,
+        )
         self._started = asyncio.Event()
         self._weights_blob = b""  # this round's global model, encoded once for everyone
         self._round_committee: tuple[bytes, ...] = ()  # the unmaskers' credentials
@@ -173,7 +201,8 @@ class Aggregator(Listener):
 
     # ------------------------------------------------------------------ lifecycle
     def request_stop(self) -> None:
-        """Stop after the current step: the open round is abandoned, never half-counted."""
+        """Stop within about two seconds: a round that cannot finish within
+        `STOP_GRACE_SECONDS` is abandoned, never half-counted (call it in the loop's thread)."""
         self._stop.set()
         self.hub.round_full.set()
         self.hub.clients_changed.set()
@@ -193,6 +222,7 @@ class Aggregator(Listener):
     async def run(self) -> Checkpoint:
         """Serve until every round is done (or `request_stop`); return the final checkpoint."""
         c = self.config
+        check_ports((c.host, c.port, "port"), (c.metrics_host, c.metrics_port, "metrics_port"))
         ssl_ctx = server_context(c.cert, c.key, c.ca)
         self.hub.open()
         self._server = Server(
@@ -221,10 +251,52 @@ class Aggregator(Listener):
         )
         self._started.set()
         try:
-            await self._round_loop()
+            await self._rounds_until_stopped()
         finally:
             await self._shutdown()
         return self.checkpoint
+
+    async def _rounds_until_stopped(self) -> None:
+        """The round loop; once `request_stop` is called, left within `STOP_GRACE_SECONDS`.
+
+        The loop leaves by itself at its next step, but a round may be deep in one (the
+        committee decrypting takes seconds): past the grace it is cancelled where it
+        is. That is safe at any await: the global model, the round counter and the
+        history change only together with a checkpoint save, in code without an await,
+        so the last checkpoint stays the state to resume from.
+        """
+        rounds = asyncio.create_task(self._round_loop())
+        stopping = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({rounds, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not rounds.done():
+                await asyncio.wait({rounds}, timeout=STOP_GRACE_SECONDS)
+            if not rounds.done():
+                live = self.round
+                rounds.cancel()
+                await asyncio.wait({rounds})
+                if live is not None:
+                    self._abandon(live)
+        finally:
+            stopping.cancel()
+            if not rounds.done():  # this task itself was cancelled: so is the loop
+                rounds.cancel()
+                await asyncio.wait({rounds})
+        if not rounds.cancelled():
+            rounds.result()  # the loop's own error (RoundError ...), if any
+
+    def _abandon(self, state: RoundState) -> None:
+        """Drop a round cut short by a stop; `_shutdown` saves its record.
+
+        The record names the round's unmaskers: its contributors masked their update
+        of this model version for them only, so the rerun after a restart waits for
+        them (`_previous_unmaskers`) instead of picking others and being refused.
+        """
+        self.hub.round = None
+        log.info("round %d abandoned: stopping (nothing of it is counted)", state.round_id)
+        self.checkpoint.history.append(
+            {**state.summary(), "failure": "abandoned: the aggregator stopped"}
+        )
 
     def _health(self) -> tuple[bool, dict[str, Any]]:
         return (
@@ -237,15 +309,40 @@ class Aggregator(Listener):
             },
         )
 
+    def _serve_metrics(self, host: str, port: int | None) -> None:
+        """Start /metrics, /healthz and the dashboard (/ and /status.json) on ``host:port``."""
+        if port is not None:
+            self._metrics_server = MetricsServer(
+                self.metrics, host=host, port=port, health=self._health, status=self._status
+            )
+            self._metrics_server.start()
+
+    def _status(self) -> dict[str, Any]:
+        live = self.round  # read once: this runs in the server's thread, beside the loop
+        return self.dashboard.status(
+            rounds_completed=self.checkpoint.rounds_completed,
+            round_id=None if live is None else live.round_id,
+            round_phase=None if live is None else live.phase.value,
+            stopping=self._stop.is_set(),
+        ).to_json()
+
     async def _shutdown(self) -> None:
-        # Safe at any instant: the global model only changes together with a save.
-        self.checkpoint.metrics = self.metrics.snapshot()
-        self.checkpoint.save(self.config.state_dir)
+        # Safe at any instant: the global model only changes together with a save (a
+        # failed save is logged; the checkpoint before it stays whole).
+        self._save_checkpoint("at shutdown")
         done = self.checkpoint.rounds_completed >= self.config.rounds
         reason = FEDERATION_COMPLETE if done else "aggregator stopping; reconnect later"
-        await self.hub.close_all(reason)
+        # Stopping on request, goodbyes get a moment and the rest are dropped: a client
+        # that misses its Bye reconnects later all the same.
+        hurry = self._stop.is_set() and not done
+        try:
+            await asyncio.wait_for(
+                self.hub.close_all(reason), STOP_CLOSE_SECONDS if hurry else None
+            )
+        except TimeoutError:
+            log.info("stopping: dropping the connections that did not close in time")
         if self._server is not None:
-            await self._server.shutdown(5.0)
+            await self._server.shutdown(STOP_CLOSE_SECONDS if hurry else 5.0)
         self.hub.close()
         if self._metrics_server is not None:
             self._metrics_server.stop()
@@ -259,9 +356,13 @@ class Aggregator(Listener):
             if not await self._wait_for_clients():
                 if self._stop.is_set():
                     return
+                connected = self.hub.leaf_count
                 raise RoundError(
-                    f"fewer than {c.min_clients} clients (or no key-holding committee "
-                    f"member) connected within {c.wait_for_clients_timeout:.0f} s"
+                    f"no round could start within wait_for_clients_timeout "
+                    f"({c.wait_for_clients_timeout:.0f} s): {connected} clients connected, "
+                    f"{c.target_clients(connected)} wanted (clients_per_round/"
+                    f"clients_fraction, at least min_clients {c.min_clients}), "
+                    f"{sum(h.can_decrypt for h in self.clients.values())} proven key holders"
                 )
             completed = await self._run_one_round()
             if self._stop.is_set():
@@ -336,8 +437,10 @@ class Aggregator(Listener):
         # Persist the id first: after a crash this round reruns under a new id, so no
         # chunk of the interrupted attempt can ever be folded into its rerun.
         self.checkpoint.next_round_id += 1
-        self.checkpoint.metrics = self.metrics.snapshot()
-        self.checkpoint.save(c.state_dir)
+        if not self._save_checkpoint(f"before round {round_id}"):
+            # without the new id on disk this round must not run; wait, then try again
+            await self._pause(min(c.round_timeout, CHECKPOINT_RETRY_SECONDS))
+            return False
         # Relays with clients are always asked (each selects among its own clients);
         # the selection rule applies to the clients connected here.
         candidates = self.hub.direct_clients()
@@ -380,8 +483,7 @@ class Aggregator(Listener):
         await self.hub.collect(state, c.round_timeout, RoundPhase.DECRYPTING)
         phases["collect"] = time.monotonic() - t_collect
         if self._stop.is_set():
-            log.info("round %d abandoned: stopping (nothing of it is counted)", round_id)
-            self.hub.round = None
+            self._abandon(state)
             return False
         log.info(
             "round %d: collected %d updates from %d/%d sources in %.2f s",
@@ -411,6 +513,7 @@ class Aggregator(Listener):
         phases["decrypt"] = time.monotonic() - t_decrypt
 
         t_update = time.monotonic()
+        before = (self.checkpoint.global_weights, len(self.checkpoint.history))
         self.checkpoint.global_weights = (
             self.checkpoint.global_weights + result.mean_update
         ).astype(np.float32)
@@ -419,11 +522,20 @@ class Aggregator(Listener):
         self.checkpoint.rounds_completed += 1
         t_ckpt = time.monotonic()
         self.checkpoint.history.append({**state.summary(), "phase_seconds": phases})
+        if not self._save_checkpoint(f"after round {round_id}", completing=True):
+            # The disk keeps the previous model; so does memory, and this model version
+            # runs again (its contributors resend the same update, folded once).
+            self.checkpoint.global_weights = before[0]
+            self.checkpoint.rounds_completed -= 1
+            del self.checkpoint.history[before[1] :]
+            self.hub.round = None
+            self.metrics.rounds_failed_total.labels(reason="checkpoint_failed").inc()
+            await self._pause(min(c.round_timeout, CHECKPOINT_RETRY_SECONDS))
+            return False
         self.metrics.rounds_completed_total.inc()
-        self.checkpoint.metrics = self.metrics.snapshot()
-        self.checkpoint.save(c.state_dir)
         phases["checkpoint"] = time.monotonic() - t_ckpt
         report = self._round_report(state, phases, result)
+        self.dashboard.round_completed(report)
         for phase, seconds in phases.items():
             self.metrics.round_phase_seconds.labels(phase=phase).observe(seconds)
         log.info(
@@ -484,9 +596,33 @@ class Aggregator(Listener):
         log.warning("round %d failed: %s", state.round_id, reason)
         self.metrics.rounds_failed_total.labels(reason=label).inc()
         self.checkpoint.history.append({**state.summary(), "failure": reason})
-        self.checkpoint.metrics = self.metrics.snapshot()
-        self.checkpoint.save(self.config.state_dir)
+        self._save_checkpoint(f"after round {state.round_id} failed")
         return False
+
+    def _save_checkpoint(self, when: str, *, completing: bool = False) -> bool:
+        """Save the checkpoint; on a storage error log one ERROR line and return False.
+
+        Atomic writes leave the previous checkpoint whole, so a full or read-only disk
+        loses nothing saved: the daemon keeps serving (metrics, dashboard, connected
+        clients) and completes no round until a save succeeds again.
+        """
+        snapshot = self.metrics.snapshot()
+        if completing:  # counted once the round is on disk
+            key = "fedcore_rounds_completed_total"
+            snapshot[key] = snapshot.get(key, 0.0) + 1
+        self.checkpoint.metrics = snapshot
+        try:
+            self.checkpoint.save(self.config.state_dir)
+        except CheckpointError as exc:
+            self.metrics.checkpoint_failures_total.inc()
+            log.error("checkpoint %s failed: %s", when, exc)
+            return False
+        return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds`` unless a stop is requested first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     def _round_start_message(self, state: RoundState, held: int) -> RoundStart:
         return RoundStart(
