@@ -25,10 +25,11 @@ except ImportError:
 import torch
 
 from fedcore.aggregator import Aggregator
-from fedcore.client import Client, ClientConfig
+from fedcore.client import Client
 from fedcore.data import Dataset, client_shard
 from fedcore.model import ModelLayout, flatten_state_dict, mlp
 from protocol.tls import FederationPKI
+from tests.client.conftest import member_config
 
 # The runtime tests' session fixtures (a 1024-bit Paillier key, the digits data), under
 # names that do not shadow this directory's own `pki`.
@@ -105,18 +106,7 @@ async def test_a_jax_client_trains_with_torch_clients(
         jax_model,
         None,
         None,
-        ClientConfig(
-            cert=pki.clients[2].cert,
-            key=pki.clients[2].key,
-            ca=pki.ca_cert,
-            federation=federation,
-            private_key=runtime_keys.private,
-            server_hostname="localhost",
-            min_key_bits=1024,
-            encryption_pool=False,
-            backoff_base=0.1,
-            backoff_max=0.5,
-        ),
+        member_config(pki, 2, federation, runtime_keys.private),
     )
 
     checkpoint, results = await run_federation(aggregator, [*torch_clients, jax_member])

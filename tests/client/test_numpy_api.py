@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from fedcore.aggregator import Aggregator
-from fedcore.client import ArrayModel, Client, ClientConfig, TorchModel, UpdatePipeline
+from fedcore.client import ArrayModel, Client, TorchModel, UpdatePipeline
 from fedcore.errors import ConfigError
 from fedcore.layout import FEDERATED_DTYPE, ModelLayout, TensorSpec
 from fedcore.model import flatten_state_dict, mlp, module_from_arrays
 from protocol.tls import FederationPKI
+from tests.client.conftest import member_config
 
 # The runtime tests' session fixture (a 1024-bit Paillier key), named apart from ours.
 from tests.runtime.conftest import Keys, aggregator_config, make_client
@@ -375,18 +376,7 @@ async def test_a_broken_array_model_stops_its_client_instead_of_reconnecting(
         Broken(),
         None,
         None,
-        ClientConfig(
-            cert=pki.clients[1].cert,
-            key=pki.clients[1].key,
-            ca=pki.ca_cert,
-            federation=federation,
-            private_key=runtime_keys.private,
-            server_hostname="localhost",
-            min_key_bits=1024,
-            encryption_pool=False,
-            backoff_base=0.1,
-            backoff_max=0.5,
-        ),
+        member_config(pki, 1, federation, runtime_keys.private),
     )
     good_run = asyncio.create_task(good.run(server))
     try:
