@@ -415,3 +415,22 @@ async def test_a_sum_that_does_not_decode_fails_the_round_not_the_daemon(
     assert completed["unmaskers"] == failed["unmaskers"]
     assert completed["model"] == failed["model"]
     assert len(completed["contributors"]) == 3 and "client-5" not in completed["contributors"]
+
+
+async def test_a_model_mismatch_names_both_layouts_and_the_flag(
+    tmp_path: Path, pki: Path, keys: Keys, digits
+) -> None:
+    """A client whose model is not the aggregator's stops at once, saying how they differ."""
+    aggregator = Aggregator(aggregator_config(tmp_path, pki, keys))
+    task = await _start(aggregator)
+    other = make_client(0, pki, keys, digits, 3, federation=aggregator.federation, hidden=(32,))
+    try:
+        with pytest.raises(FedcoreError) as info:
+            await asyncio.wait_for(other.run(f"127.0.0.1:{aggregator.port}"), 60)
+    finally:
+        aggregator.request_stop()
+        await asyncio.wait_for(task, 60)
+    message = str(info.value)
+    assert "tensor 0 is" in message and "[512, 64]" in message and "[32, 64]" in message
+    assert "--model" in message and "\n" not in message
+    assert other.result.reconnects == 0
