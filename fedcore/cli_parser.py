@@ -240,20 +240,30 @@ def build_parser(
         help="smallest Paillier modulus accepted (default 2048; lower only for tests)",
     )
     p.add_argument("--server-hostname", help="name to check in the aggregator's certificate")
-    p.add_argument("--dataset", default="digits", choices=["digits", "fashion-mnist"])
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        choices=["digits", "fashion-mnist"],
+        help="built-in data set to train on",
+    )
     p.add_argument("--partition", type=_partition, default="0/1", help="this client's shard, I/N")
-    p.add_argument("--scheme", default="iid", choices=["iid", "dirichlet"])
+    p.add_argument(
+        "--scheme",
+        default="iid",
+        choices=["iid", "dirichlet"],
+        help="how the data set is split across clients (dirichlet: non-IID labels)",
+    )
     p.add_argument(
         "--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration (> 0)"
     )
     p.add_argument("--batch-size", type=_at_least(1), default=64, help="local training batch size")
     p.add_argument("--threads", type=_at_least(1), default=1, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and training")
     p.set_defaults(func=commands["client"])
 
     p = sub.add_parser("demo", help="a whole federation over TLS on 127.0.0.1")
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--clients", type=int, default=10, help="client processes to start")
+    p.add_argument("--rounds", type=int, default=10, help="rounds to run")
     p.add_argument(
         "--dataset",
         choices=["digits", "fashion-mnist"],
@@ -288,8 +298,13 @@ def build_parser(
         help="relays between the clients and the aggregator, each in its own process "
         "(key holders still connect to the aggregator; default 0)",
     )
-    p.add_argument("--partition-scheme", default="iid", choices=["iid", "dirichlet"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--partition-scheme",
+        default="iid",
+        choices=["iid", "dirichlet"],
+        help="how the data set is split across clients (dirichlet: non-IID labels)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and training")
     p.add_argument("--workdir", type=Path, help="keep keys, certs and state here")
     p.add_argument("--json", type=Path, help="write the summary as JSON")
     p.set_defaults(func=commands["demo"])

@@ -566,3 +566,18 @@ def test_the_readme_toml_example_passes_check_config(files: Files) -> None:
     done = _run([*argv, "--port", "0", "--metrics-port", "0", "--check-config"])
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("config OK")
+
+
+def test_every_flag_of_every_command_has_help() -> None:
+    from fedcore.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    silent = [
+        (name, action.option_strings[0])
+        for name, sub in commands.items()
+        for action in sub._actions
+        if action.option_strings and not action.help
+    ]
+    assert silent == []
+    assert "(default: 8765)" in " ".join(commands["aggregator"].format_help().split())
