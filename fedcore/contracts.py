@@ -498,10 +498,6 @@ class RejectReason(enum.Enum):
     UPLOAD_STALLED = ("upload_stalled", ErrorCode.UPLOAD_STALLED)
     BAD_KEY_PROOF = ("bad_key_proof", ErrorCode.BAD_KEY_PROOF)
     PROTOCOL_ERROR = ("protocol_error", ErrorCode.PROTOCOL_VIOLATION)
-    # not a refusal: the client's connection ended inside its upload (killed, cut off);
-    # its partial upload waits resume_grace for it. After PROTOCOL_ERROR so that
-    # for_code never picks it.
-    UPLOAD_INTERRUPTED = ("upload_interrupted", ErrorCode.PROTOCOL_VIOLATION)
 
     def __init__(self, label: str, code: ErrorCode) -> None:
         self.label = label

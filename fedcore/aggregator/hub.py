@@ -49,6 +49,11 @@ from protocol.transport import Connection, Server
 
 __all__ = ["ROUND_START_CONCURRENCY", "ClientHub", "Listener", "RoundStartFor"]
 
+# Counted with the rejected updates, but not a refusal (no Error frame, no wire code):
+# the client's connection ended inside its upload (killed, cut off), and its partial
+# upload waits resume_grace for it.
+UPLOAD_INTERRUPTED = "upload_interrupted"
+
 log = logging.getLogger(__name__)
 
 # RoundStart frames carry the whole model (2 MB for the seed MLP); sending them to
@@ -324,8 +329,7 @@ class ClientHub:
     def _count_interrupted(self, client_id: str, why: str) -> None:
         """A client's connection ended during its upload: its own reason, not a refusal."""
         log.info("%s: upload interrupted (%s); kept for resume_grace", client_id, why)
-        label = RejectReason.UPLOAD_INTERRUPTED.label
-        self.metrics.updates_rejected_total.labels(reason=label).inc()
+        self.metrics.updates_rejected_total.labels(reason=UPLOAD_INTERRUPTED).inc()
 
     def _forget_relay_unless_back(self, relay_id: str) -> None:
         """A relay gone mid-round: unless it is back within ``resume_grace``, stop waiting.
