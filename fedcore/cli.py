@@ -294,7 +294,8 @@ class _Interrupts:
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:

@@ -55,10 +55,10 @@ __all__ = ["DEMO_TRAINING", "Demo", "DemoOptions", "DemoTraining", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-# How long clients get to leave by themselves once the federation is complete, and
-# how long a stopped child gets to exit after SIGTERM before it is killed.
-_CLIENT_EXIT_SECONDS = 30.0
-_TERMINATE_SECONDS = 3.0
+# How long clients get to leave by themselves once the federation is complete. They
+# have nothing left to do: one still finishing a batch of random factors (seconds at
+# 2048 bits) before it exits is killed instead.
+_CLIENT_EXIT_SECONDS = 2.0
 _PROGRESS_POLL_SECONDS = 0.2
 
 
@@ -285,7 +285,6 @@ def _client_process(
     from fedcore.client import Client, ClientConfig
     from fedcore.model import mlp
     from fedcore.training import make_train_fn, train_local
-    from protocol.transport import install_uvloop, tune_allocator
 
     logging.basicConfig(level=logging.WARNING, format=f"client-{index} %(levelname)s %(message)s")
     # The parent reports what happens to the aggregator; "said goodbye, retrying" from
@@ -313,23 +312,7 @@ def _client_process(
         server_hostname="localhost",
         min_key_bits=min(2048, options.key_bits),
     )
-    client = Client(model, make_train_fn(x, y, train_config), None, config)
-
-    async def main() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            await client.run(f"127.0.0.1:{port}")
-        except asyncio.CancelledError:
-            # Stopped by the demo. The client closed its random-factor worker on the way
-            # out; a training thread still running need not finish.
-            sys.stderr.flush()
-            os._exit(0)
-
-    tune_allocator()
-    install_uvloop()
-    asyncio.run(main())
+    Client(model, make_train_fn(x, y, train_config), None, config).run_forever(f"127.0.0.1:{port}")
 
 
 def _relay_process(index: int, root_port: int, pki: str, federation: str, ports: Any) -> None:
@@ -382,9 +365,9 @@ def _start_child(process: Any) -> None:
 def _start_resource_tracker() -> None:
     """Start multiprocessing's resource tracker now, told not to warn about leaks.
 
-    A client killed outright (a second Ctrl-C) leaves its queues' semaphores behind;
-    the tracker removes them once this process exits, and would print a warning that
-    they leaked: expected here, and cleaned up all the same. Started before any child,
+    A client killed on a stop leaves its queues' semaphores behind; the tracker removes
+    them once this process exits, and would print a warning that they leaked: expected
+    here, and cleaned up all the same. Started before any child,
     it does not undo `_start_child`'s mask (it unblocks SIGINT after it starts).
     """
     from multiprocessing import resource_tracker
@@ -766,10 +749,11 @@ class Demo:
             await asyncio.sleep(_PROGRESS_POLL_SECONDS)
 
     def _stop_children(self) -> None:
-        """Let the clients leave by themselves after a complete run; else stop them now.
+        """After a complete run, let the clients leave by themselves; else kill them now.
 
-        SIGTERM first: a client then closes its random-factor worker and exits. Whatever
-        is left after `_TERMINATE_SECONDS` is killed with its process group.
+        A stopped client has nothing to save (the aggregator holds the checkpoint), and
+        killing its process group takes its random-factor worker too, at once; the
+        resource tracker removes the semaphores they leave (`_start_resource_tracker`).
         """
         aggregator = self._aggregator
         complete = (
@@ -780,13 +764,8 @@ class Demo:
             while process.is_alive() and not self._stopping and time.monotonic() < deadline:
                 process.join(timeout=0.2)
         for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-        deadline = time.monotonic() + _TERMINATE_SECONDS
+            _kill_child(process)  # its group too: no worker outlives its client
         for process in self._processes:
-            process.join(timeout=max(0.0, deadline - time.monotonic()))
-        for process in self._processes:
-            _kill_child(process)  # its group too: a worker must not outlive its client
             process.join(timeout=1.0)
 
 
