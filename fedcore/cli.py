@@ -209,12 +209,9 @@ def _cmd_relay(args: argparse.Namespace) -> int:
         config = RelayConfig.from_mapping(flags)
     relay = Relay(config)  # preflight: settings, federation file, TLS files
     if args.check_config:
-        from fedcore.aggregator.preflight import check_ports
+        from fedcore.aggregator.preflight import check_listening
 
-        check_ports(
-            (config.host, config.port, "port"),
-            (config.metrics_host, config.metrics_port, "metrics_port"),
-        )
+        check_listening(config)
         print(
             f"config OK: relay {config.instance_name} to {config.upstream}, TLS "
             f"{config.cert} (serverAuth and clientAuth, issued by {config.ca}), ports "
@@ -237,13 +234,10 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 def _check_aggregator_config(config: Any, *, encrypted: bool) -> int:
     """`aggregator --check-config`: every preflight check, no serving; one line each."""
     from fedcore.aggregator import Aggregator
-    from fedcore.aggregator.preflight import check_ports
+    from fedcore.aggregator.preflight import check_listening
 
     aggregator = Aggregator(config, encrypted=encrypted)  # settings, key, model, TLS, state
-    check_ports(
-        (config.host, config.port, "port"),
-        (config.metrics_host, config.metrics_port, "metrics_port"),
-    )
+    check_listening(config)
     federation = aggregator.federation
     checkpoint = aggregator.checkpoint
     print("config OK")

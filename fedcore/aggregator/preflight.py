@@ -13,11 +13,12 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
+from typing import Any
 
 from fedcore.errors import ConfigError
 from protocol.tls_check import CredentialError, Purpose, check_credentials
 
-__all__ = ["check_daemon", "check_ports"]
+__all__ = ["check_daemon", "check_listening", "check_ports"]
 
 
 def check_daemon(cert: Path, key: Path, ca: Path, *, purpose: Purpose) -> None:
@@ -26,6 +27,14 @@ def check_daemon(cert: Path, key: Path, ca: Path, *, purpose: Purpose) -> None:
         check_credentials(cert, key, ca, purpose=purpose)
     except CredentialError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_listening(config: Any) -> None:
+    """A daemon config's client port and metrics port can be bound now (`check_ports`)."""
+    check_ports(
+        (config.host, config.port, "port"),
+        (config.metrics_host, config.metrics_port, "metrics_port"),
+    )
 
 
 def check_ports(*endpoints: tuple[str, int | None, str]) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from fedcore.aggregator.admission import Gatekeeper
 from fedcore.aggregator.hub import ClientHub, Listener
-from fedcore.aggregator.preflight import check_daemon, check_ports
+from fedcore.aggregator.preflight import check_daemon, check_listening
 from fedcore.aggregator.relay_config import RelayConfig
 from fedcore.aggregator.rounds import RoundPhase, RoundState, select_clients
 from fedcore.client.config import FEDERATION_COMPLETE
@@ -145,7 +145,7 @@ class Relay(Listener):
     async def run(self) -> None:
         """Serve until the upstream says the federation is complete (or `request_stop`)."""
         c = self.config
-        check_ports((c.host, c.port, "port"), (c.metrics_host, c.metrics_port, "metrics_port"))
+        check_listening(c)
         host, port = c.upstream_address
         complete = False
         try:

@@ -28,7 +28,7 @@ from fedcore.aggregator.checkpoint import Checkpoint, CheckpointError
 from fedcore.aggregator.committee import CommitteeDecryption, SumNotDecodable
 from fedcore.aggregator.config import AggregatorConfig
 from fedcore.aggregator.hub import ROUND_START_CONCURRENCY, ClientHub, Listener
-from fedcore.aggregator.preflight import check_daemon, check_ports
+from fedcore.aggregator.preflight import check_daemon, check_listening
 from fedcore.aggregator.registry import ClientHandle
 from fedcore.aggregator.rounds import (
     RoundPhase,
@@ -222,7 +222,7 @@ class Aggregator(Listener):
     async def run(self) -> Checkpoint:
         """Serve until every round is done (or `request_stop`); return the final checkpoint."""
         c = self.config
-        check_ports((c.host, c.port, "port"), (c.metrics_host, c.metrics_port, "metrics_port"))
+        check_listening(c)
         ssl_ctx = server_context(c.cert, c.key, c.ca)
         self.hub.open()
         self._server = Server(
