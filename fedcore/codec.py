@@ -20,6 +20,7 @@ import numpy as np
 
 from fedcore.contracts import FederationParams, SessionInfo
 from fedcore.crypto import (
+    DecryptPool,
     PrivateKey,
     PublicKey,
     deserialize_ciphertexts,
@@ -133,16 +134,18 @@ class EncryptedCodec:
         *,
         workers: int = 1,
         constant_time: bool = True,
+        pool: DecryptPool | None = None,
     ) -> tuple[bytes, bytes, int]:
         """Committee side: a shard's plaintexts and each ciphertext's randomness, as bytes.
 
         The randomness lets the aggregator re-encrypt the answer and so check it
         (`check_decryption`); it belongs to ciphertexts whose plaintexts are revealed.
+        ``pool`` (the member's `DecryptPool`) replaces ``workers``.
         """
         # open_vector refuses values outside Z*_{n²}: no second check here
         ciphertexts = deserialize_ciphertexts(payload, self.public_key, validate=False)
         plaintexts, randomness = private_key.open_vector(
-            ciphertexts, workers=workers, constant_time=constant_time
+            ciphertexts, workers=workers, constant_time=constant_time, pool=pool
         )
         key = self.public_key
         return (

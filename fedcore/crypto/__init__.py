@@ -10,6 +10,7 @@ built). Knows nothing of packing, models or the wire protocol.
 
 from __future__ import annotations
 
+from fedcore.crypto.decrypt import DecryptPool
 from fedcore.crypto.encrypt import EncryptionPool, short_exponent_bits
 from fedcore.crypto.keys import PrivateKey, PublicKey, generate_keypair
 from fedcore.crypto.serialize import (
@@ -29,6 +30,7 @@ from fedcore.crypto.threshold import (
 from fedcore.crypto.vector import fold_update, validate_ciphertexts
 
 __all__ = [
+    "DecryptPool",
     "EncryptionPool",
     "KeyShare",
     "PartialDecryption",

@@ -40,7 +40,7 @@ from typing import Any
 import gmpy2
 from gmpy2 import mpz
 
-from fedcore.crypto.decrypt import CrtConstants, crt_decrypt, parallel_crt
+from fedcore.crypto.decrypt import CrtConstants, DecryptPool, crt_decrypt, parallel_crt
 from fedcore.crypto.keys import PublicKey
 
 __all__ = [
@@ -130,10 +130,20 @@ def open_ciphertexts(
     *,
     workers: int = 1,
     constant_time: bool = True,
+    pool: DecryptPool | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Plaintexts and randomness of each ciphertext (validate the ciphertexts first)."""
+    """Plaintexts and randomness of each ciphertext (validate the ciphertexts first).
+
+    Both come out of one pass per ciphertext, in the same worker (``pool``'s when given).
+    """
     pairs = parallel_crt(
-        _open_job, _open_chunk, ciphertexts, constants, workers, constant_time=constant_time
+        _open_job,
+        _open_chunk,
+        ciphertexts,
+        constants,
+        workers,
+        constant_time=constant_time,
+        pool=pool,
     )
     return [m for m, _ in pairs], [r for _, r in pairs]
 

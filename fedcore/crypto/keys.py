@@ -24,7 +24,7 @@ import gmpy2
 from gmpy2 import mpz
 from phe import paillier
 
-from fedcore.crypto.decrypt import CrtConstants, parallel_crt_decrypt
+from fedcore.crypto.decrypt import CrtConstants, DecryptPool, parallel_crt_decrypt
 from fedcore.crypto.encrypt import ShortExponentRandomizer, check_plaintexts, encrypt_with_factors
 from fedcore.errors import KeyFileError
 
@@ -408,12 +408,18 @@ class PrivateKey:
         return parallel_crt_decrypt(values, self._crt, workers, constant_time=constant_time)
 
     def open_vector(
-        self, ciphertexts: Sequence[int], workers: int = 1, *, constant_time: bool = True
+        self,
+        ciphertexts: Sequence[int],
+        workers: int = 1,
+        *,
+        constant_time: bool = True,
+        pool: DecryptPool | None = None,
     ) -> tuple[list[int], list[int]]:
         """Decrypt like :meth:`decrypt_vector`, and also recover each ciphertext's randomness.
 
         ``(plaintexts, randomness)``: with them anyone re-encrypts the ciphertexts, which
         is how an aggregator checks a key holder's answer (`fedcore.crypto.decrypt_proof`).
+        ``pool`` (a `DecryptPool`, kept by a committee member) replaces ``workers``.
         """
         from fedcore.crypto.decrypt_proof import open_ciphertexts
         from fedcore.crypto.vector import validate_ciphertexts
@@ -422,7 +428,9 @@ class PrivateKey:
             raise ValueError(f"workers must be >= 1, got {workers}")
         values = [mpz(operator.index(c)) for c in ciphertexts]
         validate_ciphertexts(values, self.public_key)
-        return open_ciphertexts(values, self._crt, workers=workers, constant_time=constant_time)
+        return open_ciphertexts(
+            values, self._crt, workers=workers, constant_time=constant_time, pool=pool
+        )
 
     def prove_key(self, context: bytes) -> bytes:
         """The proof that this key is held, for a verifier's ``context`` (see decrypt_proof)."""
