@@ -117,10 +117,10 @@ class CommitteeDecryption:
             raise RoundError("no key-holding client is connected to decrypt the sum")
         random.Random(f"{c.seed}:committee:{state.round_id}").shuffle(members)
         threshold = self.federation.threshold_key
-        if threshold is None:
-            members = members[: c.committee_size]
-        else:
+        if threshold is not None:
             members = self._share_holders(members, threshold)
+        elif c.committee_size:  # 0: every connected key holder
+            members = members[: c.committee_size]
         self.per_member_decrypt = {}
         contributors = pack_tokens([state.folded[cid] for cid in sorted(state.folded)])
         shards = self._shards(len(members))
@@ -143,9 +143,10 @@ class CommitteeDecryption:
                     break
                 if not usable(member):
                     continue  # left or excluded while queued; it never comes back
-                values = await self._checked_decryption(member, request)
-                if usable(member):
+                result = await self._exchange(member, request)
+                if usable(member):  # free again while its answer is being checked
                     free.put_nowait(member)
+                values = await self._checked_decryption(member, request, result)
                 if values is not None:
                     return values
             raise RoundError(f"no committee member decrypted shard {request.shard_id}")
@@ -308,10 +309,9 @@ class CommitteeDecryption:
         return await asyncio.to_thread(combine, key, valid[: key.threshold])
 
     async def _checked_decryption(
-        self, member: ClientHandle, request: DecryptRequest
+        self, member: ClientHandle, request: DecryptRequest, result: DecryptResult | None
     ) -> list[int] | None:
         """A shared-key member's plaintexts for one shard, once they re-encrypt to it."""
-        result = await self._exchange(member, request)
         if result is None:
             return None
         try:

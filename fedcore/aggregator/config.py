@@ -77,9 +77,10 @@ class AggregatorConfig:
     report_metrics: tuple[tuple[str, float], ...] = DEFAULT_REPORT_METRICS
     min_key_bits: int = MIN_SECURE_KEY_BITS
     chunk_ciphertexts: int = 256
-    # Shared mode: how many key holders decrypt each round's sum. A threshold federation
-    # uses every connected share holder (each shard goes to T of them).
-    committee_size: int = 3
+    # Shared mode: how many key holders decrypt each round's sum; 0 = every connected key
+    # holder (each takes shards, so decryption spreads over every key holder's cores).
+    # A threshold federation uses every connected share holder (each shard to T of them).
+    committee_size: int = 0
     decrypt_shard_timeout: float = 120.0
     resume_grace: float = 30.0
     # A rerun of a model version waits this long for the unmasker(s) its contributors
@@ -212,7 +213,12 @@ class AggregatorConfig:
             "1..4096",
             self.chunk_ciphertexts,
         )
-        _require(self.committee_size >= 1, "committee_size", ">= 1", self.committee_size)
+        _require(
+            self.committee_size >= 0,
+            "committee_size",
+            ">= 0 (0 = every connected key holder)",
+            self.committee_size,
+        )
         _require(self.local_epochs >= 1, "local_epochs", ">= 1", self.local_epochs)
         _require(self.learning_rate > 0, "learning_rate", "> 0", self.learning_rate)
         if ":" not in self.model:

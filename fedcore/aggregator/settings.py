@@ -67,7 +67,10 @@ AGGREGATOR_SETTINGS: dict[str, str] = {
     "[name, bound] pairs",
     "min_key_bits": "smallest Paillier modulus accepted (2048; tests only lower it)",
     "chunk_ciphertexts": "ciphertexts per upload chunk",
-    "committee_size": "key-holding clients that decrypt each round's sum (shared mode)",
+    "committee_size": (
+        "key-holding clients that decrypt each round's sum (shared mode); "
+        "0 = every connected key holder"
+    ),
     "decrypt_shard_timeout": "seconds a committee member has for one shard before another gets it",
     "resume_grace": "seconds a dropped upload is kept for its client to resume",
     "unmasker_grace": "seconds a rerun waits for the unmasker its contributors masked for",

@@ -384,7 +384,7 @@ AGGREGATOR_RANGES: dict[str, str] = {
     "report_metrics": '[["accuracy"]]',
     "min_key_bits": "100",
     "chunk_ciphertexts": "0",
-    "committee_size": "0",
+    "committee_size": "-1",
     "decrypt_shard_timeout": "0",
     "resume_grace": "-1",
     "unmasker_grace": "-1",
