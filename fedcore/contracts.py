@@ -458,6 +458,8 @@ class ClientReport:
             "serialize_s",
             "grant_wait_s",
             "upload_s",
+            # not seconds: the share (0..1) of random factors the EncryptionPool had ready
+            "pooled_factors",
         }
     )
 

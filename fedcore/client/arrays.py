@@ -61,6 +61,14 @@ class ArrayModel(abc.ABC):
         """
         return None
 
+    def warm_up(self) -> None:
+        """One-time set-up the first round would otherwise pay (lazy imports, compilation).
+
+        The client calls it once, in a worker thread, before it joins the federation, so
+        round 1 costs what every round costs. The default does nothing.
+        """
+        return None
+
     @property
     def layout(self) -> ModelLayout:
         """The names and shapes of `get_weights`, as the aggregator's layout must be."""

@@ -185,6 +185,7 @@ class Client:
             self.result.reconnects += 1
 
         try:
+            await self._warm_up()
             await serve_reconnecting(
                 peer=f"the aggregator at {server}",
                 who="client",
@@ -208,6 +209,38 @@ class Client:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
+            if self.committee is not None:
+                self.committee.close()
+
+    async def _warm_up(self) -> None:
+        """Before joining: start filling the random-factor pool, warm the model up.
+
+        The pinned federation gives the ciphertext count of an update, so the pool's
+        background worker starts on the first round's random factors now, while this
+        client connects and waits for its first RoundStart. The model's one-time costs
+        (torch's lazy imports on the first optimizer step) and the fixed-base table of
+        the public key are paid here too, in a thread, not in round 1.
+        """
+        federation = self.federation
+        if federation.encrypted and self.config.encryption_pool and self._pool is None:
+            assert federation.public_key is not None
+            codec = EncryptedCodec(
+                public_key=federation.public_key,
+                spec=federation.packing_spec(),
+                n_values=self.layout.numel,
+                chunk_items=1,
+                report_bounds=tuple(bound for _, bound in federation.report_metrics),
+                min_total_weight=federation.min_clients,
+            )
+            self._pool = EncryptionPool(codec.public_key, codec.item_count)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(self._warm_up_work)
+        log.debug("warmed up in %.2f s", time.perf_counter() - t0)
+
+    def _warm_up_work(self) -> None:
+        if self.federation.public_key is not None:
+            self.federation.public_key._randomizer()  # the fixed-base table, built once
+        self.pipeline.model.warm_up()
 
     def _transport_config(self) -> TransportConfig:
         from protocol.framing import CLIENT_MAX_FRAME_SIZE
@@ -242,7 +275,7 @@ class Client:
             if proof is not None:
                 await conn.send(KeyProof(root=proof))
         if isinstance(codec, EncryptedCodec) and self.config.encryption_pool and self._pool is None:
-            self._pool = EncryptionPool(codec.public_key, codec.item_count)
+            self._pool = EncryptionPool(codec.public_key, codec.item_count)  # not warmed up
         send_lock = asyncio.Lock()
         round_task: asyncio.Task[None] | None = None
         grant: asyncio.Future[UploadGrant] | None = None

@@ -289,6 +289,8 @@ class EncryptionPool:
         self.size = size
         self._factors: deque[Any] = deque()
         self._pending: dict[Future[bytes], int] = {}
+        self.last_take: tuple[int, int] = (0, 0)
+        """(factors from the pool, factors computed on the spot) of the last take."""
         self._executor: ProcessPoolExecutor | None = None
         if background and size > 0:
             self._executor = ProcessPoolExecutor(
@@ -362,8 +364,10 @@ class EncryptionPool:
         popleft = self._factors.popleft
         while len(taken) < count and self._factors:
             taken.append(popleft())
-        if len(taken) < count:
-            taken.extend(self.public_key._randomizer().factors(count - len(taken)))
+        pooled = len(taken)
+        if pooled < count:
+            taken.extend(self.public_key._randomizer().factors(count - pooled))
+        self.last_take = (pooled, count - pooled)
         self._schedule_refill()
         return taken
 
