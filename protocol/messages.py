@@ -108,7 +108,9 @@ __all__ = [
 # 3: clients pin the federation and sign a token per upload; the committee unmasks.
 # 4: threshold federations: PartialDecrypt messages; committee credentials name a share.
 # 5: relays: Hello.relay, UpdateDone.contributors (a relay's leaf tokens), RelayStatus.
-PROTOCOL_VERSION = 6
+# 6: KeyProof, Welcome.key_challenge, DecryptResult.randomness, upload resume tokens.
+# 7: up to 3 committee requests outstanding per connection, answered in any order.
+PROTOCOL_VERSION = 7
 
 
 # A relay tree reports at most this many clients behind one connection.

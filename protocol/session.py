@@ -68,7 +68,15 @@ from .messages import (
     Welcome,
 )
 
-__all__ = ["MAX_REMEMBERED_ENDED_ROUNDS", "TRANSITIONS", "Direction", "Role", "Session", "State"]
+__all__ = [
+    "MAX_COMMITTEE_REQUESTS",
+    "MAX_REMEMBERED_ENDED_ROUNDS",
+    "TRANSITIONS",
+    "Direction",
+    "Role",
+    "Session",
+    "State",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +127,15 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     (State.AWAIT_WELCOME, Welcome, _A): State.READY,
     (State.READY, RoundStart, _A): State.ROUND,
     (State.READY, RoundEnd, _A): State.READY,  # status broadcast
-    (State.READY, DecryptRequest, _A): State.DECRYPTING,
+    # Up to MAX_COMMITTEE_REQUESTS committee requests may be outstanding: the session
+    # goes back to READY with the last answer (see Session._transition).
+    **{
+        (state, request, _A): State.DECRYPTING
+        for state in (State.READY, State.DECRYPTING)
+        for request in (DecryptRequest, UnmaskRequest, PartialDecryptRequest)
+    },
     (State.DECRYPTING, DecryptResult, _C): State.READY,
-    (State.READY, UnmaskRequest, _A): State.DECRYPTING,
     (State.DECRYPTING, UnmaskResult, _C): State.READY,
-    (State.READY, PartialDecryptRequest, _A): State.DECRYPTING,
     (State.DECRYPTING, PartialDecryptResult, _C): State.READY,
     # Nothing is streamed before the grant: the aggregator's upload cap is enforced here.
     (State.ROUND, UploadRequest, _C): State.AWAIT_GRANT,
@@ -145,6 +157,21 @@ _BY_SENDER: dict[tuple[State, type[Message], Role], State] = {
     **{(s, Bye, r): State.CLOSED for s in _LIVE for r in Role},
     # after a violation we may still tell the peer why (once; see Session.send)
     **{(State.ERROR, Error, r): State.ERROR for r in Role},
+}
+
+MAX_COMMITTEE_REQUESTS = 3
+"""Committee requests an aggregator may have outstanding on one connection.
+
+Two decryption requests keep a member busy: it works on one while the other waits,
+received and checked, so no core idles while an answer travels back and the next
+request travels out. The third place is for an unmask request to the round's unmasker,
+which is usually decrypting too. Answers may come in any order.
+"""
+
+_ANSWER_TYPES: dict[type[Message], type[Message]] = {
+    DecryptRequest: DecryptResult,
+    UnmaskRequest: UnmaskResult,
+    PartialDecryptRequest: PartialDecryptResult,
 }
 
 TRANSITIONS: dict[tuple[Role, State, type[Message], Direction], State] = {
@@ -193,8 +220,8 @@ class Session:
         """The round of the current RoundStart (None before the first)."""
         self.next_seq = 0
         """The seq the next UpdateChunk of the current round must carry."""
-        self.decrypt_ids: tuple[type[Message], int, int] | None = None
-        """(result type, round_id, shard_id) of the committee request being answered."""
+        self.committee_pending: list[tuple[type[Message], int, int]] = []
+        """(result type, round_id, shard_id) of each committee request not answered yet."""
         self._ended_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
         self._acked_rounds: deque[int] = deque(maxlen=MAX_REMEMBERED_ENDED_ROUNDS)
         self._error_sent = False
@@ -287,6 +314,8 @@ class Session:
                 ErrorCode.PROTOCOL_VIOLATION,
             )
         self._check_content(msg, direction)
+        if nxt is State.READY and self.state is State.DECRYPTING and self.committee_pending:
+            nxt = State.DECRYPTING  # more committee answers to come
         if isinstance(msg, Ack):
             self._acked_rounds.append(msg.round_id)
         if isinstance(msg, RoundEnd) and self.state in (*_UPLOAD_STATES, State.AWAIT_ACK):
@@ -330,26 +359,37 @@ class Session:
         elif isinstance(msg, RoundEnd):
             if self.state is not State.READY:
                 self._check_round(msg.round_id, direction)
-        elif isinstance(msg, DecryptRequest):
-            self.decrypt_ids = (DecryptResult, msg.round_id, msg.shard_id)
-        elif isinstance(msg, UnmaskRequest):
-            self.decrypt_ids = (UnmaskResult, msg.round_id, msg.shard_id)
-        elif isinstance(msg, PartialDecryptRequest):
-            self.decrypt_ids = (PartialDecryptResult, msg.round_id, msg.shard_id)
-        elif (
-            isinstance(msg, DecryptResult | UnmaskResult | PartialDecryptResult)
-            and (type(msg), msg.round_id, msg.shard_id) != self.decrypt_ids
-        ):
-            expected = (
-                "nothing"
-                if self.decrypt_ids is None
-                else (f"{self.decrypt_ids[0].__name__} for (round, shard) {self.decrypt_ids[1:]}")
-            )
-            self._violate(
-                direction,
-                f"{type(msg).__name__} for (round, shard) {(msg.round_id, msg.shard_id)}, "
-                f"expected {expected}",
-            )
+        elif isinstance(msg, DecryptRequest | UnmaskRequest | PartialDecryptRequest):
+            ids = (_ANSWER_TYPES[type(msg)], msg.round_id, msg.shard_id)
+            pending = self.committee_pending
+            if ids in pending:
+                self._violate(
+                    direction,
+                    f"a second {type(msg).__name__} for (round, shard) {ids[1:]} before its answer",
+                )
+            if len(pending) >= MAX_COMMITTEE_REQUESTS:
+                self._violate(
+                    direction,
+                    f"{type(msg).__name__} while {len(pending)} committee requests are "
+                    f"unanswered (at most {MAX_COMMITTEE_REQUESTS})",
+                )
+            pending.append(ids)
+        elif isinstance(msg, DecryptResult | UnmaskResult | PartialDecryptResult):
+            ids = (type(msg), msg.round_id, msg.shard_id)
+            if ids not in self.committee_pending:
+                expected = (
+                    ", ".join(
+                        f"{kind.__name__} for (round, shard) {(r, s)}"
+                        for kind, r, s in self.committee_pending
+                    )
+                    or "nothing"
+                )
+                self._violate(
+                    direction,
+                    f"{type(msg).__name__} for (round, shard) {(msg.round_id, msg.shard_id)}, "
+                    f"expected {expected}",
+                )
+            self.committee_pending.remove(ids)
 
     def _check_round(self, round_id: int, direction: Direction) -> None:
         if round_id != self.round_id:

@@ -61,6 +61,15 @@ __all__ = ["CommitteeDecryption", "SumNotDecodable"]
 log = logging.getLogger(__name__)
 
 
+PIPELINE = 2
+"""Decryption requests a shared-mode member has in flight at once (protocol 7 allows
+MAX_COMMITTEE_REQUESTS; one place stays free for an unmask request)."""
+
+
+class _Withdrawn(Exception):
+    """A request in flight to a member caught lying: its answer will not be used."""
+
+
 class SumNotDecodable(RoundError):
     """The unmasker refused the round's sum: unmasked, it is not a sum of honest updates."""
 
@@ -97,8 +106,11 @@ class CommitteeDecryption:
         key = self.codec.public_key
         width = key.ciphertext_bytes if self.federation.threshold_key else key.plaintext_bytes
         max_items = max(1, (DEFAULT_MAX_FRAME_SIZE // 2) // width)
-        count = max(members, -(-self.codec.item_count // max_items))
-        return self.codec.shard_ranges(count)
+        # shared mode: PIPELINE shards a member; threshold mode: each member already gets
+        # about T shards at once (one per window it is in), answered one after another
+        per_member = PIPELINE if self.federation.threshold_key is None else 1
+        count = max(per_member * members, -(-self.codec.item_count // max_items))
+        return self.codec.shard_ranges(min(count, self.codec.item_count))
 
     async def decrypt(self, state: RoundState, summed: bytes) -> list[int]:
         """The unmasked plaintexts of ``summed`` (the folded contributors' serialized sum).
@@ -126,9 +138,12 @@ class CommitteeDecryption:
         shards = self._shards(len(members))
         t0 = time.monotonic()
         unmasked: dict[int, list[int]] = {}
+        # Each member is in the queue PIPELINE times: it gets its next shard while it
+        # still works on one, so its cores never wait for a round trip.
         free: asyncio.Queue[ClientHandle] = asyncio.Queue()
-        for member in members:
-            free.put_nowait(member)
+        for _ in range(PIPELINE):
+            for member in members:
+                free.put_nowait(member)
 
         def usable(member: ClientHandle) -> bool:
             return member.can_decrypt and self._clients.get(member.client_id) is member
@@ -333,6 +348,11 @@ class CommitteeDecryption:
     ) -> None:
         """A wrong decryption: count it, name the member, never ask it again."""
         member.decrypt_excluded = True
+        # its other decryptions in flight go to other members now (an unmask it owes
+        # stays: it may be this round's unmasker, whose masks nobody else can remove)
+        for (answer, _round, _shard), waiter in list(member.committee_waiters.items()):
+            if answer is not UnmaskResult and not waiter.done():
+                waiter.set_exception(_Withdrawn())
         if member.client_id not in self.excluded:
             self.excluded.append(member.client_id)
         share = f" (key share {member.share_index})" if member.share_index else ""
@@ -372,18 +392,28 @@ class CommitteeDecryption:
     ) -> Any:
         """Send ``request``, await the member's answer of the matching type (None on failure)."""
         kind = _KINDS[type(request)]
-        async with member.committee_lock:
+        async with member.committee_slots:
             if self._clients.get(member.client_id) is not member:
                 return None  # left while this request waited for its turn
             if member.decrypt_excluded and isinstance(request, PartialDecryptRequest):
                 return None  # its proof failed while this request waited
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[Any] = loop.create_future()
-            member.committee_waiter = waiter
+            key = (_ANSWERS[type(request)], request.round_id, request.shard_id)
+            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            member.committee_waiters[key] = waiter
+            # the member works on its requests one after another: this one's time
+            # starts when the ones ahead of it are done
+            timeout = self.config.decrypt_shard_timeout * len(member.committee_waiters)
             try:
-                member.committee_idle.clear()  # set again by its answer or its departure
+                member.committee_idle.clear()  # set again by its last answer or its departure
                 await member.send(request)
-                result: Any = await asyncio.wait_for(waiter, self.config.decrypt_shard_timeout)
+                result: Any = await asyncio.wait_for(waiter, timeout)
+            except _Withdrawn:
+                log.info(
+                    "shard %d goes to another member: %s was excluded",
+                    request.shard_id,
+                    member.client_id,
+                )
+                return None
             except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning(
                     "committee member %s failed to %s shard %d: %r",
@@ -396,7 +426,8 @@ class CommitteeDecryption:
                     await close_client(member, ErrorCode.TIMEOUT, f"{kind} shard timed out")
                 return None
             finally:
-                member.committee_waiter = None
+                if member.committee_waiters.get(key) is waiter:
+                    del member.committee_waiters[key]
         if not isinstance(result, _ANSWERS[type(request)]):
             return None
         answer = cast("DecryptResult | UnmaskResult | PartialDecryptResult", result)

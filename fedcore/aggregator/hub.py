@@ -318,11 +318,8 @@ class ClientHub:
                 self.uploads.keep_or_drop_partial(client_id)
                 if handle.relay:
                     self._forget_relay_unless_back(client_id)
-            waiter = handle.committee_waiter
-            if waiter is not None and not waiter.done():
-                why = f": {handle.last_error}" if handle.last_error else ""
-                waiter.set_exception(ConnectionError(f"{client_id} disconnected{why}"))
-            handle.committee_idle.set()
+            why = f": {handle.last_error}" if handle.last_error else ""
+            handle.committee_gone(f"{client_id} disconnected{why}")
             self._count_changed()
             log.info("%s left", client_id)
 
@@ -375,10 +372,7 @@ class ClientHub:
             elif isinstance(message, UpdateDone):
                 await self._on_done(handle, message)
             elif isinstance(message, DecryptResult | UnmaskResult | PartialDecryptResult):
-                handle.committee_idle.set()
-                waiter = handle.committee_waiter
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(message)
+                handle.committee_answer(message)
             elif isinstance(message, KeyProof):
                 await self._on_key_proof(handle, message)
             elif isinstance(message, RelayStatus) and handle.relay:

@@ -17,6 +17,7 @@ from typing import Any
 from fedcore.metrics import AggregatorMetrics
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Error
+from protocol.session import MAX_COMMITTEE_REQUESTS
 from protocol.transport import Connection
 
 __all__ = ["ClientHandle", "close_client", "count_bytes", "send_quietly"]
@@ -38,11 +39,12 @@ class ClientHandle:
     asked again, nor picked to unmask, for the life of the federation).
     ``relay`` marks a relay (an edge aggregator uploading its clients' folded sum),
     ``relayed_clients`` the client count it last reported.
-    One committee request is outstanding per connection at a time
-    (``committee_lock``); its answer resolves ``committee_waiter`` and sets
-    ``committee_idle`` (even when nobody waits any more: a RoundStart may only
-    follow once the member's session is back from DECRYPTING). ``last_error`` is the
-    reason of the Error frame the client closed with, if any.
+    Up to ``MAX_COMMITTEE_REQUESTS`` committee requests are outstanding per connection
+    (``committee_slots``); each answer resolves its own future in ``committee_waiters``
+    (keyed by answer type, round and shard), and ``committee_idle`` is set once none is
+    outstanding (even when nobody waits any more: a RoundStart may only follow once the
+    member's session is back from DECRYPTING). ``last_error`` is the reason of the
+    Error frame the client closed with, if any.
     """
 
     client_id: str
@@ -56,8 +58,12 @@ class ClientHandle:
     relay: bool = False
     relayed_clients: int = 0
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    committee_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    committee_waiter: asyncio.Future[Any] | None = None
+    committee_slots: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(MAX_COMMITTEE_REQUESTS)
+    )
+    committee_waiters: dict[tuple[type, int, int], asyncio.Future[Any]] = field(
+        default_factory=dict
+    )
     committee_idle: asyncio.Event = field(default_factory=asyncio.Event)
     last_error: str = ""
     last_error_code: ErrorCode | None = None
@@ -66,6 +72,23 @@ class ClientHandle:
 
     def __post_init__(self) -> None:
         self.committee_idle.set()  # no committee request outstanding
+
+    def committee_answer(self, message: Any) -> None:
+        """Hand a committee answer to the request waiting for it (if any still waits)."""
+        key = (type(message), message.round_id, message.shard_id)
+        waiter = self.committee_waiters.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+        if not self.committee_waiters:
+            self.committee_idle.set()
+
+    def committee_gone(self, why: str) -> None:
+        """The connection ended: every outstanding committee request fails."""
+        waiters, self.committee_waiters = self.committee_waiters, {}
+        for waiter in waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ConnectionError(why))
+        self.committee_idle.set()
 
     @property
     def can_decrypt(self) -> bool:

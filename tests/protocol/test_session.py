@@ -38,6 +38,7 @@ from protocol import (
     encode_frame,
 )
 from protocol.framing import NEED_DATA
+from protocol.session import MAX_COMMITTEE_REQUESTS
 
 HELLO = Hello(version=PROTOCOL_VERSION, committee=b"credential")
 WELCOME = Welcome(
@@ -162,6 +163,41 @@ def test_a_full_round_and_a_decryption_walk_the_documented_states() -> None:
     ]:
         pair.deliver(msg)
         assert pair.aggregator.state is state, msg
+
+
+def test_committee_requests_are_pipelined_and_answered_in_any_order() -> None:
+    """Up to three requests in flight; the session is READY again with the last answer."""
+    assert MAX_COMMITTEE_REQUESTS == 3
+    pair = Pair().ready()
+    for msg in (decrypt_request(7, 0), decrypt_request(7, 1), unmask_request(7, 0)):
+        pair.deliver(msg)
+        assert pair.client.state is pair.aggregator.state is State.DECRYPTING
+    answers = [
+        UnmaskResult(round_id=7, shard_id=0, item_count=5, payload=b"m", seconds=0.1),
+        DecryptResult(
+            round_id=7, shard_id=1, item_count=5, payload=b"y", seconds=0.1, randomness=b""
+        ),
+        DecryptResult(
+            round_id=7, shard_id=0, item_count=5, payload=b"y", seconds=0.1, randomness=b""
+        ),
+    ]
+    for index, answer in enumerate(answers):
+        pair.deliver(answer)
+        expected = State.READY if index == len(answers) - 1 else State.DECRYPTING
+        assert pair.client.state is pair.aggregator.state is expected, answer
+    assert pair.aggregator.committee_pending == []
+
+
+def test_an_answer_to_no_outstanding_request_is_refused() -> None:
+    pair = Pair().ready()
+    pair.deliver(decrypt_request(7, 0))
+    pair.deliver(decrypt_request(7, 1))
+    wrong = DecryptResult(
+        round_id=7, shard_id=2, item_count=5, payload=b"y", seconds=0.1, randomness=b""
+    )
+    pair.aggregator.receive_data(encode_frame(wrong))
+    with pytest.raises(RemoteProtocolError, match=r"shard\) \(7, 0\), DecryptResult"):
+        pair.aggregator.next_event()
 
 
 def test_resumed_upload_starts_at_the_granted_seq() -> None:
@@ -295,7 +331,13 @@ ILLEGAL_FROM_AGGREGATOR = [
     ([HELLO, WELCOME, start()], RoundEnd(round_id=6, status="failed")),  # not the current round
     ([HELLO, WELCOME, start()], decrypt_request(1, 0)),
     ([HELLO, WELCOME, start()], unmask_request(1, 0)),  # committee work only between rounds
-    ([HELLO, WELCOME, decrypt_request(1, 0)], unmask_request(1, 1)),  # one request at a time
+    # at most MAX_COMMITTEE_REQUESTS (3) outstanding, and each (kind, round, shard) once
+    (
+        [HELLO, WELCOME, decrypt_request(1, 0), decrypt_request(1, 1), unmask_request(1, 0)],
+        decrypt_request(1, 2),
+    ),
+    ([HELLO, WELCOME, decrypt_request(1, 0)], decrypt_request(1, 0)),
+    ([HELLO, WELCOME, decrypt_request(1, 0), unmask_request(1, 1)], start()),  # mid-decryption
 ]
 
 

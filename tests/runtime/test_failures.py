@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedcore.aggregator import Aggregator
+from fedcore.aggregator.committee import PIPELINE
 from fedcore.crypto import PrivateKey
 from fedcore.crypto.masking import public_key_bytes
 from fedcore.errors import FedcoreError
@@ -335,15 +336,17 @@ async def test_committee_shards_are_reassigned_when_members_fail(
     await asyncio.wait_for(asyncio.gather(*rogue_tasks, *honest_tasks), 30)
     assert checkpoint.rounds_completed == 1
     assert sorted(checkpoint.history[-1]["contributors"]) == ["client-0", "client-1"]
-    # Every shard, including the two failed ones, was decrypted by the honest key holder.
-    assert honest[0].result.shards_decrypted == 3
+    # Every shard, including the failed ones, was decrypted by the honest key holder:
+    # each of the 3 members had PIPELINE shards in flight.
+    assert honest[0].result.shards_decrypted == 3 * PIPELINE
     assert _rejected(aggregator, "bad_decrypt_result") == 1
     assert checkpoint.excluded_decryptors == ["client-6"]
     # The liar was not disconnected (it could have been an unmasker) but never asked again.
     later = []
     while (message := await liar.receive(timeout=30)) is not None:
         later.append(type(message).__name__)
-    assert "DecryptRequest" not in later and later[-1] == "Bye"
+    # (the one request it had in flight beside the one it lied about was sent before)
+    assert later.count("DecryptRequest") == PIPELINE - 1 and later[-1] == "Bye"
 
 
 async def test_a_certificate_outside_allowed_clients_is_refused(

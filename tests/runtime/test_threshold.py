@@ -304,13 +304,14 @@ async def test_a_lying_member_is_caught_named_excluded_and_the_model_is_right(
     )
     assert len(liars) == 1, liars
     assert checkpoint.rounds_completed == 1  # even when the liar must unmask the round
-    # every lie it sent was caught (requests already on their way when the first lie was
-    # found may bring more, at most one per shard it was asked for); then it is asked
-    # nothing more
+    # its first lie is caught; requests already on their way then (at most one per shard
+    # it was asked for: each member is in 3 of the 5 windows) may bring more lies, which
+    # are caught too or, once it is excluded, never looked at; it is asked nothing more
     assert 1 <= len(lies) <= 3 and len(set(lies)) == len(lies), lies
-    assert _rejected(aggregator, "bad_decrypt_result") == len(lies)
+    caught = _rejected(aggregator, "bad_decrypt_result")
+    assert 1 <= caught <= len(lies), (caught, lies)
     named = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
-    assert len(named) == len(lies), named
+    assert len(named) == caught, named
     share = int(liars[0].removeprefix("client-")) + 1
     for line in named:
         assert f"{liars[0]} (key share {share})" in line and "proof does not verify" in line
