@@ -142,7 +142,9 @@ async def test_a_relay_tree_gives_the_flat_model(
     after the first round (stochastic rounding draws fresh randomness in each run)."""
     runs: dict[str, list[tuple[RoundReport, np.ndarray]]] = {}
     for layout in ("flat", "relays"):
-        aggregator = _aggregator(tmp_path / layout, pki, keys)
+        # every round waits for all ten: clients warm up before they join, so they do
+        # not all arrive at once, and the two layouts must select the same clients
+        aggregator = _aggregator(tmp_path / layout, pki, keys, clients_per_round=CLIENTS)
         tree = _Tree(aggregator)
         root = await tree.start_root()
         try:
@@ -188,7 +190,9 @@ async def test_a_dead_relay_costs_only_its_round_and_a_restarted_one_resumes(
     Round 2: relay-1 dies for good: once it has not come back within resume_grace the
     root stops waiting for it and completes the round by quorum from the others, without
     relay-1's clients, and nothing of them is counted."""
-    aggregator = _aggregator(tmp_path, pki, keys, round_timeout=15.0, resume_grace=3.0)
+    aggregator = _aggregator(
+        tmp_path, pki, keys, round_timeout=15.0, resume_grace=3.0, clients_per_round=CLIENTS
+    )
     tree = _Tree(aggregator)
     root = await tree.start_root()
     release = {1: threading.Event(), 2: threading.Event()}
