@@ -33,13 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport
+from fedcore.aggregator import Aggregator, AggregatorConfig, RoundReport, build_model
 from fedcore.client import Client, ClientConfig, ClientResult
 from fedcore.crypto import deal, generate_keypair
 from fedcore.crypto.keys import MIN_SECURE_KEY_BITS
 from fedcore.crypto.threshold import save_key_files
 from fedcore.data import Dataset, client_shard, load_dataset
-from fedcore.model import mlp
 from fedcore.training import TrainConfig, make_train_fn, train_local
 from protocol.tls import write_federation_pki
 
@@ -155,7 +154,11 @@ def aggregator_config(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ClientSpec:
-    """Everything needed to build one benchmark client (picklable, for spawned processes)."""
+    """Everything needed to build one benchmark client (picklable, for spawned processes).
+
+    ``model`` and ``model_kwargs`` name the model factory as `AggregatorConfig` does
+    (give both the same); empty ``model_kwargs`` means the dataset's features and classes.
+    """
 
     index: int
     clients: int
@@ -169,6 +172,8 @@ class ClientSpec:
     decrypt_workers: int = 1
     encryption_pool: bool = True
     key_share: int | None = None  # threshold federations: this client's share index (1..N)
+    model: str = "fedcore.model:mlp"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def shard(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """This client's training data: its partition, cut to ``max_samples`` (seeded)."""
@@ -190,7 +195,7 @@ class ClientSpec:
 def build_client(
     spec: ClientSpec, credentials: Credentials, dataset: Dataset, federation: Path
 ) -> Client:
-    """A real `fedcore.Client` of the seed-MLP shape for ``dataset``, pinning ``federation``."""
+    """A real `fedcore.Client` of ``spec``'s model for ``dataset``, pinning ``federation``."""
     x, y = spec.shard(dataset)
     share = None if spec.key_share is None else credentials.key_shares[spec.key_share - 1]
     config = ClientConfig(
@@ -209,7 +214,13 @@ def build_client(
         backoff_max=2.0,
         idle_timeout=_ROUND_TIMEOUT_S,
     )
-    model = mlp(dataset.num_features, classes=dataset.num_classes)
+    kwargs = spec.model_kwargs or {
+        "in_features": dataset.num_features,
+        "classes": dataset.num_classes,
+    }
+    # the aggregator's own factory loader; the client's initial weights are replaced by
+    # the global model before it trains
+    model = build_model(spec.model, kwargs, seed=spec.index)
     return Client(model, make_train_fn(x, y, spec.train), None, config)
 
 
@@ -334,6 +345,7 @@ def _federation_summary(aggregator: Aggregator) -> dict[str, Any]:
         "mode": fed.mode,
         "threshold": None if key is None else f"{key.threshold}-of-{key.parties}",
         "min_clients": fed.min_clients,
+        "value_bits": fed.value_bits,
         "headroom_bits": fed.headroom_bits,
         "max_weight": fed.max_weight,
         "samples_per_weight": fed.samples_per_weight,

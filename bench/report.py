@@ -232,146 +232,6 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.2f}%" if isinstance(value, int | float) else "—"
 
 
-def _round_section(data: dict[str, Any], out: Path) -> list[str]:
-    w = data.get("workload", {})
-    lines = [
-        "## Round (`round.json`)",
-        "",
-        f"Command: `{data.get('command', '')}`",
-        "",
-        "Workload: " + ", ".join(f"{k} = {v}" for k, v in w.items()),
-        "",
-        f"- Encrypted round **{_fmt(data['encrypted_round_s'])} s**, plaintext "
-        f"**{_fmt(data['plaintext_round_s'])} s**: encrypted ÷ plaintext = "
-        f"**{_fmt(data['overhead_ratio'])}×** (CPU per round: "
-        f"{_fmt(data.get('encrypted_cpu_s_per_round'))} s vs "
-        f"{_fmt(data.get('plaintext_cpu_s_per_round'))} s = "
-        f"{_fmt(data.get('cpu_overhead_ratio'))}×).",
-        f"- Dominant phase: encrypted **{data.get('dominant_phase_encrypted')}**, "
-        f"plaintext **{data.get('dominant_phase_plaintext')}**.",
-        f"- Bytes per client per round: encrypted "
-        f"{_fmt(data['bytes_per_client_per_round']['encrypted'] / 1e6)} MB, plaintext "
-        f"{_fmt(data['bytes_per_client_per_round']['plaintext'] / 1e6)} MB "
-        f"({_fmt(data.get('bytes_ratio'))}×).",
-        "",
-        "| phase (mean s per round) | encrypted | plaintext |",
-        "|---|---:|---:|",
-    ]
-    for phase, value in data["encrypted_phase_s"].items():
-        lines.append(f"| {phase} | {_fmt(value)} | {_fmt(data['plaintext_phase_s'][phase])} |")
-    lines += [
-        "",
-        "Local training and encode+encrypt are client-reported means; upload_and_wait is "
-        "what is left of the aggregator's collect phase (upload, stragglers); fold and "
-        "decrypt are timed by the aggregator; model_update = select + update + checkpoint.",
-        "",
-        "| committee size | decrypt phase (s) | speed-up vs 1 |",
-        "|---:|---:|---:|",
-    ]
-    speedups = data.get("decrypt_speedup_by_committee_size", {})
-    for size, seconds in sorted(
-        data.get("decrypt_s_by_committee_size", {}).items(), key=lambda kv: int(kv[0])
-    ):
-        lines.append(f"| {size} | {_fmt(seconds)} | {_fmt(speedups.get(size))} |")
-    lines += ["", str(data.get("decrypt_scaling_note", "")) + ".", ""]
-    cores = data.get("machine", {}).get("cpu_count")
-    beyond = {k: v for k, v in speedups.items() if cores and int(k) > cores}
-    if beyond and max(beyond.values()) > cores:
-        lines += [
-            f"Here the speed-up passes the {cores} cores the machine has: the extra member "
-            "processes took CPU from the other work sharing the cores, not from idle cores.",
-            "",
-        ]
-    lines += _round_checks(data)
-    for name, plot in (("round-phases.png", plot_round_phases), ("committee.png", plot_committee)):
-        plot(data, out / name)
-        lines.append(f"![{name}]({name})")
-    lines.append("")
-    return lines
-
-
-# round.json privacy_checks keys: (label, key); a missing key skips the row.
-_ROUND_CHECKS = (
-    ("unmask, per round (members' seconds, all shards)", "unmask_s_per_round"),
-    ("decrypt, per round (members' seconds, all shards)", "member_decrypt_s_per_round"),
-    ("aggregator decrypt phase, per round (both overlap)", "decrypt_phase_s_per_round"),
-    ("aggregator token checks, per round", "aggregator_token_check_s_per_round"),
-    ("aggregator token check, per token", "aggregator_token_check_s_per_token"),
-    ("client masking, per update", "client_mask_s_per_update"),
-)
-
-
-def _round_threshold_section(data: dict[str, Any]) -> list[str]:
-    """`bench round --key-mode threshold`: decryption under a T-of-N key vs a shared key."""
-    w = data.get("workload", {})
-    lines = [
-        "## Round, threshold key (`round-threshold.json`)",
-        "",
-        f"Command: `{data.get('command', '')}`",
-        "",
-        "Workload: " + ", ".join(f"{k} = {v}" for k, v in w.items()),
-        "",
-        f"{data.get('threshold')}-of-{data.get('parties')} key dealt in "
-        f"{_fmt(data.get('deal_s'))} s; {_fmt(data.get('ciphertexts_per_update'))} "
-        "ciphertexts per update. Both runs: the same clients, data and seeds; every key "
-        "holder on the committee.",
-        "",
-        "| mean per round | threshold | shared | threshold ÷ shared |",
-        "|---|---:|---:|---:|",
-        f"| round (s) | {_fmt(data.get('threshold_round_s'))} | "
-        f"{_fmt(data.get('shared_round_s'))} | {_fmt(data.get('round_threshold_over_shared'))} |",
-        f"| decrypt phase (s) | {_fmt(data.get('threshold_decrypt_s'))} | "
-        f"{_fmt(data.get('shared_decrypt_s'))} | "
-        f"{_fmt(data.get('decrypt_threshold_over_shared'))} |",
-        f"| a member's decrypt seconds, mean (s) | "
-        f"{_fmt(data.get('threshold_member_decrypt_s_mean'))} | "
-        f"{_fmt(data.get('shared_member_decrypt_s_mean'))} | "
-        f"{_fmt(data.get('member_decrypt_threshold_over_shared'))} |",
-        f"| member answers per round | "
-        f"{_fmt(data.get('threshold_member_answers_per_round'))} | "
-        f"{_fmt(data.get('shared_member_answers_per_round'))} | |",
-        f"| final accuracy | {_pct(data.get('threshold_final_accuracy'))} | "
-        f"{_pct(data.get('shared_final_accuracy'))} | |",
-    ]
-    for mode in ("threshold", "shared"):
-        run = data.get(f"{mode}_run", {})
-        cpu = run.get("cpu_s_per_round") if isinstance(run, dict) else None
-        if cpu is not None:
-            lines.append(
-                f"| CPU seconds, all processes ({mode}) | {_fmt(cpu)} | | |"
-                if mode == "threshold"
-                else f"| CPU seconds, all processes ({mode}) | | {_fmt(cpu)} | |"
-            )
-    lines += [
-        "",
-        "A member's seconds are wall-clock as it reports them; here every member is a "
-        "process on this machine's shared cores, so they include waiting for a core. "
-        "A partial decryption costs about 7x a CRT decryption (see "
-        "the micro section) and each ciphertext needs T of them.",
-        "",
-    ]
-    return lines
-
-
-def _round_checks(data: dict[str, Any]) -> list[str]:
-    """The per-round cost of protocol 3's checks, when the JSON has it."""
-    checks = data.get("privacy_checks")
-    if not isinstance(checks, dict):
-        return []
-    lines = ["| privacy check (encrypted run) | s |", "|---|---:|"]
-    for label, key in _ROUND_CHECKS:
-        if key in checks:
-            lines.append(f"| {label} | {_fmt(checks[key])} |")
-    ratio = checks.get("unmask_vs_member_decrypt")
-    if isinstance(ratio, int | float):
-        lines += ["", f"Unmasking costs {_fmt(ratio)}x the members' decryption seconds."]
-    note = data.get("privacy_checks_note")
-    if note:
-        lines += ["", str(note) + "."]
-    lines.append("")
-    return lines
-
-
 # micro.json privacy-check keys: (label, before key or None, after key); seconds.
 _MICRO_CHECKS = (
     (
@@ -621,6 +481,7 @@ def _other_section(name: str, data: dict[str, Any]) -> list[str]:
 def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None = None) -> Path:
     """Build ``results/REPORT.md`` and the PNGs from the JSON files in ``results``."""
     from bench.relay_report import scale_relays_missing, scale_relays_section  # uses _fmt
+    from bench.round_report import round_section, round_threshold_section  # use _fmt
 
     results.mkdir(parents=True, exist_ok=True)
     files = sorted(results.glob("*.json"))
@@ -654,9 +515,9 @@ def write_report(results: Path = DEFAULT_RESULTS, *, commands: list[str] | None 
         name = file.stem
         try:
             if name == "round":
-                section = _round_section(data, results)
+                section = round_section(data, results)
             elif name == "round-threshold":
-                section = _round_threshold_section(data)
+                section = round_threshold_section(data)
             elif name.startswith("accuracy"):
                 section = _accuracy_section(data, name, results)
             elif name == "micro":

@@ -1,13 +1,25 @@
-"""Round benchmark: one federated round of the seed MLP, encrypted vs plaintext, by phase.
+"""Round benchmark: federated rounds, encrypted vs plaintext, by phase, MLP and small CNN.
 
 Workload (default): the seed MLP (784-512-256-10, 535,818 parameters) on Fashion-MNIST,
 4 clients with IID shards (1 local epoch over the whole shard, 15,000 samples each), a
-2048-bit key, 3 rounds, committee of 2 for the main encrypted run; then the same
-federation for one round with committees of 1, 2 and 4 to see how decryption scales.
+2048-bit key, 3 rounds, every client a key holder on the committee (--committee-size 0);
+then the same federation for one round with committees of 1, 2 and 4 to see how
+decryption scales.
 ``--quick`` trains on 1,000 samples per client for 2 rounds, still with a 2048-bit key.
 Clients run as spawned processes (one per client, as on real edge machines) so their
 CPU work uses every core; the aggregator runs in this process. Without Fashion-MNIST the
 benchmark falls back to digits with the 64-feature MLP (167,178 parameters) and says so.
+
+Workload training-heavy (``--workload``: default, training-heavy or both, the default):
+the same clients, shards, key, rounds and committee with a small CNN
+(`fedcore.model.cnn`, 206,922 parameters on 28x28 images, 22,602 on 8x8 digits) trained
+for ``--heavy-epochs`` local epochs (default 1), enough for local training to dominate a
+plaintext round, so it shows what encryption adds when training is the expensive part.
+Reported for it under ``training_heavy``, as for the default workload at the top level:
+round seconds and encrypted / plaintext, CPU seconds per round, each phase, ciphertexts
+per update and bytes. The committee-scaling runs use the default workload only.
+``packing`` tabulates, from fedcore's own codec for the run's key size, ciphertexts per
+seed-MLP update and bytes per value at 16 and 8 value bits for 10 and 1,000 clients.
 
 Protocol 3 adds privacy checks to every encrypted round, reported under
 ``privacy_checks``: clients mask their plaintexts for the round's unmasker and sign a
@@ -40,6 +52,7 @@ import argparse
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +62,26 @@ from bench.federation import (
     ClientSpec,
     Credentials,
     FederationResult,
-    RoundRecord,
     aggregator_config,
     deal_key_shares,
     make_credentials,
     run_federation,
 )
+from bench.packing_table import SEED_MLP_PARAMETERS, packing_lines, packing_table
+from bench.round_workloads import (
+    DEFAULT,
+    PHASES,
+    TRAINING_HEAVY,
+    RoundWorkload,
+    _mean,
+    compare,
+    summarize,
+)
+from fedcore.crypto import PublicKey
 from fedcore.crypto.modexp import constant_time_backend
 from fedcore.data import Dataset, fashion_mnist_available, load_dataset
 from fedcore.model import load_flat_into, mlp
 from fedcore.training import TrainConfig, evaluate
-
-# Phases of a round as this benchmark reports them, in data-path order.
-PHASES = (
-    "local_training",
-    "encode_encrypt",
-    "upload_and_wait",
-    "fold",
-    "decrypt",
-    "model_update",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cap on each client's shard (default: whole shard; quick 1000)",
     )
     parser.add_argument(
-        "--committee-size", type=int, default=2, help="committee of the main encrypted run"
+        "--committee-size",
+        type=int,
+        default=0,
+        help="committee of the main encrypted runs (default 0: every connected key holder, "
+        "fedcore's default)",
     )
     parser.add_argument(
         "--committee-sizes",
@@ -111,6 +128,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="N of the threshold key (default 5); clients become max(--clients, N)",
     )
+    parser.add_argument(
+        "--workload",
+        choices=("default", "training-heavy", "both"),
+        default="both",
+        help="default: the seed MLP, 1 local epoch (plus the committee-scaling runs); "
+        "training-heavy: a small CNN whose local training dominates a plaintext round; "
+        "both (default). Shared key mode only",
+    )
+    parser.add_argument(
+        "--heavy-epochs",
+        type=int,
+        default=TRAINING_HEAVY.local_epochs,
+        help=f"local epochs per round of the training-heavy workload "
+        f"(default {TRAINING_HEAVY.local_epochs})",
+    )
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
     parser.add_argument("--key-bits", type=int, default=2048, help=argparse.SUPPRESS)
     # Smoke tests only: clients as asyncio tasks here (no process start-up), not realistic.
@@ -121,132 +153,40 @@ def _progress(message: str) -> None:
     print(f"[round] {message}", file=sys.stderr, flush=True)
 
 
-def _phases(record: RoundRecord) -> dict[str, float]:
-    """Split one round's wall time into the data-path phases.
-
-    The aggregator's ``collect`` phase spans local training, encryption, upload and
-    folding (clients train after RoundStart); clients report their own training and
-    encryption times (means over clients), the aggregator times each fold. What is left
-    of ``collect`` is upload, straggler wait and the RoundStart transfer.
-    """
-    p = record.phase_seconds
-    train = record.client_timings.get("train_s", 0.0)
-    encrypt = sum(  # quantize and pack, mask, encrypt, serialize
-        record.client_timings.get(k, 0.0)
-        for k in ("encode_s", "mask_s", "encrypt_s", "serialize_s")
-    )
-    return {
-        "local_training": train,
-        "encode_encrypt": encrypt,
-        "upload_and_wait": max(0.0, p.get("collect", 0.0) - train - encrypt - record.fold_s),
-        "fold": record.fold_s,
-        "decrypt": p.get("decrypt", 0.0),
-        "model_update": p.get("select", 0.0) + p.get("update", 0.0) + p.get("checkpoint", 0.0),
-    }
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _privacy_checks(result: FederationResult) -> dict[str, Any]:
-    """Mean per-round cost of the protocol-3 checks, from fedcore's own round reports.
-
-    ``*_s_per_round`` are the report's ``check_seconds`` (members' seconds summed over
-    shards) averaged over rounds; a token is one contributor's (each is checked once);
-    ``client_mask_s_per_update`` is the contributors' ``mask_s``, weighted by
-    contributors over rounds. Zeros and None in a plaintext run.
-    """
-    rounds = result.rounds
-    out: dict[str, Any] = {
-        name: _mean([r.check_seconds.get(key, 0.0) for r in rounds])
-        for name, key in (
-            ("unmask_s_per_round", "member_unmask"),
-            ("member_decrypt_s_per_round", "member_decrypt"),
-            ("aggregator_token_check_s_per_round", "token_check"),
-        )
-    }
-    tokens = sum(r.contributors for r in rounds)
-    token_s = sum(r.check_seconds.get("token_check", 0.0) for r in rounds)
-    out["aggregator_token_check_s_per_token"] = token_s / tokens if tokens and token_s else None
-    decrypt = out["member_decrypt_s_per_round"]
-    out["unmask_vs_member_decrypt"] = out["unmask_s_per_round"] / decrypt if decrypt > 0 else None
-    out["decrypt_phase_s_per_round"] = _mean([r.phase_seconds.get("decrypt", 0.0) for r in rounds])
-    masked = [r for r in rounds if "mask_s" in r.client_timings]
-    updates = sum(r.contributors for r in masked)
-    mask_s = sum(r.client_timings["mask_s"] * r.contributors for r in masked)
-    out["client_mask_s_per_update"] = mask_s / updates if updates else None
-    out["updates_masked"] = updates
-    for key in ("shards_unmasked", "shards_decrypted", "requests_refused"):
-        out[key] = sum(c.get(key, 0) for c in result.client_results)
-    return out
-
-
-def summarize(result: FederationResult, clients: int) -> dict[str, Any]:
-    """Mean round time, per-phase means, CPU and bytes of one federation run."""
-    rounds = result.rounds
-    phases = [_phases(r) for r in rounds]
-    per_phase = {name: _mean([p[name] for p in phases]) for name in PHASES}
-    bytes_per_client = _mean([r.bytes_received / max(1, r.contributors) for r in rounds])
-    return {
-        "round_s": _mean([r.round_s for r in rounds]),
-        "round_s_each": [r.round_s for r in rounds],
-        "phase_s": per_phase,
-        "aggregator_phase_s": {
-            k: _mean([r.phase_seconds.get(k, 0.0) for r in rounds])
-            for k in ("select", "collect", "decrypt", "update", "checkpoint")
-        },
-        "dominant_phase": max(per_phase, key=lambda k: per_phase[k]),
-        "bytes_per_client_per_round": bytes_per_client,
-        "client_payload_bytes_per_round": _mean(
-            [
-                c.get("bytes_uploaded", 0) / max(1, c.get("rounds_contributed", 1))
-                for c in result.client_results
-            ]
-        ),
-        "privacy_checks": _privacy_checks(result),
-        "cpu_s_per_round": result.cpu_s / max(1, len(rounds)),
-        "cpu_s_aggregator_per_round": result.cpu_s_aggregator_process / max(1, len(rounds)),
-        "cpu_s_clients_per_round": (result.cpu_s_clients or 0.0) / max(1, len(rounds)),
-        "federation_wall_s": result.wall_s,
-        "rounds": [r.to_json() for r in rounds],
-        "clients": clients,
-        "federation": result.federation,
-    }
-
-
 def _run(
     credentials: Credentials,
     workdir: Path,
     name: str,
     *,
+    workload: RoundWorkload,
+    data: Dataset,
     dataset: str,
-    features: int,
-    classes: int,
     clients: int,
     rounds: int,
     samples: int | None,
     committee: int,
     encrypted: bool,
-    in_process: Dataset | None,
+    in_process: bool,
     holders: int | None = None,
     evaluate_global: Callable[[np.ndarray], float] | None = None,
 ) -> FederationResult:
-    """One federation; ``in_process`` (the loaded dataset) runs clients as tasks here.
+    """One federation of ``workload``'s model; ``in_process`` runs clients as tasks here.
 
     ``holders``: only clients 0..holders-1 hold key material (None: every client); with
     threshold credentials client i holds key share i + 1 instead of the private key.
     """
     shares = len(credentials.key_shares)
+    model_kwargs = workload.model_kwargs(data)
     config = aggregator_config(
         credentials,
         workdir / name,
-        model_kwargs={"in_features": features, "classes": classes},
+        model=workload.model,
+        model_kwargs=model_kwargs,
         min_clients=clients,
         clients_per_round=clients,
         rounds=rounds,
         committee_size=committee,
-        local_epochs=1,
+        local_epochs=workload.local_epochs,
         seed=0,
     )
     specs = [
@@ -258,6 +198,8 @@ def _run(
             holds_key=holders is None or i < holders,  # by default all may sit on it
             max_samples=samples,
             key_share=i + 1 if i < shares and (holders is None or i < holders) else None,
+            model=workload.model,
+            model_kwargs=model_kwargs,
         )
         for i in range(clients)
     ]
@@ -266,41 +208,43 @@ def _run(
         specs,
         credentials,
         encrypted=encrypted,
-        processes=in_process is None,
-        dataset=in_process,
+        processes=not in_process,
+        dataset=data if in_process else None,
         evaluate=evaluate_global,
     )
 
 
-def _workload(
-    args: argparse.Namespace, clients: int
-) -> tuple[str, Dataset, dict[str, Any], int, int | None]:
-    """The dataset, the workload description, the rounds and the per-client sample cap."""
+def _setting(args: argparse.Namespace, clients: int) -> tuple[str, Dataset, int, int | None]:
+    """The dataset (name and data), the rounds and the per-client sample cap."""
     if args.dataset == "auto":
         dataset_name = "fashion-mnist" if fashion_mnist_available() else "digits"
     else:
         dataset_name = args.dataset
-    data = load_dataset(dataset_name)
-    features, classes = data.num_features, data.num_classes
-    n_params = sum(p.numel() for p in mlp(features, classes=classes).parameters())
-    note = (
-        "seed MLP (784-512-256-10)"
-        if dataset_name == "fashion-mnist"
-        else "Fashion-MNIST not used: digits with the 64-feature MLP, NOT the seed MLP size"
-    )
     rounds = args.rounds or (2 if args.quick else 3)
     samples = args.samples_per_client or (1000 if args.quick else None)
-    shard = len(data.y_train) // clients
-    workload = {
+    return dataset_name, load_dataset(dataset_name), rounds, samples
+
+
+def _describe(
+    args: argparse.Namespace,
+    workload: RoundWorkload,
+    setting: tuple[str, Dataset, int, int | None],
+    clients: int,
+) -> dict[str, Any]:
+    """The workload description round.json carries (`compare` adds value_bits)."""
+    dataset_name, dataset, rounds, samples = setting
+    shard = len(dataset.y_train) // clients
+    return {
+        "name": workload.name,
         "dataset": dataset_name,
-        "model": note,
-        "parameters": n_params,
+        "model": workload.describe(dataset_name),
+        "model_factory": workload.model,
+        "parameters": workload.parameters(dataset),
         "clients": clients,
         "rounds": rounds,
         "samples_per_client": min(shard, samples) if samples else shard,
-        "local_epochs": 1,
+        "local_epochs": workload.local_epochs,
         "key_bits": args.key_bits,
-        "value_bits": 16,
         "committee_size": args.committee_size,
         "weights": "each client's own: min(max_weight, ceil(samples / samples_per_weight))",
         "client_execution": "asyncio tasks in this process (smoke test)"
@@ -309,55 +253,64 @@ def _workload(
         "EncryptionPool worker process)",
         "machine_cores_shared": "yes: other work may run on the same cores",
     }
-    return dataset_name, data, workload, rounds, samples
+
+
+def _chosen(args: argparse.Namespace) -> list[RoundWorkload]:
+    """The workloads ``--workload`` names, the heavy one with ``--heavy-epochs``."""
+    if isinstance(args.heavy_epochs, bool) or args.heavy_epochs < 1:
+        raise ValueError(f"--heavy-epochs must be >= 1; got {args.heavy_epochs}")
+    heavy = replace(TRAINING_HEAVY, local_epochs=args.heavy_epochs)
+    return {"default": [DEFAULT], "training-heavy": [heavy], "both": [DEFAULT, heavy]}[
+        args.workload
+    ]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the encrypted and plaintext federations and the committee-scaling runs.
+    """Run each workload's encrypted and plaintext federations, and the committee scaling.
 
     ``--key-mode threshold`` runs the threshold-vs-shared comparison instead.
     """
     if args.key_mode == "threshold":
         return run_threshold(args)
     clients = args.clients
-    dataset_name, data, workload, rounds, samples = _workload(args, clients)
-    features, classes = data.num_features, data.num_classes
+    workloads = _chosen(args)
+    setting = _setting(args, clients)
+    dataset_name, data, rounds, samples = setting
     committee_sizes = [int(s) for s in str(args.committee_sizes).split(",") if s.strip()]
-    _progress(f"workload: {workload}")
+    if DEFAULT not in workloads:
+        committee_sizes = []  # decryption scaling is measured on the default workload only
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedcore-round-bench-") as tmp:
         workdir = Path(tmp)
         credentials = make_credentials(
             workdir, clients=max(clients, *committee_sizes, 1), key_bits=args.key_bits
         )
         common: dict[str, Any] = {
+            "data": data,
             "dataset": dataset_name,
-            "features": features,
-            "classes": classes,
             "clients": clients,
-            "in_process": data if args.in_process else None,
+            "in_process": args.in_process,
         }
-        _progress(f"encrypted federation: {rounds} rounds")
-        encrypted = _run(
-            credentials,
-            workdir,
-            "encrypted",
-            rounds=rounds,
-            samples=samples,
-            committee=args.committee_size,
-            encrypted=True,
-            **common,
-        )
-        _progress(f"plaintext federation: {rounds} rounds")
-        plaintext = _run(
-            credentials,
-            workdir,
-            "plaintext",
-            rounds=rounds,
-            samples=samples,
-            committee=args.committee_size,
-            encrypted=False,
-            **common,
-        )
+        for workload in workloads:
+            description = _describe(args, workload, setting, clients)
+            _progress(f"{workload.name} workload: {description}")
+            runs = {}
+            for mode, encrypted in (("encrypted", True), ("plaintext", False)):
+                _progress(f"{workload.name}, {mode} federation: {rounds} rounds")
+                runs[mode] = _run(
+                    credentials,
+                    workdir,
+                    f"{workload.name}-{mode}",
+                    workload=workload,
+                    rounds=rounds,
+                    samples=samples,
+                    committee=args.committee_size,
+                    encrypted=encrypted,
+                    **common,
+                )
+            results[workload.name] = compare(
+                description, runs["encrypted"], runs["plaintext"], clients
+            )
         decrypt_by_committee: dict[str, float] = {}
         unmask_by_committee: dict[str, float] = {}
         for size in committee_sizes:
@@ -369,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 credentials,
                 workdir,
                 f"committee-{size}",
+                workload=DEFAULT,
                 rounds=1,
                 samples=min(samples or 256, 256),
                 committee=size,
@@ -379,23 +333,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             unmask_by_committee[str(size)] = scaling.rounds[0].check_seconds.get(
                 "member_unmask", 0.0
             )
-    enc = summarize(encrypted, clients)
-    plain = summarize(plaintext, clients)
-    ratio = enc["round_s"] / plain["round_s"] if plain["round_s"] > 0 else float("nan")
-    extra = {k: enc["phase_s"][k] - plain["phase_s"][k] for k in PHASES}
+        packing = packing_table(
+            args.key_bits, SEED_MLP_PARAMETERS, public_key=PublicKey.load(credentials.public_key)
+        )
+    out: dict[str, Any] = {"workloads": [w.name for w in workloads]}
+    if DEFAULT.name in results:
+        out.update(results[DEFAULT.name])
+        out.update(_default_notes(decrypt_by_committee, unmask_by_committee))
+    if TRAINING_HEAVY.name in results:
+        out["training_heavy"] = results[TRAINING_HEAVY.name]
+    out["packing"] = packing
+    _print_workloads(results)
+    print("\n".join(packing_lines(packing)))
+    return out
+
+
+def _default_notes(
+    decrypt_by_committee: dict[str, float], unmask_by_committee: dict[str, float]
+) -> dict[str, Any]:
+    """The default workload's committee-scaling figures and the notes that explain them."""
     base = decrypt_by_committee.get("1")
-    workload["federation"] = enc["federation"]
     return {
-        "workload": workload,
-        "encrypted_round_s": enc["round_s"],
-        "plaintext_round_s": plain["round_s"],
-        "overhead_ratio": ratio,
-        "dominant_phase_encrypted": enc["dominant_phase"],
-        "dominant_phase_plaintext": plain["dominant_phase"],
-        "encrypted_phase_s": enc["phase_s"],
-        "plaintext_phase_s": plain["phase_s"],
-        "encryption_extra_s_by_phase": extra,
-        "privacy_checks": enc["privacy_checks"],
         "privacy_checks_note": (
             "protocol 3 per-round costs, as fedcore's round reports give them: unmask_s and "
             "member_decrypt_s are the committee members' own seconds summed over shards "
@@ -406,16 +364,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "its one-time masks for one update (the clients' mask_s timing, part of "
             "encode_encrypt). bench micro measures each check alone, before and after"
         ),
-        "encrypted_cpu_s_per_round": enc["cpu_s_per_round"],
-        "plaintext_cpu_s_per_round": plain["cpu_s_per_round"],
-        "cpu_overhead_ratio": enc["cpu_s_per_round"] / plain["cpu_s_per_round"]
-        if plain["cpu_s_per_round"] > 0
-        else float("nan"),
-        "bytes_per_client_per_round": {
-            "encrypted": enc["bytes_per_client_per_round"],
-            "plaintext": plain["bytes_per_client_per_round"],
-        },
-        "bytes_ratio": enc["bytes_per_client_per_round"] / plain["bytes_per_client_per_round"],
         "decrypt_s_by_committee_size": decrypt_by_committee,
         "unmask_s_by_committee_size": unmask_by_committee,
         "decrypt_speedup_by_committee_size": {
@@ -431,9 +379,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cores shared with other work, more member processes also win a larger share "
             "of the contended CPU, so a gain beyond the core count measures contention"
         ),
-        "encrypted": enc,
-        "plaintext": plain,
     }
+
+
+def _print_workloads(results: dict[str, dict[str, Any]]) -> None:
+    """Each workload's headline figures side by side (the runner prints only scalars)."""
+    names = list(results)
+    print(f"  {'per round (mean)':<32}" + "".join(f"{n:>20}" for n in names))
+    rows = (
+        ("encrypted round (s)", "encrypted_round_s"),
+        ("plaintext round (s)", "plaintext_round_s"),
+        ("encrypted / plaintext", "overhead_ratio"),
+        ("encrypted CPU (s)", "encrypted_cpu_s_per_round"),
+        ("plaintext CPU (s)", "plaintext_cpu_s_per_round"),
+        ("CPU encrypted / plaintext", "cpu_overhead_ratio"),
+        ("ciphertexts per update", "ciphertexts_per_update"),
+    )
+    for label, key in rows:
+        print(f"  {label:<32}" + "".join(f"{results[n][key]:>20.4g}" for n in names))
+    for phase in PHASES:
+        pairs = [
+            (r["encrypted_phase_s"][phase], r["plaintext_phase_s"][phase]) for r in results.values()
+        ]
+        cells = "".join(f"{enc:>9.3g} /{plain:>9.3g}" for enc, plain in pairs)
+        print(f"  {phase + ' (enc / plain s)':<32}{cells}")
 
 
 # ------------------------------------------------------------------ threshold key mode
@@ -494,7 +463,9 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
         if clients != args.clients
         else f"{clients} clients (--clients; N = {n} of them hold key material)"
     )
-    dataset_name, data, workload, rounds, samples = _workload(args, clients)
+    setting = _setting(args, clients)
+    dataset_name, data, rounds, samples = setting
+    workload = _describe(args, DEFAULT, setting, clients)
     workload.update(
         key_mode="threshold",
         threshold=t,
@@ -516,9 +487,9 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
         )
         _progress(f"dealt in {deal_s:.1f} s")
         common: dict[str, Any] = {
+            "workload": DEFAULT,
+            "data": data,
             "dataset": dataset_name,
-            "features": data.num_features,
-            "classes": data.num_classes,
             "clients": clients,
             "rounds": rounds,
             "samples": samples,
@@ -526,12 +497,13 @@ def run_threshold(args: argparse.Namespace) -> dict[str, Any]:
             "encrypted": True,
             "holders": n,
             "evaluate_global": evaluate_global,
-            "in_process": data if args.in_process else None,
+            "in_process": args.in_process,
         }
         _progress(f"threshold federation ({t}-of-{n}): {rounds} rounds")
         threshold_run = _run(credentials, workdir, "threshold", **common)
         _progress(f"shared-key federation (committee of {n}): {rounds} rounds")
         shared_run = _run(shared_credentials, workdir, "shared", **common)
+    workload["value_bits"] = threshold_run.federation.get("value_bits")
     out: dict[str, Any] = {"workload": workload, "clients": clients, "clients_note": clients_note}
     out.update(key_mode="threshold", threshold=t, parties=n, deal_s=deal_s)
     summaries = {}

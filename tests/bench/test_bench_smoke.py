@@ -14,9 +14,15 @@ from typing import Any
 import pytest
 
 from bench.__main__ import main as bench_main
+from bench.packing_table import SEED_MLP_PARAMETERS
 from bench.report import micro_checks, micro_costs, micro_series, run_all, write_report
+from bench.round_report import round_section
+from bench.round_workloads import PHASES
+from fedcore.aggregator.committee import PIPELINE
+from fedcore.model import mlp
 
 TINY = ["--clients", "2", "--rounds", "1", "--samples-per-client", "32", "--key-bits", "512"]
+CIPHERTEXT_BYTES = 2 * 512 // 8  # a ciphertext is an integer mod n², n of 512 bits
 
 
 def _run(argv: list[str], out: Path) -> dict[str, Any]:
@@ -32,7 +38,7 @@ def _positive(value: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A results directory with tiny round and accuracy runs in it."""
+    """A results directory with tiny round (both workloads) and accuracy runs in it."""
     out = tmp_path_factory.mktemp("results")
     _run(
         [
@@ -67,11 +73,13 @@ def test_round_benchmark_reports_times_phases_bytes_and_committee_scaling(result
         assert all(v >= 0 for v in phases.values())
         assert _positive(data["bytes_per_client_per_round"][mode])
         assert _positive(data[f"{mode}_cpu_s_per_round"])
-    # Packed 16-bit ciphertexts outweigh float32 even at 512 bits; the sizes must differ.
-    assert (
-        data["bytes_per_client_per_round"]["encrypted"]
-        > data["bytes_per_client_per_round"]["plaintext"]
-    )
+    # each client sent exactly its update: the codec's ciphertexts, or its float32 slots
+    ciphertexts = data["ciphertexts_per_update"]
+    assert isinstance(ciphertexts, int) and ciphertexts > 0
+    sent = data["bytes_per_client_per_round"]
+    assert sent["encrypted"] == ciphertexts * CIPHERTEXT_BYTES
+    assert sent["plaintext"] == 4 * data["plaintext"]["federation"]["items_per_update"]
+    assert data["workload"]["value_bits"] == data["workload"]["federation"]["value_bits"]
     assert data["encrypted_phase_s"]["decrypt"] > data["plaintext_phase_s"]["decrypt"]
     assert set(data["decrypt_s_by_committee_size"]) == {"1", "2"}
     assert all(_positive(v) for v in data["decrypt_s_by_committee_size"].values())
@@ -242,11 +250,13 @@ def test_round_benchmark_compares_threshold_with_shared_decryption(tmp_path: Pat
         assert all(_positive(v) for v in members["member_decrypt_s_per_round"].values())
         assert members["member_decrypt_s_max"] >= members["member_decrypt_s_mean"] > 0
         assert 0.0 <= members["final_accuracy"] <= 1.0
-    # each shard: one member's answer with a shared key, T members' with a threshold key
+    # each shard: one member's answer with a shared key, T members' with a threshold key;
+    # a shared-key member gets PIPELINE shards (one in flight while it works on another)
     shards = data["threshold_shards_per_round"]
-    assert shards == data["shared_shards_per_round"] >= 1
+    shared = data["shared_shards_per_round"]
+    assert shards >= 1 and shared == PIPELINE * shards
     assert data["threshold_member_answers_per_round"] == 2 * shards
-    assert data["shared_member_answers_per_round"] == shards
+    assert data["shared_member_answers_per_round"] == shared
 
 
 def test_committee_checks_benchmark_measures_and_checks_the_answers(tmp_path: Path) -> None:
@@ -264,3 +274,81 @@ def test_committee_checks_benchmark_measures_and_checks_the_answers(tmp_path: Pa
         "key_proof_check_ms",
     ):
         assert _positive(data[key]), key
+
+
+def test_round_benchmark_reports_a_training_heavy_workload(results: Path) -> None:
+    data = json.loads((results / "round.json").read_text())
+    assert data["workloads"] == ["default", "training-heavy"]
+    heavy = data["training_heavy"]
+    assert heavy["workload"]["model_factory"] == "fedcore.model:cnn"
+    assert heavy["workload"]["parameters"] == 22_602  # the CNN on 8x8 digits
+    assert heavy["workload"]["local_epochs"] == data["workload"]["local_epochs"] == 1
+    assert heavy["workload"]["clients"] == data["workload"]["clients"] == 2
+    for key in (
+        "encrypted_round_s",
+        "plaintext_round_s",
+        "overhead_ratio",
+        "encrypted_cpu_s_per_round",
+        "plaintext_cpu_s_per_round",
+        "cpu_overhead_ratio",
+        "bytes_ratio",
+    ):
+        assert _positive(heavy[key]), key
+    for mode in ("encrypted", "plaintext"):
+        assert set(heavy[f"{mode}_phase_s"]) == set(PHASES)
+        assert heavy[f"{mode}_phase_s"]["local_training"] > 0
+    # a CNN update is smaller than the MLP's, so it packs into fewer ciphertexts
+    ciphertexts = heavy["ciphertexts_per_update"]
+    assert isinstance(ciphertexts, int) and 0 < ciphertexts < data["ciphertexts_per_update"]
+    assert heavy["bytes_per_client_per_round"]["encrypted"] == ciphertexts * CIPHERTEXT_BYTES
+    assert heavy["bytes_per_value"]["encrypted"] == pytest.approx(
+        ciphertexts * CIPHERTEXT_BYTES / 22_602
+    )
+
+
+def test_round_benchmark_tabulates_packing_at_10_and_1000_clients(results: Path) -> None:
+    packing = json.loads((results / "round.json").read_text())["packing"]
+    assert packing["key_bits"] == 512  # the run's key size
+    assert (
+        packing["parameters"] == SEED_MLP_PARAMETERS == sum(p.numel() for p in mlp().parameters())
+    )
+    rows = {(row["value_bits"], row["clients_per_round"]): row for row in packing["rows"]}
+    assert set(rows) == {(16, 10), (16, 1000), (8, 10), (8, 1000)} and len(packing["rows"]) == 4
+    for clients, headroom in ((10, 10), (1000, 16)):  # ceil(log2(clients x max_weight 64))
+        wide, narrow = rows[(16, clients)], rows[(8, clients)]
+        assert wide["headroom_bits"] == narrow["headroom_bits"] == headroom
+        assert wide["slot_bits"] == 16 + headroom and narrow["slot_bits"] == 8 + headroom
+        assert narrow["ciphertexts_per_update"] < wide["ciphertexts_per_update"]
+    for row in packing["rows"]:
+        assert row["bytes_per_value"] == pytest.approx(
+            CIPHERTEXT_BYTES * row["ciphertexts_per_update"] / SEED_MLP_PARAMETERS
+        )
+    # more clients need more headroom per slot, so more ciphertexts
+    assert rows[(16, 1000)]["ciphertexts_per_update"] > rows[(16, 10)]["ciphertexts_per_update"]
+
+
+def test_round_section_renders_both_workloads_and_the_packing_table(
+    results: Path, tmp_path: Path
+) -> None:
+    data = json.loads((results / "round.json").read_text())
+    text = "\n".join(round_section(data, tmp_path))
+    assert text.startswith("## Round (`round.json`)")
+    assert text.count("| phase (mean s per round) | encrypted | plaintext |") == 2
+    heavy = text[text.index("### Training-heavy workload") :]
+    assert f"Ciphertexts per update: {data['training_heavy']['ciphertexts_per_update']} " in heavy
+    assert "| committee size |" not in heavy  # committee scaling: default workload only
+    assert "| 16 | 10 | 10 | 26 |" in heavy and "| 8 | 1000 | 16 | 24 |" in heavy
+    assert (tmp_path / "round-phases.png").stat().st_size > 0
+
+
+def test_round_benchmark_runs_the_training_heavy_workload_alone(tmp_path: Path) -> None:
+    argv = ["round", "--dataset", "digits", *TINY, "--in-process", "--committee-size", "1"]
+    argv += ["--workload", "training-heavy", "--heavy-epochs", "2"]
+    data = _run(argv, tmp_path / "round-heavy.json")
+    assert data["workloads"] == ["training-heavy"]
+    assert "encrypted_round_s" not in data and "decrypt_s_by_committee_size" not in data
+    assert data["training_heavy"]["workload"]["local_epochs"] == 2
+    assert _positive(data["training_heavy"]["overhead_ratio"])
+    text = "\n".join(round_section(data, tmp_path))
+    assert "Default workload (seed MLP): not run" in text
+    assert "### Training-heavy workload" in text and "### Packing" in text
