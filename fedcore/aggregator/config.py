@@ -52,6 +52,9 @@ class AggregatorConfig:
     round_timeout: float = 300.0
     wait_for_clients_timeout: float = 600.0
     max_failed_rounds: int = 5
+    # Seconds from one round's start to the next one's (0 = back to back). A paced
+    # federation leaves its clients idle time to refill their encryption pools.
+    round_interval: float = 0.0
     max_inflight_uploads: int = 8
     # A granted upload keeps its slot only while it progresses: its first chunk within
     # upload_start_timeout (plus that chunk's bytes at the rate), then upload_min_rate
@@ -149,6 +152,7 @@ class AggregatorConfig:
                 "raise idle_timeout or lower heartbeat_interval"
             )
         _require(self.max_failed_rounds >= 1, "max_failed_rounds", ">= 1", self.max_failed_rounds)
+        _require(self.round_interval >= 0, "round_interval", ">= 0", self.round_interval)
         _require(
             self.max_inflight_uploads >= 1,
             "max_inflight_uploads",

@@ -364,9 +364,13 @@ class Aggregator(Listener):
                     f"clients_fraction, at least min_clients {c.min_clients}), "
                     f"{sum(h.can_decrypt for h in self.clients.values())} proven key holders"
                 )
+            started = time.monotonic()
             completed = await self._run_one_round()
             if self._stop.is_set():
                 return
+            if c.round_interval and self.checkpoint.rounds_completed < c.rounds:
+                # paced: the clients' idle time, e.g. to refill their encryption pools
+                await self._pause(started + c.round_interval - time.monotonic())
             if completed:
                 failures = 0
             else:

@@ -50,6 +50,8 @@ AGGREGATOR_SETTINGS: dict[str, str] = {
     "wait_for_clients_timeout": "seconds to wait for enough clients to start a round "
     "before that attempt fails",
     "max_failed_rounds": "failed rounds in a row before the daemon gives up",
+    "round_interval": "seconds from one round's start to the next one's (0 = back to back; "
+    "a pause lets clients refill their encryption pools)",
     "max_inflight_uploads": "updates received at once (bounds memory: model size x this)",
     "upload_min_rate": "bytes/s a granted upload must average to keep its slot",
     "upload_start_timeout": "seconds a grant allows on top of its bytes at upload_min_rate",

@@ -369,6 +369,7 @@ AGGREGATOR_RANGES: dict[str, str] = {
     "round_timeout": "0",
     "wait_for_clients_timeout": "-1",
     "max_failed_rounds": "0",
+    "round_interval": "-1",
     "max_inflight_uploads": "0",
     "upload_min_rate": "0",
     "upload_start_timeout": "0",
