@@ -18,6 +18,10 @@ plaintext round, so it shows what encryption adds when training is the expensive
 Reported for it under ``training_heavy``, as for the default workload at the top level:
 round seconds and encrypted / plaintext, CPU seconds per round, each phase, ciphertexts
 per update and bytes. The committee-scaling runs use the default workload only.
+``--round-interval S`` paces both federations' rounds S seconds apart (start to start;
+`AggregatorConfig.round_interval`), as a scheduled federation would; the pause is in
+no phase, so round times stay the aggregator's phases, while CPU per round still counts
+what the clients do in it (refilling their encryption pools).
 ``packing`` tabulates, from fedcore's own codec for the run's key size, ciphertexts per
 seed-MLP update and bytes per value at 16 and 8 value bits for 10 and 1,000 clients.
 
@@ -143,6 +147,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"local epochs per round of the training-heavy workload "
         f"(default {TRAINING_HEAVY.local_epochs})",
     )
+    parser.add_argument(
+        "--round-interval",
+        type=float,
+        default=0.0,
+        help="seconds from one round's start to the next (AggregatorConfig.round_interval; "
+        "default 0: back to back); a paced federation leaves clients idle time to refill "
+        "their encryption pools. Round times are the aggregator's phases, without the pause",
+    )
     # Smoke tests only: a tiny key makes the benchmark run in seconds but measures nothing.
     parser.add_argument("--key-bits", type=int, default=2048, help=argparse.SUPPRESS)
     # Smoke tests only: clients as asyncio tasks here (no process start-up), not realistic.
@@ -169,6 +181,7 @@ def _run(
     in_process: bool,
     holders: int | None = None,
     evaluate_global: Callable[[np.ndarray], float] | None = None,
+    round_interval: float = 0.0,
 ) -> FederationResult:
     """One federation of ``workload``'s model; ``in_process`` runs clients as tasks here.
 
@@ -188,6 +201,7 @@ def _run(
         committee_size=committee,
         local_epochs=workload.local_epochs,
         seed=0,
+        round_interval=round_interval,
     )
     specs = [
         ClientSpec(
@@ -246,6 +260,7 @@ def _describe(
         "local_epochs": workload.local_epochs,
         "key_bits": args.key_bits,
         "committee_size": args.committee_size,
+        "round_interval": args.round_interval,
         "weights": "each client's own: min(max_weight, ceil(samples / samples_per_weight))",
         "client_execution": "asyncio tasks in this process (smoke test)"
         if args.in_process
@@ -306,6 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     samples=samples,
                     committee=args.committee_size,
                     encrypted=encrypted,
+                    round_interval=args.round_interval,
                     **common,
                 )
             results[workload.name] = compare(
