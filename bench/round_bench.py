@@ -13,7 +13,7 @@ benchmark falls back to digits with the 64-feature MLP (167,178 parameters) and 
 Workload training-heavy (``--workload``: default, training-heavy or both, the default):
 the same clients, shards, key, rounds and committee with a small CNN
 (`fedcore.model.cnn`, 206,922 parameters on 28x28 images, 22,602 on 8x8 digits) trained
-for ``--heavy-epochs`` local epochs (default 1), enough for local training to dominate a
+for ``--heavy-epochs`` local epochs (default 5), enough for local training to dominate a
 plaintext round, so it shows what encryption adds when training is the expensive part.
 Reported for it under ``training_heavy``, as for the default workload at the top level:
 round seconds and encrypted / plaintext, CPU seconds per round, each phase, ciphertexts

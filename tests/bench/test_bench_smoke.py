@@ -51,6 +51,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "1",
             "--committee-sizes",
             "1,2",
+            "--heavy-epochs",
+            "1",
         ],
         out / "round.json",
     )
