@@ -68,6 +68,17 @@ def _headline(run: dict[str, Any]) -> list[str]:
             f"({_fmt(per_value.get('encrypted'))} bytes per model value sent, plaintext "
             f"{_fmt(per_value.get('plaintext'))})."
         )
+    steps = run.get("encrypted_client_timings") or {}
+    if steps:
+        pooled = steps.get("pooled_factors")
+        lines.append(
+            f"- Encrypted clients' encode_encrypt, mean s per update: encode "
+            f"{_fmt(steps.get('encode_s'))}, mask {_fmt(steps.get('mask_s'))}, encrypt "
+            f"{_fmt(steps.get('encrypt_s'))}, serialize {_fmt(steps.get('serialize_s'))}; "
+            f"random factors ready in the pool: "
+            f"{_pct(pooled) if isinstance(pooled, int | float) else '—'} (the rest were "
+            "made on the spot)."
+        )
     training = [
         _share(run[f"{mode}_phase_s"]["local_training"], run[f"{mode}_round_s"])
         for mode in ("plaintext", "encrypted")

@@ -566,7 +566,8 @@ class Demo:
             bytes_uploaded += report.bytes_received
             phases = " ".join(f"{k} {v:.1f}s" for k, v in report.phase_seconds.items() if v >= 0.05)
             client_side = " ".join(
-                f"{k.removesuffix('_s')} {v:.1f}s" for k, v in report.client_timings.items()
+                f"{k.removesuffix('_s')} {v:.1f}s" if k.endswith("_s") else f"{k} {v:.0%}"
+                for k, v in report.client_timings.items()
             )
             per_client = report.bytes_received / max(1, len(report.contributors)) / 1e6
             out(

@@ -312,7 +312,8 @@ class RoundReport:
     total_weight: int
     phase_seconds: dict[str, float]
     client_metrics: dict[str, float]  # weighted mean evaluation, from the encrypted sum
-    client_timings: dict[str, float]  # mean client-reported seconds per phase
+    # mean client-reported seconds per phase (``*_s``) and pooled_factors (a share, 0..1)
+    client_timings: dict[str, float]
     check_seconds: dict[str, float]  # privacy checks: token_check, member decrypt/unmask
     bytes_received: int
     fold_seconds: float
