@@ -388,8 +388,9 @@ def _default_notes(
         "decrypt_scaling_note": (
             "the decrypt phase includes unmasking (one member, chosen among the key "
             "holders, also unmasks every shard); "
-            "each committee member decrypts its shard in its own process on one core "
-            f"(CRT, constant-time {constant_time_backend()} exponentiation); on an idle "
+            "each committee member is a client process that decrypts one shard at a time "
+            "on one core, with a second shard already received (2 shards in flight per "
+            f"member; CRT, constant-time {constant_time_backend()} exponentiation); on an idle "
             "machine the decrypt phase can fall at most by the core count, and members "
             "beyond the core count add nothing. On "
             "cores shared with other work, more member processes also win a larger share "
