@@ -107,6 +107,9 @@ __all__ = ["Client"]
 
 log = logging.getLogger(__name__)
 
+POOL_WARM_UP_SECONDS = 30.0
+"""How long a client waits, before it joins, for its encryption pool to fill."""
+
 # Model versions whose unmaskers the client remembers (rerun protection), and how many
 # prepared updates it keeps to resend (each is a whole encrypted update).
 _REMEMBERED_MODELS = 1 << 16
@@ -213,13 +216,13 @@ class Client:
                 self.committee.close()
 
     async def _warm_up(self) -> None:
-        """Before joining: start filling the random-factor pool, warm the model up.
+        """Before joining: fill the random-factor pool, warm the model up.
 
         The pinned federation gives the ciphertext count of an update, so the pool's
-        background worker starts on the first round's random factors now, while this
-        client connects and waits for its first RoundStart. The model's one-time costs
-        (torch's lazy imports on the first optimizer step) and the fixed-base table of
-        the public key are paid here too, in a thread, not in round 1.
+        background worker makes the first round's random factors now; the client joins
+        once they are ready (or after `POOL_WARM_UP_SECONDS`). The model's one-time
+        costs (torch's lazy imports on the first optimizer step) and the fixed-base
+        table of the public key are paid here too, in a thread, not in round 1.
         """
         federation = self.federation
         if federation.encrypted and self.config.encryption_pool and self._pool is None:
@@ -235,7 +238,19 @@ class Client:
             self._pool = EncryptionPool(codec.public_key, codec.item_count)
         t0 = time.perf_counter()
         await asyncio.to_thread(self._warm_up_work)
-        log.debug("warmed up in %.2f s", time.perf_counter() - t0)
+        pool = self._pool
+        if pool is not None:
+            # join with the first round's factors ready (bounded: a slow machine joins
+            # anyway and makes the rest on the spot)
+            deadline = t0 + POOL_WARM_UP_SECONDS
+            while pool.available < pool.size and time.perf_counter() < deadline:
+                await asyncio.sleep(0.1)
+            log.info(
+                "warmed up in %.1f s: %d of %d random factors ready",
+                time.perf_counter() - t0,
+                pool.available,
+                pool.size,
+            )
 
     def _warm_up_work(self) -> None:
         if self.federation.public_key is not None:

@@ -118,30 +118,37 @@ def test_sealed_updates_never_share_a_random_factor(public_key: PublicKey) -> No
     assert pooled == [1.0, 1.0, half / count]
 
 
-def test_a_client_starts_its_pool_before_joining(tmp_path: Path) -> None:
-    """`Client.run` warms up and starts filling the pool before it dials the aggregator.
+def test_a_client_fills_its_pool_before_joining(tmp_path: Path) -> None:
+    """`Client.run` warms up and waits for a full pool before it dials the aggregator.
 
-    Nothing listens at the address: the client never joins, yet its pool is sized to the
-    pinned federation's update and fills in the background.
+    Nothing listens at the address: the moment the client first dials, its pool must
+    already hold the pinned federation's whole update worth of factors.
     """
     script = textwrap.dedent(
         f"""
-        import asyncio, logging
+        import asyncio
+        import fedcore.client.session as session
         from tests.client.test_pool_warmup import _client_without_aggregator
 
         client = _client_without_aggregator({str(tmp_path)!r})
+        seen = []
+        real_connect = session.connect
+
+        async def connect(*args, **kwargs):
+            pool = client._pool
+            seen.append((pool.size, pool.available))
+            return await real_connect(*args, **kwargs)
+
+        session.connect = connect
 
         async def main():
             task = asyncio.create_task(client.run("127.0.0.1:9"))
-            for _ in range(600):
-                await asyncio.sleep(0.1)
-                if client._pool is not None and client._pool.available >= client._pool.size:
-                    break
-            pool = client._pool
-            print("pool", pool.size, pool.available, client.result.reconnects)
+            while not seen:
+                await asyncio.sleep(0.05)
             task.cancel()
 
-        asyncio.run(main())
+        asyncio.run(asyncio.wait_for(main(), 120))
+        print("pool at first dial", *seen[0])
         """
     )
     done = subprocess.run(
@@ -152,8 +159,8 @@ def test_a_client_starts_its_pool_before_joining(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("pool "))
-    size, available, _reconnects = (int(x) for x in line.split()[1:])
+    line = next(x for x in done.stdout.splitlines() if x.startswith("pool at first dial"))
+    size, available = (int(x) for x in line.split()[-2:])
     assert size > 0 and available == size
 
 
