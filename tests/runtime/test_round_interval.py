@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ async def test_rounds_start_round_interval_apart_and_the_pause_is_no_phase(
     assert checkpoint.rounds_completed == 3
     assert all(r.rounds_contributed == 3 for r in results), results  # type: ignore[union-attr]
     times = [starts[round_id] for round_id in sorted(starts)]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     durations = [sum(entry["phase_seconds"].values()) for entry in checkpoint.history]
     # each round ran shorter than the interval, so the next one waited for it
     assert all(d < INTERVAL for d in durations), durations
