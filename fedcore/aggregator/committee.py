@@ -99,6 +99,7 @@ class CommitteeDecryption:
         """Seconds the committee reported for the last round: ``decrypt``, ``unmask``."""
         self.per_member_decrypt: dict[str, float] = {}
         """Seconds each member reported decrypting in the last round, by client id."""
+        self._owed: set[asyncio.Task[None]] = set()  # slots of withdrawn requests
 
     def _shards(self, members: int) -> list[tuple[int, int]]:
         # a result travels in one frame to us: keep it within half our frame limit (a
@@ -392,13 +393,16 @@ class CommitteeDecryption:
     ) -> Any:
         """Send ``request``, await the member's answer of the matching type (None on failure)."""
         kind = _KINDS[type(request)]
-        async with member.committee_slots:
+        await member.committee_slots.acquire()
+        keep_slot = False  # a withdrawn request keeps its place until the member answers
+        try:
             if self._clients.get(member.client_id) is not member:
                 return None  # left while this request waited for its turn
             if member.decrypt_excluded and isinstance(request, PartialDecryptRequest):
                 return None  # its proof failed while this request waited
             key = (_ANSWERS[type(request)], request.round_id, request.shard_id)
-            waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[Any] = loop.create_future()
             member.committee_waiters[key] = waiter
             # the member works on its requests one after another: this one's time
             # starts when the ones ahead of it are done
@@ -413,6 +417,14 @@ class CommitteeDecryption:
                     request.shard_id,
                     member.client_id,
                 )
+                # The member still owes this answer and the protocol counts it among the
+                # MAX_COMMITTEE_REQUESTS outstanding: its slot is freed when it comes.
+                owed: asyncio.Future[Any] = loop.create_future()
+                member.committee_waiters[key] = owed
+                keep_slot = True
+                task = loop.create_task(self._free_slot_when_answered(member, owed, timeout))
+                self._owed.add(task)
+                task.add_done_callback(self._owed.discard)
                 return None
             except (ProtocolError, OSError, ConnectionError, TimeoutError) as exc:
                 log.warning(
@@ -428,12 +440,29 @@ class CommitteeDecryption:
             finally:
                 if member.committee_waiters.get(key) is waiter:
                     del member.committee_waiters[key]
+        finally:
+            if not keep_slot:
+                member.committee_slots.release()
         if not isinstance(result, _ANSWERS[type(request)]):
             return None
         answer = cast("DecryptResult | UnmaskResult | PartialDecryptResult", result)
         if answer.shard_id != request.shard_id or answer.round_id != request.round_id:
             return None
         return answer
+
+    @staticmethod
+    async def _free_slot_when_answered(
+        member: ClientHandle, owed: asyncio.Future[Any], timeout: float
+    ) -> None:
+        """Free a withdrawn request's slot once its answer (ignored) or the member's end comes."""
+        try:
+            await asyncio.wait_for(owed, timeout)
+        except TimeoutError:
+            await close_client(member, ErrorCode.TIMEOUT, "decrypt shard timed out")
+        except Exception:  # gone or closed: nothing is owed any more
+            pass
+        finally:
+            member.committee_slots.release()
 
     async def _bad_result(self, member: ClientHandle, why: str) -> None:
         """Count, log and disconnect a member whose answer is wrong."""
