@@ -98,6 +98,9 @@ class Direction(Enum):
     RECEIVED = "received"
 
 
+_VERB = {Direction.SENT: "send", Direction.RECEIVED: "receive"}
+
+
 class State(Enum):
     """Connection state; both roles walk the same states (the client's view mirrors)."""
 
@@ -309,7 +312,7 @@ class Session:
             self._check_update_round(msg, direction)
             self._violate(
                 direction,
-                f"{self.role.value} cannot {direction.value[:-2]} {type(msg).__name__} "
+                f"{self.role.value} cannot {_VERB[direction]} {type(msg).__name__} "
                 f"in state {self.state.name}",
                 ErrorCode.PROTOCOL_VIOLATION,
             )
