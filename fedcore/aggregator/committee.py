@@ -111,7 +111,7 @@ class CommitteeDecryption:
         # about T shards at once (one per window it is in), answered one after another
         per_member = PIPELINE if self.federation.threshold_key is None else 1
         count = max(per_member * members, -(-self.codec.item_count // max_items))
-        return self.codec.shard_ranges(min(count, self.codec.item_count))
+        return self.codec.shard_ranges(count)
 
     async def decrypt(self, state: RoundState, summed: bytes) -> list[int]:
         """The unmasked plaintexts of ``summed`` (the folded contributors' serialized sum).

@@ -224,17 +224,17 @@ class Client:
         costs (torch's lazy imports on the first optimizer step) and the fixed-base
         table of the public key are paid here too, in a thread, not in round 1.
         """
-        federation = self.federation
-        if federation.encrypted and self.config.encryption_pool and self._pool is None:
-            assert federation.public_key is not None
-            codec = EncryptedCodec(
-                public_key=federation.public_key,
-                spec=federation.packing_spec(),
-                n_values=self.layout.numel,
+        if self.federation.encrypted and self.config.encryption_pool and self._pool is None:
+            # the codec the Welcome will give (same pinned federation, same model layout);
+            # only its ciphertext count matters here
+            session = SessionInfo(
+                num_values=self.layout.numel,
                 chunk_items=1,
-                report_bounds=tuple(bound for _, bound in federation.report_metrics),
-                min_total_weight=federation.min_clients,
+                model_layout=self.layout.to_json(),
+                rounds=1,
             )
+            codec = codec_for(self.federation, session)
+            assert isinstance(codec, EncryptedCodec)
             self._pool = EncryptionPool(codec.public_key, codec.item_count)
         t0 = time.perf_counter()
         await asyncio.to_thread(self._warm_up_work)
@@ -289,8 +289,6 @@ class Client:
             )
             if proof is not None:
                 await conn.send(KeyProof(root=proof))
-        if isinstance(codec, EncryptedCodec) and self.config.encryption_pool and self._pool is None:
-            self._pool = EncryptionPool(codec.public_key, codec.item_count)  # not warmed up
         send_lock = asyncio.Lock()
         round_task: asyncio.Task[None] | None = None
         grant: asyncio.Future[UploadGrant] | None = None

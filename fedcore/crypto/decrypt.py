@@ -151,12 +151,9 @@ class DecryptPool:
         self.processes_started = 0
         """How many times worker processes were started (0 or 1 for a pool's life)."""
 
-    def uses_threads(self, constant_time: bool) -> bool:
-        """True when ``constant_time`` exponentiations run here without the GIL (OpenSSL)."""
-        return constant_time and constant_time_backend() == "openssl"
-
     def _executor(self, constant_time: bool) -> Executor:
-        if self.uses_threads(constant_time):
+        # threads only where the exponentiations run without the GIL (OpenSSL's)
+        if constant_time and constant_time_backend() == "openssl":
             if self._threads is None:
                 self._threads = ThreadPoolExecutor(
                     max_workers=self.workers - 1, thread_name_prefix="fedcore-decrypt"
